@@ -1,0 +1,219 @@
+//! Restore-point manifests: what was captured, from where, and which index holds each
+//! volume. The manifest is written last; its presence is what makes a restore point.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::magic;
+use crate::sealed::{self, Features, Kind};
+
+pub const KIND: Kind = Kind {
+    name: "manifest",
+    magic: magic::MANIFEST,
+    version: 1,
+    known_incompat: 0,
+};
+
+/// Longest restore-point id accepted (ids are file names).
+pub const MAX_ID_LEN: usize = 64;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub id: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub host: String,
+    /// "bkimg VERSION" of the writer.
+    pub tool: String,
+    pub parent: Option<ParentRef>,
+    pub chunk_size: u32,
+    pub compression: CompressionInfo,
+    pub disks: Vec<Disk>,
+}
+
+/// Link to the parent restore point: its id and the SHA-256 of its manifest file, so that
+/// a changed ancestor is detected (digest chain).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentRef {
+    pub id: String,
+    pub manifest_sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CompressionInfo {
+    pub algorithm: String,
+    pub level: i32,
+}
+
+/// One captured device: a whole disk with a partition table, or a single volume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Disk {
+    /// Stable name within the restore point: "disk0", "disk1", ...
+    pub name: String,
+    /// Path it was read from (informational).
+    pub source: String,
+    pub size: u64,
+    pub logical_sector_size: u32,
+    pub table: PartitionTable,
+    pub volumes: Vec<Volume>,
+    /// Change tracking state the capture was taken at, when a change map was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum PartitionTable {
+    /// A single volume (filesystem or raw data) without a table.
+    None,
+    Gpt(GptTable),
+    Msdos(MsdosTable),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GptTable {
+    pub disk_guid: String,
+    pub first_usable_lba: u64,
+    pub last_usable_lba: u64,
+    pub entries_lba: u64,
+    pub entry_count: u32,
+    pub entry_size: u32,
+    pub partitions: Vec<GptPartition>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GptPartition {
+    /// 1-based slot in the entry array (as Linux numbers partitions).
+    pub number: u32,
+    pub type_guid: String,
+    pub unique_guid: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub attributes: u64,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MsdosTable {
+    pub disk_signature: u32,
+    pub partitions: Vec<MsdosPartition>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MsdosPartition {
+    /// 1-4 primary, 5 and up logical (as Linux numbers them).
+    pub number: u32,
+    pub bootable: bool,
+    pub type_id: u8,
+    pub start_lba: u64,
+    pub sectors: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tracking {
+    pub generation: String,
+    pub sequence: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Volume {
+    /// "disk0p1", "disk0-gap0", "disk0" (whole device).
+    pub name: String,
+    pub role: VolumeRole,
+    /// Partition number for partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// Byte offset on the disk and size in bytes.
+    pub offset: u64,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<Filesystem>,
+    pub content: Content,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeRole {
+    /// A partition from the table.
+    Partition,
+    /// Bytes outside every partition (boot code, gaps), table sectors included.
+    Gap,
+    /// A device without a partition table.
+    Whole,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Filesystem {
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Content {
+    /// Stored through an index.
+    Data {
+        index: String,
+        /// How the blocks were chosen: "used-blocks" (filesystem allocation map) or "raw".
+        mode: String,
+        /// Bytes read from the source (used blocks, or all of it when raw).
+        bytes_read: u64,
+        /// Bytes in chunks that are not holes.
+        bytes_data: u64,
+        /// Compressed bytes of chunks this restore point stored new.
+        bytes_stored_new: u64,
+    },
+    /// Swap space: not stored; restore writes a fresh swap header with this identity.
+    Swap {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uuid: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label: Option<String>,
+        page_size: u32,
+    },
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        sealed::seal(&KIND, Features::default(), self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
+        let (m, _): (Manifest, _) = sealed::open(&KIND, bytes)?;
+        if !valid_id(&m.id) {
+            return Err(crate::FormatError::corrupt(
+                "manifest",
+                format!("invalid restore point id {:?}", m.id),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Every index the restore point refers to, in order.
+    pub fn indexes(&self) -> impl Iterator<Item = (&Disk, &Volume, Option<Digest>)> {
+        self.disks.iter().flat_map(|d| {
+            d.volumes.iter().map(move |v| {
+                let idx = match &v.content {
+                    Content::Data { index, .. } => Digest::from_hex(index),
+                    Content::Swap { .. } => None,
+                };
+                (d, v, idx)
+            })
+        })
+    }
+}
+
+/// Ids are file names: ASCII letters, digits, '-', '_' and '.', not starting with '.'.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}

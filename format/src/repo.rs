@@ -1,0 +1,234 @@
+//! Restore points on top of any store: open by location, list, resolve, walk the digest
+//! chain, read indexes and chunks with verification, export.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::chunk;
+use crate::digest::Digest;
+use crate::error::{FormatError, Result};
+use crate::index::{self, EntryReader, IndexHeader};
+use crate::manifest::Manifest;
+use crate::store::export::{ExportWriter, ObjectKind};
+use crate::store::{ExportFile, LocalDir, StoreRead};
+
+pub struct Repository {
+    store: Box<dyn StoreRead>,
+}
+
+/// A restore point as listed: its manifest and the SHA-256 of the manifest file.
+#[derive(Clone, Debug)]
+pub struct Point {
+    pub manifest: Manifest,
+    pub manifest_sha256: Digest,
+}
+
+impl Repository {
+    pub fn new(store: Box<dyn StoreRead>) -> Repository {
+        Repository { store }
+    }
+
+    /// Opens a local repository directory or an export file.
+    pub fn open(location: &Path) -> Result<Repository> {
+        if location.is_dir() {
+            return Ok(Repository::new(Box::new(LocalDir::open(location)?)));
+        }
+        if location.is_file() {
+            if !ExportFile::looks_like_export(location) {
+                return Err(FormatError::NotRepository(format!(
+                    "{} is neither a bkimg repository directory nor a bkimg export file",
+                    location.display()
+                )));
+            }
+            return Ok(Repository::new(Box::new(ExportFile::open(location)?)));
+        }
+        Err(FormatError::NotRepository(format!(
+            "{} does not exist: name a repository directory or an export file",
+            location.display()
+        )))
+    }
+
+    pub fn store(&self) -> &dyn StoreRead {
+        self.store.as_ref()
+    }
+
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    /// Loads and checks one manifest.
+    pub fn point(&self, id: &str) -> Result<Point> {
+        let bytes = self.store.read_manifest(id)?;
+        let manifest = Manifest::decode(&bytes).map_err(|e| match e {
+            FormatError::Corrupt { detail, .. } => {
+                FormatError::corrupt(format!("manifest of restore point {id}"), detail)
+            }
+            other => other,
+        })?;
+        if manifest.id != id {
+            return Err(FormatError::corrupt(
+                format!("manifest of restore point {id}"),
+                format!("it names itself {:?}", manifest.id),
+            ));
+        }
+        Ok(Point {
+            manifest,
+            manifest_sha256: Digest::of_bytes(&bytes),
+        })
+    }
+
+    /// All restore points, oldest first. Damaged manifests are returned as errors beside
+    /// the good ones so a listing can show both.
+    pub fn points(&self) -> Result<(Vec<Point>, Vec<(String, FormatError)>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for id in self.store.list_manifests()? {
+            match self.point(&id) {
+                Ok(p) => good.push(p),
+                Err(e) => bad.push((id, e)),
+            }
+        }
+        good.sort_by(|a, b| {
+            (a.manifest.created.as_str(), a.manifest.id.as_str())
+                .cmp(&(b.manifest.created.as_str(), b.manifest.id.as_str()))
+        });
+        Ok((good, bad))
+    }
+
+    /// Resolves "latest", a full id, or a unique id prefix.
+    pub fn resolve(&self, spec: &str) -> Result<Point> {
+        let (points, _) = self.points()?;
+        if spec == "latest" {
+            return points.into_iter().next_back().ok_or_else(|| {
+                FormatError::missing(format!("any restore point (in {})", self.location()))
+            });
+        }
+        if let Some(p) = points.iter().find(|p| p.manifest.id == spec) {
+            return Ok(p.clone());
+        }
+        let matches: Vec<&Point> = points
+            .iter()
+            .filter(|p| p.manifest.id.starts_with(spec))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => {
+                // A damaged manifest must be reported as damaged, not as missing.
+                if self.store.read_manifest(spec).is_ok() {
+                    return self.point(spec);
+                }
+                Err(FormatError::missing(format!("restore point {spec:?}")))
+            }
+            many => Err(FormatError::NotRepository(format!(
+                "{spec:?} matches {} restore points ({}): give more of the id",
+                many.len(),
+                many.iter()
+                    .map(|p| p.manifest.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Walks parent links from `point` up, checking each recorded manifest digest.
+    /// Returns the ancestors, nearest first.
+    pub fn ancestors(&self, point: &Point) -> Result<Vec<Point>> {
+        let mut out: Vec<Point> = Vec::new();
+        let mut link = point.manifest.parent.clone();
+        while let Some(parent) = link {
+            if out.len() > 100_000 || out.iter().any(|p| p.manifest.id == parent.id) {
+                return Err(FormatError::corrupt(
+                    "restore point chain",
+                    format!("parent links loop at {}", parent.id),
+                ));
+            }
+            let p = self.point(&parent.id).map_err(|e| match e {
+                FormatError::Missing { .. } => FormatError::missing(format!(
+                    "parent restore point {} (of {})",
+                    parent.id,
+                    out.last().map_or(&point.manifest.id, |c| &c.manifest.id)
+                )),
+                other => other,
+            })?;
+            if p.manifest_sha256.to_hex() != parent.manifest_sha256 {
+                return Err(FormatError::corrupt(
+                    format!("restore point {}", parent.id),
+                    "its manifest differs from the one its child recorded (changed or replaced)",
+                ));
+            }
+            link = p.manifest.parent.clone();
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Opens a volume index and checks its header against the id it was named by.
+    pub fn index(&self, id: &Digest) -> Result<EntryReader<Box<dyn Read + Send>>> {
+        let mut input = self.store.open_index(id)?;
+        let mut head = [0u8; index::HEADER_LEN];
+        input.read_exact(&mut head).map_err(|e| {
+            FormatError::corrupt(format!("volume index {id}"), format!("header: {e}"))
+        })?;
+        let header = IndexHeader::parse(&head).map_err(|e| match e {
+            FormatError::Corrupt { detail, .. } => {
+                FormatError::corrupt(format!("volume index {id}"), detail)
+            }
+            other => other,
+        })?;
+        if header.id() != *id {
+            return Err(FormatError::corrupt(
+                format!("volume index {id}"),
+                "header does not match the index's id",
+            ));
+        }
+        Ok(EntryReader::new(input, header))
+    }
+
+    /// Reads, decompresses and checks one chunk. `blob` is scratch space.
+    pub fn chunk(&self, digest: &Digest, blob: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
+        self.store.read_chunk(digest, blob)?;
+        chunk::decode_into(blob, digest, out)
+    }
+
+    /// Writes `point` and everything it needs as one self-contained export file. Indexes
+    /// are complete maps of their volumes, so no ancestor's data is needed; ancestors'
+    /// manifests are included so that the digest chain can still be checked.
+    pub fn export(&self, point: &Point, out: impl Write, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        let io = |e| FormatError::io("writing the export file", e);
+        let mut w = ExportWriter::new(out).map_err(io)?;
+        let mut blob = Vec::new();
+        let mut batch = Vec::new();
+        for (_, _, index) in point.manifest.indexes() {
+            let Some(index) = index else { continue };
+            let mut entries = self.index(&index)?;
+            while {
+                entries.next_batch(4096, &mut batch)?;
+                !batch.is_empty()
+            } {
+                for d in batch.iter().filter(|d| !d.is_hole()) {
+                    if w.contains(ObjectKind::Chunk, d) {
+                        continue;
+                    }
+                    self.store.read_chunk(d, &mut blob)?;
+                    // Check before copying: an export must not carry damage silently.
+                    let mut plain = Vec::new();
+                    chunk::decode_into(&blob, d, &mut plain)?;
+                    w.add(ObjectKind::Chunk, *d, &blob).map_err(io)?;
+                    progress(plain.len() as u64);
+                }
+            }
+            w.add_from(ObjectKind::Index, index, self.store.open_index(&index)?)
+                .map_err(io)?;
+        }
+        for ancestor in self.ancestors(point)? {
+            let bytes = self.store.read_manifest(&ancestor.manifest.id)?;
+            w.add_manifest(ObjectKind::AncestorManifest, &ancestor.manifest.id, &bytes)
+                .map_err(io)?;
+        }
+        let bytes = self.store.read_manifest(&point.manifest.id)?;
+        w.add_manifest(ObjectKind::Manifest, &point.manifest.id, &bytes)
+            .map_err(io)?;
+        w.finish().map_err(io)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! A repository in a local directory.
+//!
+//! ```text
+//! DIR/config                   sealed JSON: repository id and format version
+//! DIR/chunks/ab/abcd...(64)    chunk blobs, fanned out by the first byte of the digest
+//! DIR/indexes/<64 hex>         volume indexes
+//! DIR/points/<id>              manifests: one per restore point, written last
+//! DIR/tmp/<pid>-<n>/           scratch space of running writers
+//! ```
+//! Chunks and indexes are written to scratch files and renamed into place, so a name in
+//! chunks/ or indexes/ never holds a partly written object; the manifest is written only
+//! after a syncfs, so every object it names is durable before it is visible.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StoreRead, StoreWrite};
+use crate::chunk::{self, ChunkHeader};
+use crate::digest::Digest;
+use crate::error::{FormatError, IoContext, Result};
+use crate::manifest::valid_id;
+use crate::sealed::{self, Features, Kind};
+use crate::magic;
+
+pub const CONFIG_KIND: Kind = Kind {
+    name: "repository config",
+    magic: magic::REPO_CONFIG,
+    version: 1,
+    known_incompat: 0,
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub repository_id: String,
+    pub created: String,
+}
+
+pub struct LocalDir {
+    root: PathBuf,
+    /// This process's scratch directory, made on first use.
+    scratch: OnceLock<PathBuf>,
+    scratch_seq: AtomicU64,
+}
+
+impl LocalDir {
+    /// Whether `path` looks like a local repository.
+    pub fn is_repository(path: &Path) -> bool {
+        path.join("config").is_file() && path.join("points").is_dir()
+    }
+
+    /// Opens an existing repository.
+    pub fn open(root: &Path) -> Result<LocalDir> {
+        let config = root.join("config");
+        let bytes = fs::read(&config).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                FormatError::NotRepository(format!(
+                    "{} is not a bkimg repository (it has no config file)",
+                    root.display()
+                ))
+            } else {
+                FormatError::io(format!("reading {}", config.display()), e)
+            }
+        })?;
+        let _: (RepoConfig, Features) = sealed::open(&CONFIG_KIND, &bytes)?;
+        Ok(LocalDir {
+            root: root.to_path_buf(),
+            scratch: OnceLock::new(),
+            scratch_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Opens the repository at `root`, creating it if the directory is missing or empty.
+    pub fn open_or_create(root: &Path, repository_id: &str, created: &str) -> Result<LocalDir> {
+        if Self::is_repository(root) {
+            return Self::open(root);
+        }
+        if root.exists() {
+            let mut entries = fs::read_dir(root).ctx(|| format!("reading {}", root.display()))?;
+            if entries.next().is_some() {
+                return Err(FormatError::NotRepository(format!(
+                    "{} is neither empty nor a bkimg repository: name an empty or new directory",
+                    root.display()
+                )));
+            }
+        }
+        for sub in ["chunks", "indexes", "points", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
+        for byte in 0..=255u8 {
+            let dir = root.join("chunks").join(hex::encode([byte]));
+            fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
+        let config = RepoConfig {
+            repository_id: repository_id.to_string(),
+            created: created.to_string(),
+        };
+        let bytes = sealed::seal(&CONFIG_KIND, Features::default(), &config);
+        write_durably(&root.join("config"), &bytes, &root.join("tmp"))?;
+        Self::open(root)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn chunk_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    pub fn index_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("indexes").join(d.to_hex())
+    }
+
+    pub fn manifest_path(&self, id: &str) -> PathBuf {
+        self.root.join("points").join(id)
+    }
+
+    fn scratch_dir(&self) -> Result<&PathBuf> {
+        if let Some(dir) = self.scratch.get() {
+            return Ok(dir);
+        }
+        remove_stale_scratch(&self.root.join("tmp"));
+        let dir = self.root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            Digest::of_bytes(format!("{:?}", std::time::SystemTime::now()).as_bytes())
+                .to_hex()
+                .get(..8)
+                .unwrap_or("0")
+        ));
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        Ok(self.scratch.get_or_init(|| dir))
+    }
+
+    fn next_scratch_path(&self) -> Result<PathBuf> {
+        let n = self.scratch_seq.fetch_add(1, Ordering::Relaxed);
+        Ok(self.scratch_dir()?.join(n.to_string()))
+    }
+}
+
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.scratch.get() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Removes scratch directories of writers that are no longer running (killed captures).
+fn remove_stale_scratch(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_string_lossy().split('-').next().map(str::to_owned);
+        let alive = pid.is_some_and(|p| Path::new("/proc").join(p).exists());
+        if !alive {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl StoreRead for LocalDir {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn list_manifests(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("points");
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if valid_id(name) {
+                    ids.push(name.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn read_manifest(&self, id: &str) -> Result<Vec<u8>> {
+        if !valid_id(id) {
+            return Err(FormatError::missing(format!("restore point {id:?}")));
+        }
+        read_bounded(
+            &self.manifest_path(id),
+            crate::sealed::MAX_BODY_LEN + 64,
+            || format!("restore point {id}"),
+        )
+    }
+
+    fn open_index(&self, id: &Digest) -> Result<Box<dyn Read + Send>> {
+        let path = self.index_path(id);
+        let file = open_existing(&path, || format!("volume index {id}"))?;
+        Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+    }
+
+    fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> Result<()> {
+        let path = self.chunk_path(digest);
+        let mut file = open_existing(&path, || format!("chunk {digest}"))?;
+        let len = file
+            .metadata()
+            .ctx(|| format!("reading {}", path.display()))?
+            .len();
+        let max = chunk::HEADER_LEN as u64 + u64::from(crate::MAX_CHUNK_SIZE);
+        if len > max {
+            return Err(FormatError::corrupt(
+                format!("chunk {digest}"),
+                format!("file is {len} bytes, more than any chunk can be"),
+            ));
+        }
+        out.clear();
+        out.reserve(len as usize);
+        file.read_to_end(out)
+            .ctx(|| format!("reading {}", path.display()))?;
+        Ok(())
+    }
+
+    fn has_chunk(&self, digest: &Digest) -> Result<bool> {
+        // A name in chunks/ was renamed into place complete, but after a power loss before
+        // the syncfs its content may be lost: check the header against the length.
+        let path = self.chunk_path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(FormatError::io(format!("opening {}", path.display()), e)),
+        };
+        let mut head = [0u8; chunk::HEADER_LEN];
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if file.read_exact_at(&mut head, 0).is_err() {
+            return Ok(false);
+        }
+        Ok(ChunkHeader::parse(&head)
+            .is_ok_and(|h| h.digest == *digest && h.blob_len() == len))
+    }
+}
+
+impl StoreWrite for LocalDir {
+    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool> {
+        if self.has_chunk(digest)? {
+            return Ok(false);
+        }
+        let tmp = self.next_scratch_path()?;
+        fs::write(&tmp, blob).ctx(|| format!("writing chunk {digest} to {}", tmp.display()))?;
+        let dest = self.chunk_path(digest);
+        fs::rename(&tmp, &dest).ctx(|| format!("storing chunk at {}", dest.display()))?;
+        Ok(true)
+    }
+
+    fn scratch_file(&self) -> Result<(File, PathBuf)> {
+        let path = self.next_scratch_path()?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx(|| format!("creating {}", path.display()))?;
+        Ok((file, path))
+    }
+
+    fn put_index(&self, id: &Digest, scratch: &Path) -> Result<()> {
+        let dest = self.index_path(id);
+        fs::rename(scratch, &dest).ctx(|| format!("storing index at {}", dest.display()))
+    }
+
+    fn commit_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        assert!(valid_id(id), "restore point ids are generated valid");
+        let dest = self.manifest_path(id);
+        if dest.exists() {
+            return Err(FormatError::io(
+                format!("committing restore point {id}"),
+                io::Error::new(io::ErrorKind::AlreadyExists, "it already exists"),
+            ));
+        }
+        // Every chunk and index named by the manifest must be on disk before it is.
+        let root = File::open(&self.root).ctx(|| format!("opening {}", self.root.display()))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| {
+            FormatError::io(format!("syncing {}", self.root.display()), e.into())
+        })?;
+        write_durably(&dest, bytes, self.scratch_dir()?)
+    }
+}
+
+/// Temp file in `scratch`, fsync, rename to `dest`, fsync the directory.
+fn write_durably(dest: &Path, bytes: &[u8], scratch: &Path) -> Result<()> {
+    let tmp = scratch.join(format!(
+        ".{}.tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("object")
+    ));
+    let mut f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .ctx(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, dest).ctx(|| format!("renaming into {}", dest.display()))?;
+    if let Some(dir) = dest.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn open_existing(path: &Path, what: impl FnOnce() -> String) -> Result<File> {
+    File::open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            FormatError::missing(what())
+        } else {
+            FormatError::io(format!("opening {}", path.display()), e)
+        }
+    })
+}
+
+fn read_bounded(path: &Path, max: u64, what: impl Fn() -> String) -> Result<Vec<u8>> {
+    let file = open_existing(path, &what)?;
+    let mut out = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .ctx(|| format!("reading {}", path.display()))?;
+    if out.len() as u64 > max {
+        return Err(FormatError::corrupt(what(), format!("larger than {max} bytes")));
+    }
+    Ok(out)
+}
