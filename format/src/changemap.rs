@@ -84,7 +84,9 @@ impl ChangeMap {
         }
         let count = u64_at(bytes, 64);
         if count > MAX_RANGES {
-            return Err(bad(format!("{count} ranges exceeds the limit {MAX_RANGES}")));
+            return Err(bad(format!(
+                "{count} ranges exceeds the limit {MAX_RANGES}"
+            )));
         }
         let expected_len = HEADER_LEN as u64 + count * 16 + 32;
         if bytes.len() as u64 != expected_len {

@@ -49,8 +49,7 @@ impl ChunkHeader {
         if plain_len == 0 || plain_len > MAX_CHUNK_SIZE {
             return Err(bad(format!("plaintext length {plain_len} out of range")));
         }
-        if stored_len > plain_len || (compression == Compression::None && stored_len != plain_len)
-        {
+        if stored_len > plain_len || (compression == Compression::None && stored_len != plain_len) {
             return Err(bad(format!(
                 "stored length {stored_len} does not fit plaintext length {plain_len}"
             )));
@@ -145,7 +144,10 @@ pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<
             if n != header.plain_len as usize {
                 return Err(FormatError::corrupt(
                     what(),
-                    format!("decompressed to {n} bytes, header says {}", header.plain_len),
+                    format!(
+                        "decompressed to {n} bytes, header says {}",
+                        header.plain_len
+                    ),
                 ));
             }
         }
@@ -218,7 +220,10 @@ mod tests {
         for i in 0..blob.len() {
             let mut bad = blob.clone();
             bad[i] ^= 0x40;
-            assert!(decode_into(&bad, &d, &mut out).is_err(), "flip at {i} accepted");
+            assert!(
+                decode_into(&bad, &d, &mut out).is_err(),
+                "flip at {i} accepted"
+            );
         }
         assert!(decode_into(&blob[..blob.len() - 1], &d, &mut out).is_err());
     }

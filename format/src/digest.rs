@@ -93,3 +93,8 @@ mod tests {
         assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 }
+
+/// Decodes exactly `out.len()` bytes of hex.
+pub fn decode_hex_into(text: &str, out: &mut [u8]) -> Result<(), hex::FromHexError> {
+    hex::decode_to_slice(text, out)
+}

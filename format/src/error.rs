@@ -11,7 +11,9 @@ pub enum FormatError {
     Corrupt { what: String, detail: String },
 
     /// Valid, but of a version or with features this build does not know.
-    #[error("{what} uses {detail}; it was possibly written by a newer bkimg: upgrade bkimg to read it")]
+    #[error(
+        "{what} uses {detail}; it was possibly written by a newer bkimg: upgrade bkimg to read it"
+    )]
     Unsupported { what: String, detail: String },
 
     /// An object a restore point needs is not in the store.

@@ -93,10 +93,16 @@ impl IndexHeader {
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&header.chunk_size)
             || !header.chunk_size.is_power_of_two()
         {
-            return Err(bad(format!("chunk size {} out of range", header.chunk_size)));
+            return Err(bad(format!(
+                "chunk size {} out of range",
+                header.chunk_size
+            )));
         }
         if header.volume_size == 0 || header.volume_size > MAX_VOLUME_SIZE {
-            return Err(bad(format!("volume size {} out of range", header.volume_size)));
+            return Err(bad(format!(
+                "volume size {} out of range",
+                header.volume_size
+            )));
         }
         if u64_at(h, 32) != header.entry_count() {
             return Err(bad(format!(

@@ -30,7 +30,12 @@ mod tests {
     fn magics_are_derived_from_their_strings() {
         for (text, magic) in super::SOURCES {
             let hash = Sha256::digest(text.as_bytes());
-            assert_eq!(&hash[..8], &magic[..], "magic for {text:?}: {:02x?}", &hash[..8]);
+            assert_eq!(
+                &hash[..8],
+                &magic[..],
+                "magic for {text:?}: {:02x?}",
+                &hash[..8]
+            );
         }
     }
 }

@@ -193,7 +193,12 @@ impl Repository {
     /// Writes `point` and everything it needs as one self-contained export file. Indexes
     /// are complete maps of their volumes, so no ancestor's data is needed; ancestors'
     /// manifests are included so that the digest chain can still be checked.
-    pub fn export(&self, point: &Point, out: impl Write, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    pub fn export(
+        &self,
+        point: &Point,
+        out: impl Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let io = |e| FormatError::io("writing the export file", e);
         let mut w = ExportWriter::new(out).map_err(io)?;
         let mut blob = Vec::new();

@@ -58,13 +58,18 @@ pub fn open<T: DeserializeOwned>(kind: &Kind, bytes: &[u8]) -> Result<(T, Featur
         )));
     }
     if bytes[..8] != kind.magic {
-        return Err(bad("wrong magic number (not a bkimg file of this kind)".into()));
+        return Err(bad(
+            "wrong magic number (not a bkimg file of this kind)".into()
+        ));
     }
     let version = u32_at(bytes, 8);
     if version != kind.version {
         return Err(FormatError::unsupported(
             kind.name,
-            format!("format version {version} (this bkimg reads {})", kind.version),
+            format!(
+                "format version {version} (this bkimg reads {})",
+                kind.version
+            ),
         ));
     }
     let features = Features {

@@ -102,7 +102,9 @@ impl ExportFile {
         file.read_exact_at(&mut tail, size - TRAILER_LEN)
             .ctx(|| format!("reading {}", path.display()))?;
         if tail[..8] != magic::EXPORT_TAIL {
-            return Err(bad("no trailer at the end (truncated or still being written?)".into()));
+            return Err(bad(
+                "no trailer at the end (truncated or still being written?)".into(),
+            ));
         }
         check_version(&tail[8..16], &what)?;
         let dir_offset = u64_at(&tail, 16);
@@ -126,7 +128,10 @@ impl ExportFile {
             for e in buf[..n].chunks_exact(ENTRY_LEN as usize) {
                 let entry = parse_entry(e).ok_or_else(|| bad("bad directory entry".into()))?;
                 if entry.offset < HEADER_LEN
-                    || entry.offset.checked_add(entry.len).is_none_or(|end| end > dir_offset)
+                    || entry
+                        .offset
+                        .checked_add(entry.len)
+                        .is_none_or(|end| end > dir_offset)
                 {
                     return Err(bad("directory entry points outside the object area".into()));
                 }
@@ -363,7 +368,12 @@ impl<W: Write> ExportWriter<W> {
     }
 
     /// Copies an object from a reader (large indexes) without holding it in memory.
-    pub fn add_from(&mut self, kind: ObjectKind, key: Digest, mut src: impl Read) -> io::Result<()> {
+    pub fn add_from(
+        &mut self,
+        kind: ObjectKind,
+        key: Digest,
+        mut src: impl Read,
+    ) -> io::Result<()> {
         if !self.seen.insert((kind as u8, key)) {
             return Ok(());
         }

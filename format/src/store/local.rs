@@ -24,9 +24,9 @@ use super::{StoreRead, StoreWrite};
 use crate::chunk::{self, ChunkHeader};
 use crate::digest::Digest;
 use crate::error::{FormatError, IoContext, Result};
+use crate::magic;
 use crate::manifest::valid_id;
 use crate::sealed::{self, Features, Kind};
-use crate::magic;
 
 pub const CONFIG_KIND: Kind = Kind {
     name: "repository config",
@@ -241,21 +241,17 @@ impl StoreRead for LocalDir {
         if file.read_exact_at(&mut head, 0).is_err() {
             return Ok(false);
         }
-        Ok(ChunkHeader::parse(&head)
-            .is_ok_and(|h| h.digest == *digest && h.blob_len() == len))
+        Ok(ChunkHeader::parse(&head).is_ok_and(|h| h.digest == *digest && h.blob_len() == len))
     }
 }
 
 impl StoreWrite for LocalDir {
-    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool> {
-        if self.has_chunk(digest)? {
-            return Ok(false);
-        }
+    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<()> {
         let tmp = self.next_scratch_path()?;
         fs::write(&tmp, blob).ctx(|| format!("writing chunk {digest} to {}", tmp.display()))?;
         let dest = self.chunk_path(digest);
-        fs::rename(&tmp, &dest).ctx(|| format!("storing chunk at {}", dest.display()))?;
-        Ok(true)
+        // Renaming over a concurrent writer's copy is harmless: same digest, same bytes.
+        fs::rename(&tmp, &dest).ctx(|| format!("storing chunk at {}", dest.display()))
     }
 
     fn scratch_file(&self) -> Result<(File, PathBuf)> {
@@ -285,9 +281,8 @@ impl StoreWrite for LocalDir {
         }
         // Every chunk and index named by the manifest must be on disk before it is.
         let root = File::open(&self.root).ctx(|| format!("opening {}", self.root.display()))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)).map_err(|e| {
-            FormatError::io(format!("syncing {}", self.root.display()), e.into())
-        })?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root))
+            .map_err(|e| FormatError::io(format!("syncing {}", self.root.display()), e.into()))?;
         write_durably(&dest, bytes, self.scratch_dir()?)
     }
 }
@@ -296,7 +291,9 @@ impl StoreWrite for LocalDir {
 fn write_durably(dest: &Path, bytes: &[u8], scratch: &Path) -> Result<()> {
     let tmp = scratch.join(format!(
         ".{}.tmp",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("object")
+        dest.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object")
     ));
     let mut f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)
@@ -329,7 +326,10 @@ fn read_bounded(path: &Path, max: u64, what: impl Fn() -> String) -> Result<Vec<
         .read_to_end(&mut out)
         .ctx(|| format!("reading {}", path.display()))?;
     if out.len() as u64 > max {
-        return Err(FormatError::corrupt(what(), format!("larger than {max} bytes")));
+        return Err(FormatError::corrupt(
+            what(),
+            format!("larger than {max} bytes"),
+        ));
     }
     Ok(out)
 }

@@ -28,15 +28,11 @@ pub trait StoreRead: Send + Sync {
     fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> Result<()>;
     /// Whether a complete blob for `digest` is stored.
     fn has_chunk(&self, digest: &Digest) -> Result<bool>;
-    /// Digests of all stored chunks, for verification of unreferenced data. Optional.
-    fn chunk_count_hint(&self) -> Option<u64> {
-        None
-    }
 }
 
 pub trait StoreWrite: StoreRead {
-    /// Stores a chunk blob under its digest; returns false when it was already there.
-    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool>;
+    /// Stores a chunk blob under its digest (callers check `has_chunk` first).
+    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<()>;
     /// A new empty scratch file for building an index.
     fn scratch_file(&self) -> Result<(File, PathBuf)>;
     /// Moves a finished index from a scratch file into the store.

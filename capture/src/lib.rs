@@ -1,0 +1,325 @@
+//! Capture: reads disks, partitions and image files into a restore point.
+//!
+//! Each SOURCE becomes a disk of the manifest. A disk with a partition table is captured
+//! as one volume per partition plus "gap" volumes for every byte outside them (boot code,
+//! the table itself); swap is recorded without contents; ext2/3/4 and XFS volumes store
+//! only allocated blocks; anything else is read raw, with all-zero chunks stored as holes.
+#![forbid(unsafe_code)]
+
+pub mod fs;
+pub mod layout;
+pub mod pipeline;
+pub mod progress;
+pub mod ranges;
+pub mod region;
+pub mod source;
+pub mod table;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use bkimg_format::changemap::ChangeMap;
+use bkimg_format::manifest::{
+    CompressionInfo, Content, Disk, Filesystem, Manifest, ParentRef, Tracking, Volume, VolumeRole,
+};
+use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::StoreWrite;
+use bkimg_format::{Digest, FormatError};
+
+pub use progress::{Progress, Silent};
+
+use crate::layout::PlannedVolume;
+use crate::pipeline::{capture_volume, VolumeJob};
+use crate::source::Source;
+
+/// Default zstd level; see spec/format.md for the measurement behind it.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+pub struct CaptureOptions {
+    pub sources: Vec<PathBuf>,
+    /// Change maps, one per source in order (None: read everything).
+    pub changed_blocks: Vec<Option<PathBuf>>,
+    pub chunk_size: u32,
+    pub level: i32,
+    /// Store every byte (no filesystem allocation maps).
+    pub raw: bool,
+    pub workers: usize,
+    pub id: String,
+    pub created: String,
+    pub host: String,
+    pub tool: String,
+}
+
+/// How each disk's incremental was done, for the user.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DiskReport {
+    pub disk: String,
+    pub source: String,
+    /// "full", "hash-diff" or "changed-blocks".
+    pub mode: String,
+    pub bytes_read: u64,
+    pub bytes_stored_new: u64,
+    pub chunks_new: u64,
+}
+
+pub struct CaptureResult {
+    pub manifest: Manifest,
+    pub reports: Vec<DiskReport>,
+}
+
+/// Captures all sources into one restore point and commits it. `parent` makes it an
+/// incremental of that restore point.
+pub fn capture(
+    repo: &Repository,
+    store: &dyn StoreWrite,
+    parent: Option<&Point>,
+    opts: &CaptureOptions,
+    progress: &dyn Progress,
+) -> Result<CaptureResult> {
+    if opts.sources.is_empty() {
+        bail!("no SOURCE given: name at least one disk, partition or image file");
+    }
+    if opts.changed_blocks.iter().any(Option::is_some) && parent.is_none() {
+        bail!(
+            "--changed-blocks needs --parent: a change map is relative to an earlier restore point"
+        );
+    }
+    let chunk_size = parent.map_or(opts.chunk_size, |p| p.manifest.chunk_size);
+    let sources = opts
+        .sources
+        .iter()
+        .map(|p| Source::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let plans = sources
+        .iter()
+        .map(layout::plan)
+        .collect::<Result<Vec<_>>>()?;
+    let total: u64 = sources.iter().map(|s| s.region.len()).sum();
+    progress.begin("capture", total);
+
+    let mut disks = Vec::new();
+    let mut reports = Vec::new();
+    for (i, (source, plan)) in sources.iter().zip(plans).enumerate() {
+        let name = format!("disk{i}");
+        let parent_disk = parent.and_then(|p| p.manifest.disks.iter().find(|d| d.name == name));
+        let map = match opts.changed_blocks.get(i).cloned().flatten() {
+            Some(path) => load_change_map(&path, source, parent_disk, progress)?,
+            None => None,
+        };
+        let mode = match (&map, parent_disk) {
+            (Some(_), _) => "changed-blocks",
+            (None, Some(_)) => "hash-diff",
+            (None, None) => "full",
+        };
+        let mut report = DiskReport {
+            disk: name.clone(),
+            source: source.path.display().to_string(),
+            mode: mode.to_string(),
+            bytes_read: 0,
+            bytes_stored_new: 0,
+            chunks_new: 0,
+        };
+        let mut volumes = Vec::new();
+        for planned in &plan.volumes {
+            let parent_volume = parent_disk.and_then(|d| {
+                d.volumes.iter().find(|v| {
+                    v.name == planned.name && v.offset == planned.offset && v.size == planned.size
+                })
+            });
+            let volume = capture_one(
+                repo,
+                store,
+                source,
+                planned,
+                parent_volume,
+                map.as_ref(),
+                chunk_size,
+                opts,
+                progress,
+                &mut report,
+            )
+            .with_context(|| format!("capturing {} of {}", planned.name, source.path.display()))?;
+            volumes.push(volume);
+        }
+        source.check_size_unchanged()?;
+        disks.push(Disk {
+            name,
+            source: source.path.display().to_string(),
+            size: source.region.len(),
+            logical_sector_size: source.logical_sector_size,
+            table: plan.table.clone(),
+            volumes,
+            tracking: map.map(|m| Tracking {
+                generation: m.generation_hex(),
+                sequence: m.to_sequence,
+            }),
+        });
+        reports.push(report);
+    }
+
+    let manifest = Manifest {
+        id: opts.id.clone(),
+        created: opts.created.clone(),
+        host: opts.host.clone(),
+        tool: opts.tool.clone(),
+        parent: parent.map(|p| ParentRef {
+            id: p.manifest.id.clone(),
+            manifest_sha256: p.manifest_sha256.to_hex(),
+        }),
+        chunk_size,
+        compression: CompressionInfo {
+            algorithm: "zstd".into(),
+            level: opts.level,
+        },
+        disks,
+    };
+    store
+        .commit_manifest(&manifest.id, &manifest.encode())
+        .context("committing the restore point")?;
+    Ok(CaptureResult { manifest, reports })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capture_one(
+    repo: &Repository,
+    store: &dyn StoreWrite,
+    source: &Source,
+    planned: &PlannedVolume,
+    parent_volume: Option<&Volume>,
+    map: Option<&ChangeMap>,
+    chunk_size: u32,
+    opts: &CaptureOptions,
+    progress: &dyn Progress,
+    report: &mut DiskReport,
+) -> Result<Volume> {
+    let region = source.region.sub(planned.offset, planned.size)?;
+    let detected = if planned.role == VolumeRole::Gap {
+        None
+    } else {
+        fs::detect(&region).context("probing the volume's filesystem")?
+    };
+    let filesystem = detected.as_ref().map(|info| Filesystem {
+        fs_type: info.kind.name().to_string(),
+        uuid: info.uuid.clone(),
+        label: info.label.clone(),
+    });
+    if let Some(info) = detected.as_ref().filter(|i| i.kind == fs::FsKind::Swap) {
+        progress.advance(planned.size);
+        return Ok(Volume {
+            name: planned.name.clone(),
+            role: planned.role,
+            partition: planned.partition,
+            offset: planned.offset,
+            size: planned.size,
+            filesystem,
+            content: Content::Swap {
+                uuid: info.uuid.clone(),
+                label: info.label.clone(),
+                page_size: 4096,
+            },
+        });
+    }
+
+    let used = match (&detected, opts.raw) {
+        (Some(info), false) => fs::used_ranges(&region, info)?,
+        _ => None,
+    };
+    let mode = if used.is_some() { "used-blocks" } else { "raw" };
+    let parent_index = match parent_volume.map(|v| &v.content) {
+        Some(Content::Data { index, .. }) => {
+            let id = Digest::from_hex(index).ok_or_else(|| {
+                FormatError::corrupt("parent manifest", format!("bad index id {index:?}"))
+            })?;
+            let reader = repo.index(&id)?;
+            (reader.header().chunk_size == chunk_size
+                && reader.header().volume_size == planned.size)
+                .then_some(reader)
+        }
+        _ => None,
+    };
+    let changed = match (map, &parent_index) {
+        (Some(m), Some(_)) => Some(
+            m.byte_ranges()
+                .filter_map(|r| {
+                    let s = r.start.max(planned.offset);
+                    let e = r.end.min(planned.offset + planned.size);
+                    (s < e).then(|| s - planned.offset..e - planned.offset)
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    let job = VolumeJob {
+        region,
+        chunk_size,
+        used,
+        parent: parent_index,
+        changed,
+        level: opts.level,
+        workers: opts.workers,
+    };
+    let (index, stats) = capture_volume(job, store, progress)?;
+    report.bytes_read += stats.bytes_read;
+    report.bytes_stored_new += stats.bytes_stored_new;
+    report.chunks_new += stats.chunks_new;
+    Ok(Volume {
+        name: planned.name.clone(),
+        role: planned.role,
+        partition: planned.partition,
+        offset: planned.offset,
+        size: planned.size,
+        filesystem,
+        content: Content::Data {
+            index: index.to_hex(),
+            mode: mode.to_string(),
+            bytes_read: stats.bytes_read,
+            bytes_data: stats.bytes_data,
+            bytes_stored_new: stats.bytes_stored_new,
+        },
+    })
+}
+
+/// Reads a change map and checks it belongs to this source and to the parent's tracking
+/// generation. A map from another generation cannot be trusted: fall back to hash-diff.
+fn load_change_map(
+    path: &std::path::Path,
+    source: &Source,
+    parent_disk: Option<&Disk>,
+    progress: &dyn Progress,
+) -> Result<Option<ChangeMap>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read change map {}", path.display()))?;
+    let map =
+        ChangeMap::decode(&bytes).with_context(|| format!("change map {}", path.display()))?;
+    if map.device_size != source.region.len() {
+        bail!(
+            "change map {} describes a {}-byte device but {} is {} bytes: wrong map for this source",
+            path.display(),
+            map.device_size,
+            source.path.display(),
+            source.region.len()
+        );
+    }
+    let Some(disk) = parent_disk else {
+        progress.note(&format!(
+            "the parent has no disk matching {}: reading it whole",
+            source.path.display()
+        ));
+        return Ok(None);
+    };
+    if let Some(t) = &disk.tracking {
+        if t.generation != map.generation_hex() || t.sequence != map.from_sequence {
+            progress.note(&format!(
+                "change map {} is from tracking generation {} since snapshot {}, but the parent \
+                 was taken at generation {} snapshot {}: falling back to hash-diff",
+                path.display(),
+                map.generation_hex(),
+                map.from_sequence,
+                t.generation,
+                t.sequence
+            ));
+            return Ok(None);
+        }
+    }
+    Ok(Some(map))
+}

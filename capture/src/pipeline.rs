@@ -1,0 +1,276 @@
+//! Capturing one volume: read chunks in order, hash and compress them on worker threads,
+//! store new chunks, and write the index in volume order.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufWriter, Read};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, Context, Result};
+use bkimg_format::index::{EntryReader, IndexWriter};
+use bkimg_format::store::StoreWrite;
+use bkimg_format::{chunk, Digest};
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::progress::Progress;
+use crate::ranges::RangeCursor;
+use crate::region::Region;
+
+pub type RangeIter = Box<dyn Iterator<Item = io::Result<Range<u64>>> + Send>;
+
+/// What to capture of one volume and what to compare it with.
+pub struct VolumeJob {
+    pub region: Region,
+    pub chunk_size: u32,
+    /// Byte ranges the filesystem uses; everything else is stored as holes.
+    pub used: Option<RangeIter>,
+    /// The parent's index of the same volume (same size and chunk size).
+    pub parent: Option<EntryReader<Box<dyn Read + Send>>>,
+    /// Byte ranges that may have changed since the parent; requires `parent`. Chunks
+    /// outside them are taken from the parent without being read.
+    pub changed: Option<Vec<Range<u64>>>,
+    pub level: i32,
+    pub workers: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VolumeStats {
+    pub bytes_read: u64,
+    pub bytes_data: u64,
+    pub bytes_stored_new: u64,
+    pub chunks_new: u64,
+    pub chunks_reused: u64,
+}
+
+struct Work {
+    seq: u64,
+    data: Vec<u8>,
+    parent: Option<Digest>,
+}
+
+struct Done {
+    seq: u64,
+    digest: Digest,
+}
+
+pub fn capture_volume(
+    job: VolumeJob,
+    store: &dyn StoreWrite,
+    progress: &dyn Progress,
+) -> Result<(Digest, VolumeStats)> {
+    let size = job.region.len();
+    let cs = u64::from(job.chunk_size);
+    let count = size.div_ceil(cs);
+    let stored_new = AtomicU64::new(0);
+    let chunks_new = AtomicU64::new(0);
+    let (scratch, scratch_path) = store.scratch_file()?;
+    let index = IndexWriter::new(
+        BufWriter::with_capacity(1 << 20, scratch),
+        size,
+        job.chunk_size,
+    )
+    .context("writing the volume index")?;
+
+    let workers = job.workers.max(1);
+    let (work_tx, work_rx) = bounded::<Work>(workers * 4);
+    let (done_tx, done_rx) = bounded::<Result<Done>>(workers * 8 + 64);
+    let mut stats = VolumeStats::default();
+
+    let header = std::thread::scope(|s| -> Result<_> {
+        for _ in 0..workers {
+            let rx = work_rx.clone();
+            let tx = done_tx.clone();
+            let (stored_new, chunks_new) = (&stored_new, &chunks_new);
+            s.spawn(move || worker(rx, tx, store, job.level, stored_new, chunks_new));
+        }
+        drop(work_rx);
+        let collector = s.spawn(move || collect(done_rx, index, count));
+        let produced = produce(job, &work_tx, &done_tx, progress, &mut stats);
+        drop(work_tx);
+        drop(done_tx);
+        let collected = collector
+            .join()
+            .map_err(|_| anyhow!("index writer panicked"))?;
+        // A worker error explains a producer failure (closed channel), so report it first.
+        let header = collected?;
+        produced?;
+        Ok(header)
+    })?;
+
+    let (header, writer) = header;
+    let file = writer
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("writing the volume index")?;
+    drop(file);
+    let id = header.id();
+    store.put_index(&id, &scratch_path)?;
+    stats.bytes_stored_new = stored_new.load(Ordering::Relaxed);
+    stats.chunks_new = chunks_new.load(Ordering::Relaxed);
+    Ok((id, stats))
+}
+
+/// Walks the volume in chunk order, deciding for each chunk whether it must be read.
+fn produce(
+    job: VolumeJob,
+    work: &Sender<Work>,
+    done: &Sender<Result<Done>>,
+    progress: &dyn Progress,
+    stats: &mut VolumeStats,
+) -> Result<()> {
+    let size = job.region.len();
+    let cs = u64::from(job.chunk_size);
+    let mut used = job.used.map(RangeCursor::new);
+    let mut changed = job
+        .changed
+        .map(|v| RangeCursor::new(v.into_iter().map(Ok::<_, io::Error>)));
+    let mut parent = job.parent;
+    let mut parent_batch = Vec::new();
+    let mut parent_pos = 0usize;
+    let mut overlap = Vec::new();
+    let closed = || anyhow!("capture workers stopped");
+
+    let mut seq = 0u64;
+    let mut start = 0u64;
+    while start < size {
+        let end = (start + cs).min(size);
+        let parent_digest = match parent.as_mut() {
+            Some(p) => {
+                if parent_pos == parent_batch.len() {
+                    p.next_batch(4096, &mut parent_batch)?;
+                    parent_pos = 0;
+                }
+                let d = *parent_batch
+                    .get(parent_pos)
+                    .ok_or_else(|| anyhow!("parent index ended early"))?;
+                parent_pos += 1;
+                Some(d)
+            }
+            None => None,
+        };
+        progress.advance(end - start);
+
+        let mut unused_parts: Option<Vec<Range<u64>>> = None;
+        if let Some(u) = used.as_mut() {
+            u.overlaps(start, end, &mut overlap)
+                .context("reading the filesystem's allocation map")?;
+            if overlap.is_empty() {
+                done.send(Ok(Done {
+                    seq,
+                    digest: Digest::HOLE,
+                }))
+                .map_err(|_| closed())?;
+                seq += 1;
+                start = end;
+                continue;
+            }
+            unused_parts = Some(complement(start, end, &overlap));
+        }
+        if let (Some(c), Some(pd)) = (changed.as_mut(), parent_digest) {
+            c.overlaps(start, end, &mut overlap)?;
+            if overlap.is_empty() {
+                done.send(Ok(Done { seq, digest: pd }))
+                    .map_err(|_| closed())?;
+                seq += 1;
+                start = end;
+                continue;
+            }
+        }
+        let mut data = vec![0u8; (end - start) as usize];
+        job.region
+            .read_exact_at(&mut data, start)
+            .with_context(|| {
+                format!(
+                    "reading the source at byte {} (did it shrink or fail?)",
+                    job.region.offset() + start
+                )
+            })?;
+        stats.bytes_read += end - start;
+        // Free blocks' old contents are not data: zero them so they compress and dedup.
+        for r in unused_parts.iter().flatten() {
+            data[(r.start - start) as usize..(r.end - start) as usize].fill(0);
+        }
+        if !bkimg_format::digest::is_zero(&data) {
+            stats.bytes_data += end - start;
+        }
+        work.send(Work {
+            seq,
+            data,
+            parent: parent_digest,
+        })
+        .map_err(|_| closed())?;
+        seq += 1;
+        start = end;
+    }
+    if let Some(p) = parent.as_mut() {
+        // Read to the end so the parent index's own digest is checked.
+        p.next_batch(1, &mut parent_batch)?;
+    }
+    Ok(())
+}
+
+fn complement(start: u64, end: u64, inside: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    for r in inside {
+        if r.start > pos {
+            out.push(pos..r.start);
+        }
+        pos = r.end;
+    }
+    if pos < end {
+        out.push(pos..end);
+    }
+    out
+}
+
+fn worker(
+    rx: Receiver<Work>,
+    tx: Sender<Result<Done>>,
+    store: &dyn StoreWrite,
+    level: i32,
+    stored_new: &AtomicU64,
+    chunks_new: &AtomicU64,
+) {
+    for w in rx {
+        let result = (|| -> Result<Done> {
+            let digest = Digest::of_chunk(&w.data);
+            if digest.is_hole() || w.parent == Some(digest) || store.has_chunk(&digest)? {
+                return Ok(Done { seq: w.seq, digest });
+            }
+            let blob = chunk::encode(&w.data, digest, level)?;
+            store.put_chunk(&digest, &blob)?;
+            stored_new.fetch_add(blob.len() as u64, Ordering::Relaxed);
+            chunks_new.fetch_add(1, Ordering::Relaxed);
+            Ok(Done { seq: w.seq, digest })
+        })();
+        let failed = result.is_err();
+        if tx.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+type IndexOut = IndexWriter<BufWriter<std::fs::File>>;
+
+/// Puts digests back in volume order and writes them to the index.
+fn collect(
+    rx: Receiver<Result<Done>>,
+    mut index: IndexOut,
+    count: u64,
+) -> Result<(bkimg_format::index::IndexHeader, BufWriter<std::fs::File>)> {
+    let mut pending = BTreeMap::new();
+    let mut next = 0u64;
+    for done in rx {
+        let done = done?;
+        pending.insert(done.seq, done.digest);
+        while let Some(d) = pending.remove(&next) {
+            index.push(&d).context("writing the volume index")?;
+            next += 1;
+        }
+    }
+    if next != count {
+        return Err(anyhow!("capture stopped after {next} of {count} chunks"));
+    }
+    index.finish().context("writing the volume index")
+}

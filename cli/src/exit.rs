@@ -1,0 +1,75 @@
+//! Exit codes (documented in docs/cli.md; they are API).
+
+use bkimg_format::FormatError;
+use bkimg_restore::target::TargetError;
+
+pub const OK: i32 = 0;
+/// Anything not listed below: unreadable source, I/O error, full disk, bad arguments
+/// found after parsing.
+pub const FAILURE: i32 = 1;
+/// Command line not understood (clap's own code).
+pub const USAGE: i32 = 2;
+/// Damaged data: verify found problems, or a read hit a corrupt object.
+pub const DAMAGED: i32 = 3;
+/// A restore point, parent, chunk or repository that was named does not exist.
+pub const NOT_FOUND: i32 = 4;
+/// The target was refused: too small, mounted or in use, wrong kind, not confirmed.
+pub const TARGET_REFUSED: i32 = 5;
+/// Written by a newer bkimg (unknown version or feature).
+pub const UNSUPPORTED: i32 = 6;
+
+/// The exit code for an error, from the first typed error in its chain.
+pub fn code_for(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(f) = cause.downcast_ref::<FormatError>() {
+            return match f {
+                FormatError::Corrupt { .. } => DAMAGED,
+                FormatError::Unsupported { .. } => UNSUPPORTED,
+                FormatError::Missing { .. } | FormatError::NotRepository(_) => NOT_FOUND,
+                FormatError::Io { .. } => FAILURE,
+            };
+        }
+        if cause.downcast_ref::<TargetError>().is_some() {
+            return TARGET_REFUSED;
+        }
+        if cause.downcast_ref::<Refused>().is_some() {
+            return TARGET_REFUSED;
+        }
+    }
+    FAILURE
+}
+
+/// The user did not confirm a destructive restore.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A hint for errors a person can fix, appended to the message.
+pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    for cause in err.chain() {
+        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
+            cause.downcast_ref::<FormatError>().and_then(|f| match f {
+                FormatError::Io { source, .. } => Some(source),
+                _ => None,
+            })
+        });
+        if let Some(io) = io {
+            if io.raw_os_error() == Some(nix::libc::ENOSPC) {
+                return Some(
+                    "the disk is full; nothing was committed: free space (or use another --repo) and run the same command again, chunks already stored are reused",
+                );
+            }
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
+                return Some("permission denied: run as root to read or write block devices");
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,680 @@
+//! `bkimg`: capture whole machines into a repository, restore them, verify them.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod exit;
+mod progress;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bkimg_capture::CaptureOptions;
+use bkimg_format::changemap::ChangeMap;
+use bkimg_format::manifest::{Content, Manifest, PartitionTable};
+use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::LocalDir;
+use bkimg_restore::RestoreRequest;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::progress::Bar;
+
+#[derive(Parser)]
+#[command(
+    name = "bkimg",
+    version,
+    about = "Whole-machine disk image backup and restore"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Print a JSON object (or array) on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture disks, partitions or image files into one restore point.
+    Capture {
+        /// Repository directory (created if missing or empty).
+        #[arg(long)]
+        repo: PathBuf,
+        /// Block devices or raw image files; several make one restore point of a machine.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// Make an incremental of this restore point ("latest" or an id).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Change map for the SOURCE at the same position (repeat per source; "-" for none).
+        /// Only the ranges it names are read; the rest comes from --parent.
+        #[arg(long = "changed-blocks", value_name = "FILE")]
+        changed_blocks: Vec<String>,
+        /// Chunk size in KiB (power of two, 4 to 16384). Incrementals use the parent's.
+        #[arg(long, default_value_t = bkimg_format::DEFAULT_CHUNK_SIZE / 1024)]
+        chunk_kib: u32,
+        /// zstd level (1-19; 0 stores chunks uncompressed).
+        #[arg(long, default_value_t = bkimg_capture::DEFAULT_LEVEL)]
+        level: i32,
+        /// Store every byte, ignoring filesystem allocation maps.
+        #[arg(long)]
+        raw: bool,
+        /// Hash/compress threads (default: number of CPUs).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Restore a restore point to disks or image files.
+    Restore {
+        #[arg(long)]
+        repo: PathBuf,
+        /// Restore point id, unique id prefix, or "latest".
+        #[arg(default_value = "latest")]
+        id: String,
+        /// Disk or image file to write ("DISK=PATH" per disk for multi-disk restore points).
+        /// A missing path becomes a sparse image file of the source disk's size.
+        #[arg(long, required = true)]
+        target: Vec<String>,
+        /// Restore one volume ("p2", "2", "gap0", "whole") to the target instead of the whole disk.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Print what would be written and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask before overwriting a block device.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Read and check every manifest, index and chunk; exit 3 if anything is damaged.
+    Verify {
+        #[arg(long)]
+        repo: PathBuf,
+        /// Restore points to verify (default: all).
+        ids: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List restore points.
+    List {
+        #[arg(long)]
+        repo: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show one restore point: disks, partition tables, volumes, sizes.
+    Info {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(default_value = "latest")]
+        id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Write one restore point and all it needs to a single self-contained file.
+    Export {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(default_value = "latest")]
+        id: String,
+        /// The file to write (must not exist).
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Write a change map file from explicit ranges (for trackers other than bkimg's own).
+    Changemap {
+        /// File to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Size of the device in bytes.
+        #[arg(long)]
+        device_size: u64,
+        /// Tracking block size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        block_size: u32,
+        /// Tracking generation, 32 hex digits.
+        #[arg(long, default_value = "00000000000000000000000000000000")]
+        generation: String,
+        #[arg(long, default_value_t = 0)]
+        from_sequence: u64,
+        #[arg(long, default_value_t = 0)]
+        to_sequence: u64,
+        /// Changed byte ranges, "START+LENGTH" (rounded out to whole blocks).
+        ranges: Vec<String>,
+    },
+    /// Build a demo disk image (GPT: EFI system, ext4 with files, swap), capture it,
+    /// restore it to a new image and verify the result.
+    Demo {
+        /// Working directory for the images and the repository.
+        #[arg(long, default_value = "bkimg-demo")]
+        dir: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            let mut msg = format!("bkimg: error: {err:#}");
+            if let Some(h) = exit::hint(&err) {
+                msg.push_str(&format!("\nbkimg: hint: {h}"));
+            }
+            eprintln!("{msg}");
+            exit::code_for(&err)
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Prints to stdout; a closed pipe (`bkimg list | head`) ends the program quietly.
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(exit::OK);
+        }
+        eprintln!("bkimg: error: writing to stdout: {e}");
+        std::process::exit(exit::FAILURE);
+    }
+}
+
+fn out_json(value: &serde_json::Value) {
+    out(&serde_json::to_string_pretty(value).expect("JSON values serialize"));
+}
+
+fn workers(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Capture {
+            repo,
+            sources,
+            parent,
+            changed_blocks,
+            chunk_kib,
+            level,
+            raw,
+            threads,
+            common,
+        } => {
+            let chunk_size = chunk_kib
+                .checked_mul(1024)
+                .filter(|c| c.is_power_of_two())
+                .filter(|c| {
+                    (bkimg_format::MIN_CHUNK_SIZE..=bkimg_format::MAX_CHUNK_SIZE).contains(c)
+                })
+                .context("--chunk-kib must be a power of two from 4 to 16384")?;
+            if !(0..=19).contains(&level) {
+                bail!("--level must be 0 (no compression) to 19");
+            }
+            if changed_blocks.len() > sources.len() {
+                bail!("more --changed-blocks than sources: give one per SOURCE, in order");
+            }
+            let now = time::OffsetDateTime::now_utc();
+            let id = format!(
+                "{}-{}",
+                now.format(time::macros::format_description!(
+                    "[year][month][day]T[hour][minute][second]Z"
+                ))?,
+                &uuid::Uuid::new_v4().simple().to_string()[..6]
+            );
+            let created = now.format(&time::format_description::well_known::Rfc3339)?;
+            let store =
+                LocalDir::open_or_create(&repo, &uuid::Uuid::new_v4().to_string(), &created)?;
+            let reader = Repository::new(Box::new(LocalDir::open(&repo)?));
+            let parent_point = match &parent {
+                Some(p) => Some(reader.resolve(p).context("the --parent restore point")?),
+                None => None,
+            };
+            let bar = Bar::new(common.quiet || common.json);
+            let started = std::time::Instant::now();
+            let opts = CaptureOptions {
+                sources,
+                changed_blocks: changed_blocks
+                    .iter()
+                    .map(|c| (c != "-").then(|| PathBuf::from(c)))
+                    .collect(),
+                chunk_size,
+                level,
+                raw,
+                workers: workers(threads),
+                id,
+                created,
+                host: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                tool: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
+            };
+            let result =
+                bkimg_capture::capture(&reader, &store, parent_point.as_ref(), &opts, &bar);
+            bar.finish();
+            let result = result?;
+            let secs = started.elapsed().as_secs_f64();
+            let m = &result.manifest;
+            let read: u64 = result.reports.iter().map(|r| r.bytes_read).sum();
+            let stored: u64 = result.reports.iter().map(|r| r.bytes_stored_new).sum();
+            if common.json {
+                out_json(&json!({
+                    "id": m.id,
+                    "parent": m.parent.as_ref().map(|p| &p.id),
+                    "created": m.created,
+                    "seconds": secs,
+                    "bytes_read": read,
+                    "bytes_stored_new": stored,
+                    "disks": result.reports,
+                }));
+            } else {
+                for r in &result.reports {
+                    eprintln!(
+                        "{}: {} ({}), read {}, stored {} new in {} chunks",
+                        r.disk,
+                        r.source,
+                        r.mode,
+                        human(r.bytes_read),
+                        human(r.bytes_stored_new),
+                        r.chunks_new
+                    );
+                }
+                eprintln!("restore point {} committed in {secs:.1} s", m.id);
+                out(&m.id);
+            }
+            Ok(exit::OK)
+        }
+        Command::Restore {
+            repo,
+            id,
+            target,
+            volume,
+            dry_run,
+            yes,
+            threads,
+            common,
+        } => {
+            let repo = Repository::open(&repo)?;
+            let point = repo.resolve(&id)?;
+            let req = RestoreRequest {
+                targets: bkimg_restore::match_targets(&point, &target)?,
+                volume,
+                workers: workers(threads),
+            };
+            let plan = bkimg_restore::plan(&point, &req)?;
+            if dry_run {
+                if common.json {
+                    out_json(&json!({ "id": point.manifest.id, "dry_run": true, "disks": plan }));
+                } else {
+                    print_plan(&point, &plan);
+                }
+                return Ok(exit::OK);
+            }
+            confirm_devices(&req, &point, yes)?;
+            let bar = Bar::new(common.quiet || common.json);
+            let started = std::time::Instant::now();
+            let report = bkimg_restore::restore(&repo, &point, &req, &bar);
+            bar.finish();
+            let report = report?;
+            let secs = started.elapsed().as_secs_f64();
+            if common.json {
+                out_json(
+                    &json!({ "id": point.manifest.id, "seconds": secs, "disks": plan, "report": report }),
+                );
+            } else {
+                eprintln!(
+                    "restored {} to {}: wrote {}, {} chunks verified, in {secs:.1} s",
+                    point.manifest.id,
+                    req.targets
+                        .iter()
+                        .map(|(d, p)| format!("{d}={}", p.display()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    human(report.bytes_written),
+                    report.chunks_verified
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Verify { repo, ids, common } => {
+            let repo = Repository::open(&repo)?;
+            let bar = Bar::new(common.quiet || common.json);
+            let report = bkimg_restore::verify::verify(&repo, &ids, &bar);
+            bar.finish();
+            let report = report?;
+            if common.json {
+                out_json(&serde_json::to_value(&report)?);
+            } else {
+                for p in &report.problems {
+                    let mut at = p.point.clone();
+                    for part in [&p.disk, &p.volume].into_iter().flatten() {
+                        at.push_str(&format!(" {part}"));
+                    }
+                    if let Some(o) = p.offset {
+                        at.push_str(&format!(" at byte {o}"));
+                    }
+                    eprintln!("DAMAGED: {at}: {}", p.error);
+                }
+                eprintln!(
+                    "{} restore point(s), {} chunks ({}) checked, {} problem(s)",
+                    report.points.len(),
+                    report.chunks_checked,
+                    human(report.bytes_checked),
+                    report.problems.len()
+                );
+            }
+            Ok(if report.problems.is_empty() {
+                exit::OK
+            } else {
+                exit::DAMAGED
+            })
+        }
+        Command::List { repo, common } => {
+            let repo = Repository::open(&repo)?;
+            let (points, bad) = repo.points()?;
+            for (id, e) in &bad {
+                eprintln!("bkimg: warning: restore point {id} is unreadable: {e}");
+            }
+            if common.json {
+                let arr: Vec<_> = points.iter().map(point_summary).collect();
+                out_json(&serde_json::Value::Array(arr));
+            } else {
+                out(&format!(
+                    "{:<24} {:<24} {:<22} {:>10}  DISKS",
+                    "ID", "PARENT", "CREATED", "SIZE"
+                ));
+                for p in &points {
+                    let m = &p.manifest;
+                    out(&format!(
+                        "{:<24} {:<24} {:<22} {:>10}  {}",
+                        m.id,
+                        m.parent.as_ref().map_or("-", |p| p.id.as_str()),
+                        m.created,
+                        human(m.disks.iter().map(|d| d.size).sum()),
+                        m.disks
+                            .iter()
+                            .map(|d| d.source.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ));
+                }
+            }
+            Ok(if bad.is_empty() {
+                exit::OK
+            } else {
+                exit::DAMAGED
+            })
+        }
+        Command::Info { repo, id, common } => {
+            let repo = Repository::open(&repo)?;
+            let point = repo.resolve(&id)?;
+            if common.json {
+                let mut v = point_summary(&point);
+                v["manifest"] = serde_json::to_value(&point.manifest)?;
+                out_json(&v);
+            } else {
+                print_info(&point.manifest, &point);
+            }
+            Ok(exit::OK)
+        }
+        Command::Export {
+            repo,
+            id,
+            output,
+            common,
+        } => {
+            let repo = Repository::open(&repo)?;
+            let point = repo.resolve(&id)?;
+            export(&repo, &point, &output, common.quiet || common.json)?;
+            if common.json {
+                out_json(&json!({ "id": point.manifest.id, "output": output }));
+            } else {
+                eprintln!("exported {} to {}", point.manifest.id, output.display());
+            }
+            Ok(exit::OK)
+        }
+        Command::Changemap {
+            output,
+            device_size,
+            block_size,
+            generation,
+            from_sequence,
+            to_sequence,
+            ranges,
+        } => {
+            let mut gen = [0u8; 16];
+            bkimg_format::digest::decode_hex_into(&generation, &mut gen)
+                .context("--generation must be 32 hex digits")?;
+            let bs = u64::from(block_size);
+            let mut blocks: Vec<(u64, u64)> = Vec::new();
+            for r in &ranges {
+                let (s, l) = r
+                    .split_once('+')
+                    .and_then(|(s, l)| Some((s.parse::<u64>().ok()?, l.parse::<u64>().ok()?)))
+                    .with_context(|| format!("range {r:?} is not START+LENGTH in bytes"))?;
+                if l == 0 {
+                    continue;
+                }
+                blocks.push((s / bs, (s + l).div_ceil(bs)));
+            }
+            blocks.sort();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (s, e) in blocks {
+                match merged.last_mut() {
+                    Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            let map = ChangeMap {
+                block_size,
+                device_size,
+                generation: gen,
+                from_sequence,
+                to_sequence,
+                ranges: merged.into_iter().map(|(s, e)| (s, e - s)).collect(),
+            };
+            map.validate()?;
+            std::fs::write(&output, map.encode())
+                .with_context(|| format!("writing {}", output.display()))?;
+            Ok(exit::OK)
+        }
+        Command::Demo { dir } => demo::run(&dir),
+    }
+}
+
+fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Result<()> {
+    let tmp = output.with_extension("partial");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("creating {} (does it already exist?)", tmp.display()))?;
+    if output.exists() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "{} already exists: choose another --output",
+            output.display()
+        );
+    }
+    let bar = Bar::new(quiet);
+    bkimg_capture::Progress::begin(&bar, "export", 0);
+    let result = (|| -> Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        repo.export(point, &mut w, &mut |n| {
+            bkimg_capture::Progress::advance(&bar, n)
+        })?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        std::fs::rename(&tmp, output)?;
+        Ok(())
+    })();
+    bar.finish();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn confirm_devices(req: &RestoreRequest, point: &Point, yes: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    for (disk, path) in &req.targets {
+        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        if !is_dev || yes {
+            continue;
+        }
+        if !std::io::stdin().is_terminal() {
+            return Err(exit::Refused(format!(
+                "{} is a block device: add --yes to overwrite it (not asking: stdin is not a terminal)",
+                path.display()
+            ))
+            .into());
+        }
+        eprint!(
+            "Overwrite ALL data on {} with {} of restore point {}? Type 'yes': ",
+            path.display(),
+            disk,
+            point.manifest.id
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            return Err(
+                exit::Refused(format!("not confirmed: {} left untouched", path.display())).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn point_summary(p: &Point) -> serde_json::Value {
+    let m = &p.manifest;
+    json!({
+        "id": m.id,
+        "parent": m.parent.as_ref().map(|p| &p.id),
+        "created": m.created,
+        "host": m.host,
+        "tool": m.tool,
+        "manifest_sha256": p.manifest_sha256.to_hex(),
+        "size": m.disks.iter().map(|d| d.size).sum::<u64>(),
+        "stored_new": m.disks.iter().flat_map(|d| &d.volumes).map(|v| match v.content {
+            Content::Data { bytes_stored_new, .. } => bytes_stored_new,
+            Content::Swap { .. } => 0,
+        }).sum::<u64>(),
+        "disks": m.disks.iter().map(|d| json!({
+            "name": d.name, "source": d.source, "size": d.size,
+            "table": match &d.table {
+                PartitionTable::None => "none",
+                PartitionTable::Gpt(_) => "gpt",
+                PartitionTable::Msdos(_) => "msdos",
+            },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_info(m: &Manifest, p: &Point) {
+    out(&format!("restore point {}", m.id));
+    out(&format!(
+        "  created   {} on {} by {}",
+        m.created, m.host, m.tool
+    ));
+    out(&format!(
+        "  parent    {}",
+        m.parent
+            .as_ref()
+            .map_or("none (full)".to_string(), |p| p.id.clone())
+    ));
+    out(&format!("  manifest  sha256 {}", p.manifest_sha256));
+    out(&format!(
+        "  chunks    {} KiB, zstd level {}",
+        m.chunk_size / 1024,
+        m.compression.level
+    ));
+    for d in &m.disks {
+        let table = match &d.table {
+            PartitionTable::None => "no partition table".to_string(),
+            PartitionTable::Gpt(g) => format!("GPT, disk GUID {}", g.disk_guid),
+            PartitionTable::Msdos(t) => format!("msdos, signature {:08x}", t.disk_signature),
+        };
+        out(&format!(
+            "  {} {} ({}, {} B sectors): {table}",
+            d.name,
+            d.source,
+            human(d.size),
+            d.logical_sector_size
+        ));
+        for v in &d.volumes {
+            let fs = v.filesystem.as_ref().map_or(String::new(), |f| {
+                format!(
+                    " {} {}{}",
+                    f.fs_type,
+                    f.uuid.as_deref().unwrap_or(""),
+                    f.label
+                        .as_ref()
+                        .map_or(String::new(), |l| format!(" \"{l}\""))
+                )
+            });
+            let content = match &v.content {
+                Content::Data {
+                    mode,
+                    bytes_data,
+                    bytes_stored_new,
+                    ..
+                } => format!(
+                    "{mode}, {} data, {} stored new",
+                    human(*bytes_data),
+                    human(*bytes_stored_new)
+                ),
+                Content::Swap { .. } => "swap (recreated on restore)".into(),
+            };
+            out(&format!(
+                "    {:<6} at {:>12}  {:>10}{fs}  [{content}]",
+                v.name,
+                v.offset,
+                human(v.size)
+            ));
+        }
+    }
+}
+
+fn print_plan(point: &Point, plan: &[bkimg_restore::DiskPlan]) {
+    out(&format!(
+        "restore point {} (dry run: nothing is written)",
+        point.manifest.id
+    ));
+    for d in plan {
+        out(&format!(
+            "  {} -> {} (needs {}), partition table: {}",
+            d.disk,
+            d.target,
+            human(d.source_size),
+            d.table
+        ));
+        for v in &d.volumes {
+            out(&format!(
+                "    {:<6} at {:>12} {:>10}: {}",
+                v.volume,
+                v.target_offset,
+                human(v.size),
+                v.action
+            ));
+        }
+    }
+}
+
+pub fn human(bytes: u64) -> String {
+    bkimg_restore::target::human(bytes)
+}

@@ -1,0 +1,159 @@
+//! Opening the disk or image file a restore writes to, with every check made before the
+//! first byte is written: right kind, large enough, not mounted, not open elsewhere.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TargetError {
+    #[error("target {path} is {have} bytes but the restore needs at least {need} bytes ({need_h}): use a larger disk or image")]
+    TooSmall {
+        path: String,
+        have: u64,
+        need: u64,
+        need_h: String,
+    },
+    #[error("target {path} is in use ({why}): unmount it and stop what holds it, then retry")]
+    InUse { path: String, why: String },
+    #[error("target {path} is not a block device or regular file")]
+    WrongKind { path: String },
+    #[error("cannot open target {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Target {
+    pub path: PathBuf,
+    pub file: File,
+    pub size: u64,
+    pub is_block_device: bool,
+    /// Created by this restore: holes need no writing.
+    pub fresh: bool,
+}
+
+impl Target {
+    /// Opens `path` for writing at least `need` bytes. A missing path becomes a new sparse
+    /// image file of `create_size` bytes (None: refuse to create).
+    pub fn open(path: &Path, need: u64, create_size: Option<u64>) -> Result<Target, TargetError> {
+        let p = path.display().to_string();
+        let open_err = |source| TargetError::Open {
+            path: p.clone(),
+            source,
+        };
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(open_err(e)),
+        };
+        let Some(meta) = meta else {
+            let size = create_size.ok_or_else(|| {
+                open_err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "it does not exist",
+                ))
+            })?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(open_err)?;
+            file.set_len(size).map_err(open_err)?;
+            return Ok(Target {
+                path: path.to_path_buf(),
+                file,
+                size,
+                is_block_device: false,
+                fresh: true,
+            });
+        };
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.is_file() {
+            return Err(TargetError::WrongKind { path: p });
+        }
+        if is_block_device {
+            if let Some(why) = mounted(meta.rdev()) {
+                return Err(TargetError::InUse { path: p, why });
+            }
+        }
+        // O_EXCL on a block device fails with EBUSY while it or a partition of it is
+        // mounted or claimed by another exclusive opener (device-mapper, md, a mount).
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if is_block_device {
+            opts.custom_flags(libc_o_excl());
+        }
+        let mut file = opts.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                TargetError::InUse {
+                    path: p.clone(),
+                    why: "the kernel reports it busy: mounted, or held by another program".into(),
+                }
+            } else {
+                open_err(e)
+            }
+        })?;
+        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        if size < need {
+            return Err(TargetError::TooSmall {
+                path: p,
+                have: size,
+                need,
+                need_h: human(need),
+            });
+        }
+        Ok(Target {
+            path: path.to_path_buf(),
+            file,
+            size,
+            is_block_device,
+            fresh: false,
+        })
+    }
+}
+
+fn libc_o_excl() -> i32 {
+    nix::libc::O_EXCL
+}
+
+/// Whether the device or any partition on it is mounted, from /proc/self/mountinfo.
+fn mounted(rdev: u64) -> Option<String> {
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let mut devs = vec![format!("{major}:{minor}")];
+    // Partitions of a whole disk are listed as subdirectories with a "dev" file.
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if let Ok(entries) = std::fs::read_dir(&sys) {
+        for e in entries.flatten() {
+            if let Ok(dev) = std::fs::read_to_string(e.path().join("dev")) {
+                devs.push(dev.trim().to_string());
+            }
+        }
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 4 && devs.iter().any(|d| d == f[2]))
+            .then(|| format!("device {} is mounted on {}", f[2], f[4]))
+    })
+}
+
+/// Bytes as a short human string (GiB with one decimal, or MiB, or bytes).
+pub fn human(bytes: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let b = bytes as f64;
+    if b >= GIB {
+        format!("{:.1} GiB", b / GIB)
+    } else if b >= MIB {
+        format!("{:.1} MiB", b / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
