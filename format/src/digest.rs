@@ -77,6 +77,11 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
+/// Decodes exactly `out.len()` bytes of hex.
+pub fn decode_hex_into(text: &str, out: &mut [u8]) -> Result<(), hex::FromHexError> {
+    hex::decode_to_slice(text, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,9 +97,4 @@ mod tests {
         assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
         assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
-}
-
-/// Decodes exactly `out.len()` bytes of hex.
-pub fn decode_hex_into(text: &str, out: &mut [u8]) -> Result<(), hex::FromHexError> {
-    hex::decode_to_slice(text, out)
 }

@@ -16,6 +16,9 @@ pub struct Repository {
     store: Box<dyn StoreRead>,
 }
 
+/// Restore points that could be read, and the ids of those that could not with why.
+pub type Listing = (Vec<Point>, Vec<(String, FormatError)>);
+
 /// A restore point as listed: its manifest and the SHA-256 of the manifest file.
 #[derive(Clone, Debug)]
 pub struct Point {
@@ -79,7 +82,7 @@ impl Repository {
 
     /// All restore points, oldest first. Damaged manifests are returned as errors beside
     /// the good ones so a listing can show both.
-    pub fn points(&self) -> Result<(Vec<Point>, Vec<(String, FormatError)>)> {
+    pub fn points(&self) -> Result<Listing> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
         for id in self.store.list_manifests()? {
