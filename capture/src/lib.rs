@@ -215,7 +215,7 @@ fn capture_one(
             content: Content::Swap {
                 uuid: info.uuid.clone(),
                 label: info.label.clone(),
-                page_size: 4096,
+                page_size: info.block_size.unwrap_or(4096),
             },
         });
     }

@@ -244,8 +244,12 @@ fn restore_volume(
     report: &mut RestoreReport,
 ) -> Result<()> {
     let index = match &v.content {
-        Content::Swap { uuid, label, .. } => {
-            let page = swap::header(v.size, uuid.as_deref(), label.as_deref())?;
+        Content::Swap {
+            uuid,
+            label,
+            page_size,
+        } => {
+            let page = swap::header(v.size, *page_size, uuid.as_deref(), label.as_deref())?;
             target
                 .file
                 .write_all_at(&page, base)

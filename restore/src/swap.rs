@@ -2,15 +2,23 @@
 
 use anyhow::{bail, Context, Result};
 
-pub const PAGE: u64 = 4096;
-
-/// The first page of a swap area of `size` bytes.
-pub fn header(size: u64, uuid: Option<&str>, label: Option<&str>) -> Result<Vec<u8>> {
-    let pages = size / PAGE;
+/// The first page of a swap area of `size` bytes with pages of `page_size` bytes (the
+/// page size of the machine that made it: 4 KiB on x86, up to 64 KiB elsewhere).
+pub fn header(
+    size: u64,
+    page_size: u32,
+    uuid: Option<&str>,
+    label: Option<&str>,
+) -> Result<Vec<u8>> {
+    if !(4096..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        bail!("swap page size {page_size} is not supported");
+    }
+    let pages = size / u64::from(page_size);
     if pages < 10 {
         bail!("a {size}-byte swap area is too small for a swap header");
     }
-    let mut page = vec![0u8; PAGE as usize];
+    let ps = page_size as usize;
+    let mut page = vec![0u8; ps];
     page[1024..1028].copy_from_slice(&1u32.to_le_bytes());
     let last = u32::try_from(pages - 1).unwrap_or(u32::MAX);
     page[1028..1032].copy_from_slice(&last.to_le_bytes());
@@ -22,6 +30,6 @@ pub fn header(size: u64, uuid: Option<&str>, label: Option<&str>) -> Result<Vec<
         let b = l.as_bytes();
         page[1052..1052 + b.len().min(16)].copy_from_slice(&b[..b.len().min(16)]);
     }
-    page[4086..4096].copy_from_slice(b"SWAPSPACE2");
+    page[ps - 10..].copy_from_slice(b"SWAPSPACE2");
     Ok(page)
 }
