@@ -18,7 +18,7 @@ pub mod table;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use bkimg_format::changemap::ChangeMap;
+use bkimg_format::changemap::{self, ChangeMap};
 use bkimg_format::manifest::{
     CompressionInfo, Content, Disk, Filesystem, Manifest, ParentRef, Tracking, Volume, VolumeRole,
 };
@@ -79,11 +79,6 @@ pub fn capture(
     if opts.sources.is_empty() {
         bail!("no SOURCE given: name at least one disk, partition or image file");
     }
-    if opts.changed_blocks.iter().any(Option::is_some) && parent.is_none() {
-        bail!(
-            "--changed-blocks needs --parent: a change map is relative to an earlier restore point"
-        );
-    }
     let chunk_size = parent.map_or(opts.chunk_size, |p| p.manifest.chunk_size);
     let sources = opts
         .sources
@@ -102,14 +97,18 @@ pub fn capture(
     for (i, (source, plan)) in sources.iter().zip(plans).enumerate() {
         let name = format!("disk{i}");
         let parent_disk = parent.and_then(|p| p.manifest.disks.iter().find(|d| d.name == name));
-        let map = match opts.changed_blocks.get(i).cloned().flatten() {
-            Some(path) => load_change_map(&path, source, parent_disk, progress)?,
-            None => None,
+        let (map, use_map) = match opts.changed_blocks.get(i).cloned().flatten() {
+            Some(path) => {
+                let map = load_change_map(&path, source)?;
+                let usable = map_is_usable(&map, &path, parent.is_some(), parent_disk, progress);
+                (Some(map), usable)
+            }
+            None => (None, false),
         };
-        let mode = match (&map, parent_disk) {
-            (Some(_), _) => "changed-blocks",
-            (None, Some(_)) => "hash-diff",
-            (None, None) => "full",
+        let mode = match (use_map, parent_disk) {
+            (true, _) => "changed-blocks",
+            (false, Some(_)) => "hash-diff",
+            (false, None) => "full",
         };
         let mut report = DiskReport {
             disk: name.clone(),
@@ -132,7 +131,7 @@ pub fn capture(
                 source,
                 planned,
                 parent_volume,
-                map.as_ref(),
+                map.as_ref().filter(|_| use_map),
                 chunk_size,
                 opts,
                 progress,
@@ -279,15 +278,13 @@ fn capture_one(
     })
 }
 
-/// Reads a change map and checks it belongs to this source and to the parent's tracking
-/// generation. A map from another generation cannot be trusted: fall back to hash-diff.
-fn load_change_map(
-    path: &std::path::Path,
-    source: &Source,
-    parent_disk: Option<&Disk>,
-    progress: &dyn Progress,
-) -> Result<Option<ChangeMap>> {
-    let bytes = std::fs::read(path)
+/// Reads a change map and checks it describes this source.
+fn load_change_map(path: &std::path::Path, source: &Source) -> Result<ChangeMap> {
+    use std::io::Read;
+    let limit = changemap::HEADER_LEN as u64 + 16 * changemap::MAX_RANGES + 32;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
         .with_context(|| format!("cannot read change map {}", path.display()))?;
     let map =
         ChangeMap::decode(&bytes).with_context(|| format!("change map {}", path.display()))?;
@@ -300,26 +297,41 @@ fn load_change_map(
             source.region.len()
         );
     }
-    let Some(disk) = parent_disk else {
-        progress.note(&format!(
-            "the parent has no disk matching {}: reading it whole",
-            source.path.display()
-        ));
-        return Ok(None);
-    };
-    if let Some(t) = &disk.tracking {
-        if t.generation != map.generation_hex() || t.sequence != map.from_sequence {
-            progress.note(&format!(
-                "change map {} is from tracking generation {} since snapshot {}, but the parent \
-                 was taken at generation {} snapshot {}: falling back to hash-diff",
-                path.display(),
+    Ok(map)
+}
+
+/// Whether a change map may replace reading: only when the parent disk was captured at
+/// exactly the tracker state the map starts from. Otherwise changes between the two could
+/// be missed, so capture reads everything (and still records the map's end state, so the
+/// next incremental can use its map).
+fn map_is_usable(
+    map: &ChangeMap,
+    path: &std::path::Path,
+    has_parent: bool,
+    parent_disk: Option<&Disk>,
+    progress: &dyn Progress,
+) -> bool {
+    let why = match parent_disk.map(|d| &d.tracking) {
+        None if !has_parent => return false, // a full capture: records the tracking state
+        None => "the parent has no disk of this name".to_string(),
+        Some(None) => "the parent recorded no tracking state".to_string(),
+        Some(Some(t))
+            if t.generation != map.generation_hex() || t.sequence != map.from_sequence =>
+        {
+            format!(
+                "the map covers generation {} from snapshot {}, but the parent was taken at \
+                 generation {} snapshot {}",
                 map.generation_hex(),
                 map.from_sequence,
                 t.generation,
                 t.sequence
-            ));
-            return Ok(None);
+            )
         }
-    }
-    Ok(Some(map))
+        Some(Some(_)) => return true,
+    };
+    progress.note(&format!(
+        "change map {}: {why}: falling back to hash-diff",
+        path.display()
+    ));
+    false
 }

@@ -169,6 +169,9 @@ fn produce(
         if let (Some(c), Some(pd)) = (changed.as_mut(), parent_digest) {
             c.overlaps(start, end, &mut overlap)?;
             if overlap.is_empty() {
+                if !pd.is_hole() {
+                    stats.bytes_data += end - start;
+                }
                 done.send(Ok(Done { seq, digest: pd }))
                     .map_err(|_| closed())?;
                 seq += 1;

@@ -97,6 +97,17 @@ fn read_gpt(disk: &Region, sector: u32) -> Result<TableInfo> {
             size: (p.last_lba - p.first_lba + 1) * ss,
         });
     }
+    partitions.sort_by_key(|e| e.offset);
+    if let Some(w) = partitions
+        .windows(2)
+        .find(|w| w[0].offset + w[0].size > w[1].offset)
+    {
+        bail!(
+            "GPT partitions {} and {} overlap: the partition table is damaged",
+            w[0].number,
+            w[1].number
+        );
+    }
     Ok(TableInfo {
         table: PartitionTable::Gpt(GptTable {
             disk_guid: h.disk_guid.to_string(),

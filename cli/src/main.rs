@@ -55,7 +55,10 @@ enum Command {
         #[arg(long)]
         parent: Option<String>,
         /// Change map for the SOURCE at the same position (repeat per source; "-" for none).
-        /// Only the ranges it names are read; the rest comes from --parent.
+        /// When the parent was captured at the tracker state the map starts from, only the
+        /// ranges it names are read and the rest comes from the parent; otherwise the source
+        /// is read whole (hash-diff). Either way the map's end state is recorded, so the
+        /// next incremental can use the next map.
         #[arg(long = "changed-blocks", value_name = "FILE")]
         changed_blocks: Vec<String>,
         /// Chunk size in KiB (power of two, 4 to 16384). Incrementals use the parent's.

@@ -35,7 +35,11 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// Parses 64 lower-case hex digits (the only spelling the format allows).
     pub fn from_hex(text: &str) -> Option<Digest> {
+        if text.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
         let mut out = [0u8; 32];
         hex::decode_to_slice(text, &mut out).ok()?;
         Some(Digest(out))

@@ -118,7 +118,8 @@ pub struct Tracking {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Volume {
-    /// "disk0p1", "disk0-gap0", "disk0" (whole device).
+    /// Unique within its disk: "p1" (partition 1), "gap0" (bytes outside partitions),
+    /// "whole" (a device without a partition table).
     pub name: String,
     pub role: VolumeRole,
     /// Partition number for partitions.
@@ -185,16 +186,53 @@ impl Manifest {
 
     pub fn decode(bytes: &[u8]) -> Result<Manifest> {
         let (m, _): (Manifest, _) = sealed::open(&KIND, bytes)?;
-        if !valid_id(&m.id) {
-            return Err(crate::FormatError::corrupt(
-                "manifest",
-                format!("invalid restore point id {:?}", m.id),
-            ));
-        }
+        m.validate()?;
         Ok(m)
     }
 
-    /// Every index the restore point refers to, in order.
+    /// Checks what JSON parsing cannot: ids, digests, and that volumes lie inside their
+    /// disk without overlapping, so no reader ever writes outside a target's range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |d: String| crate::FormatError::corrupt("manifest", d);
+        if !valid_id(&self.id) {
+            return Err(bad(format!("invalid restore point id {:?}", self.id)));
+        }
+        if let Some(p) = &self.parent {
+            if !valid_id(&p.id) || Digest::from_hex(&p.manifest_sha256).is_none() {
+                return Err(bad(format!("invalid parent link {:?}", p.id)));
+            }
+        }
+        if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&self.chunk_size)
+            || !self.chunk_size.is_power_of_two()
+        {
+            return Err(bad(format!("chunk size {} out of range", self.chunk_size)));
+        }
+        for d in &self.disks {
+            let mut end = 0u64;
+            for v in &d.volumes {
+                let v_end = v.offset.checked_add(v.size);
+                if v.size == 0 || v.offset < end || v_end.is_none_or(|e| e > d.size) {
+                    return Err(bad(format!(
+                        "volume {} of {} ({} bytes at {}) overlaps another or lies outside the {}-byte disk",
+                        v.name, d.name, v.size, v.offset, d.size
+                    )));
+                }
+                end = v_end.expect("checked");
+                if let Content::Data { index, .. } = &v.content {
+                    if Digest::from_hex(index).is_none() {
+                        return Err(bad(format!(
+                            "volume {} has an invalid index id {index:?}",
+                            v.name
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every volume with its index (None for swap), in order. Index ids were checked by
+    /// `validate`.
     pub fn indexes(&self) -> impl Iterator<Item = (&Disk, &Volume, Option<Digest>)> {
         self.disks.iter().flat_map(|d| {
             d.volumes.iter().map(move |v| {

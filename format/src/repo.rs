@@ -92,8 +92,8 @@ impl Repository {
             }
         }
         good.sort_by(|a, b| {
-            (a.manifest.created.as_str(), a.manifest.id.as_str())
-                .cmp(&(b.manifest.created.as_str(), b.manifest.id.as_str()))
+            (time_key(&a.manifest.created), a.manifest.id.as_str())
+                .cmp(&(time_key(&b.manifest.created), b.manifest.id.as_str()))
         });
         Ok((good, bad))
     }
@@ -238,5 +238,26 @@ impl Repository {
             .map_err(io)?;
         w.finish().map_err(io)?;
         Ok(())
+    }
+}
+
+/// Sort key for an RFC 3339 UTC time: the fraction of a second padded to nanoseconds, so
+/// "12:00:05Z" sorts before "12:00:05.5Z".
+fn time_key(created: &str) -> String {
+    let body = created.trim_end_matches('Z');
+    let (secs, frac) = body.split_once('.').unwrap_or((body, ""));
+    format!("{secs}.{frac:0<9}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_sort_by_value() {
+        assert!(
+            super::time_key("2026-11-21T12:00:05Z") < super::time_key("2026-11-21T12:00:05.5Z")
+        );
+        assert!(
+            super::time_key("2026-11-21T12:00:05.5Z") < super::time_key("2026-11-21T12:00:06Z")
+        );
     }
 }

@@ -27,8 +27,12 @@ pub fn header(
         page[1036..1052].copy_from_slice(u.as_bytes());
     }
     if let Some(l) = label {
-        let b = l.as_bytes();
-        page[1052..1052 + b.len().min(16)].copy_from_slice(&b[..b.len().min(16)]);
+        // At most 16 bytes, cut at a character boundary.
+        let mut end = l.len().min(16);
+        while !l.is_char_boundary(end) {
+            end -= 1;
+        }
+        page[1052..1052 + end].copy_from_slice(&l.as_bytes()[..end]);
     }
     page[ps - 10..].copy_from_slice(b"SWAPSPACE2");
     Ok(page)

@@ -98,6 +98,9 @@ impl ExportFile {
             return Err(bad("wrong magic number".into()));
         }
         check_version(&head[8..16], &what)?;
+        if head[16..].iter().any(|&b| b != 0) {
+            return Err(bad("reserved header bytes are not zero".into()));
+        }
         let mut tail = [0u8; TRAILER_LEN as usize];
         file.read_exact_at(&mut tail, size - TRAILER_LEN)
             .ctx(|| format!("reading {}", path.display()))?;
@@ -243,7 +246,10 @@ impl StoreRead for ExportFile {
         let mut buf = Vec::new();
         for e in self.entries_of(ObjectKind::Manifest)? {
             if e.len > crate::sealed::MAX_BODY_LEN + 64 {
-                continue;
+                return Err(FormatError::corrupt(
+                    format!("export file {}", self.path.display()),
+                    "a manifest entry is larger than any manifest may be",
+                ));
             }
             self.read_entry(&e, &mut buf)?;
             ids.push(Manifest::decode(&buf)?.id);

@@ -57,15 +57,15 @@ impl LocalDir {
     /// Opens an existing repository.
     pub fn open(root: &Path) -> Result<LocalDir> {
         let config = root.join("config");
-        let bytes = fs::read(&config).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                FormatError::NotRepository(format!(
-                    "{} is not a bkimg repository (it has no config file)",
-                    root.display()
-                ))
-            } else {
-                FormatError::io(format!("reading {}", config.display()), e)
-            }
+        let bytes = read_bounded(&config, crate::sealed::MAX_BODY_LEN + 64, || {
+            format!("repository config {}", config.display())
+        })
+        .map_err(|e| match e {
+            FormatError::Missing { .. } => FormatError::NotRepository(format!(
+                "{} is not a bkimg repository (it has no config file)",
+                root.display()
+            )),
+            other => other,
         })?;
         let _: (RepoConfig, Features) = sealed::open(&CONFIG_KIND, &bytes)?;
         Ok(LocalDir {
