@@ -111,3 +111,89 @@ pub fn patch_protective_mbr(lba0: &mut [u8], disk_bytes: u64, sector: u32) {
 fn guid(text: &str) -> Result<Uuid> {
     Uuid::parse_str(text).with_context(|| format!("bad GUID {text:?} in the manifest"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::process::Command;
+    use std::sync::Arc;
+
+    use bkimg_capture::region::Region;
+    use bkimg_format::manifest::PartitionTable;
+
+    use super::*;
+
+    fn sgdisk(args: &[&str]) -> Option<String> {
+        let out = Command::new("sgdisk").args(args).output().ok()?;
+        assert!(out.status.success(), "sgdisk {args:?}: {out:?}");
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn table_of(path: &std::path::Path, size: u64) -> GptTable {
+        let file = Arc::new(std::fs::File::open(path).unwrap());
+        match bkimg_capture::table::read(&Region::new(file, 0, size), 512)
+            .unwrap()
+            .table
+        {
+            PartitionTable::Gpt(t) => t,
+            other => panic!("expected GPT, got {other:?}"),
+        }
+    }
+
+    /// Re-encoding a table sgdisk wrote gives sgdisk's bytes; on a larger disk the backup
+    /// moves to the end and sgdisk and the gpt crate both accept the result.
+    #[test]
+    fn encoding_matches_sgdisk_and_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.img");
+        let size = 64u64 << 20;
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let p = img.to_str().unwrap();
+        if sgdisk(&[
+            "-n1:2048:+8M",
+            "-t1:ef00",
+            "-c1:EFI system",
+            "-n3:0:+16M",
+            "-A3:set:2",
+            "-A3:set:60",
+            "-c3:data \u{e9}t\u{e9}",
+            "-n2:0:0",
+            p,
+        ])
+        .is_none()
+        {
+            eprintln!("skipping: sgdisk not installed");
+            return;
+        }
+        let original = std::fs::read(&img).unwrap();
+        let table = table_of(&img, size);
+        assert_eq!(table.partitions.len(), 3);
+
+        let same = encode(&table, size, 512, size).unwrap();
+        for (offset, bytes) in &same.writes {
+            let o = *offset as usize;
+            assert_eq!(
+                &original[o..o + bytes.len()],
+                &bytes[..],
+                "bytes at {offset}"
+            );
+        }
+
+        let bigger = dir.path().join("big.img");
+        let big = size + (16 << 20);
+        let f = std::fs::File::create(&bigger).unwrap();
+        f.set_len(big).unwrap();
+        let mut lba0 = original[..512].to_vec();
+        patch_protective_mbr(&mut lba0, big, 512);
+        f.write_all_at(&lba0, 0).unwrap();
+        for (offset, bytes) in encode(&table, big, 512, size).unwrap().writes {
+            f.write_all_at(&bytes, offset).unwrap();
+        }
+        let verify = sgdisk(&["-v", bigger.to_str().unwrap()]).unwrap();
+        assert!(verify.contains("No problems found"), "{verify}");
+        let regrown = table_of(&bigger, big);
+        assert_eq!(regrown.partitions, table.partitions);
+        assert_eq!(regrown.disk_guid, table.disk_guid);
+        assert_eq!(regrown.last_usable_lba, big / 512 - 34);
+    }
+}
