@@ -42,6 +42,18 @@ pub struct VolumeStats {
     pub chunks_reused: u64,
 }
 
+/// The workers or the index writer stopped early; their own error says why.
+#[derive(Debug)]
+struct WorkersStopped;
+
+impl std::fmt::Display for WorkersStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("capture workers stopped")
+    }
+}
+
+impl std::error::Error for WorkersStopped {}
+
 struct Work {
     seq: u64,
     data: Vec<u8>,
@@ -91,10 +103,12 @@ pub fn capture_volume(
         let collected = collector
             .join()
             .map_err(|_| anyhow!("index writer panicked"))?;
-        // A worker error explains a producer failure (closed channel), so report it first.
-        let header = collected?;
-        produced?;
-        Ok(header)
+        // The first cause wins: a read error from the producer, else a worker's error
+        // (which also closes the channels and so stops the producer).
+        match produced {
+            Err(e) if !e.is::<WorkersStopped>() => Err(e),
+            _ => collected,
+        }
     })?;
 
     let (header, writer) = header;
@@ -128,7 +142,7 @@ fn produce(
     let mut parent_batch = Vec::new();
     let mut parent_pos = 0usize;
     let mut overlap = Vec::new();
-    let closed = || anyhow!("capture workers stopped");
+    let closed = || anyhow::Error::new(WorkersStopped);
 
     let mut seq = 0u64;
     let mut start = 0u64;

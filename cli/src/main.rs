@@ -329,6 +329,8 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let plan = bkimg_restore::plan(&point, &req)?;
             if dry_run {
+                // Refuse now what the real restore would refuse.
+                bkimg_restore::check_targets(&point, &req)?;
                 if common.json {
                     out_json(&json!({ "id": point.manifest.id, "dry_run": true, "disks": plan }));
                 } else {
@@ -399,7 +401,10 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&repo)?;
             let (points, bad) = repo.points()?;
             for (id, e) in &bad {
-                eprintln!("bkimg: warning: restore point {id} is unreadable: {e}");
+                eprintln!(
+                    "bkimg: warning: restore point {id} is unreadable: {}",
+                    e.full_message()
+                );
             }
             if common.json {
                 let arr: Vec<_> = points.iter().map(point_summary).collect();
@@ -509,19 +514,21 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Result<()> {
-    let tmp = output.with_extension("partial");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .with_context(|| format!("creating {} (does it already exist?)", tmp.display()))?;
     if output.exists() {
-        let _ = std::fs::remove_file(&tmp);
         bail!(
             "{} already exists: choose another --output",
             output.display()
         );
     }
+    // Written under a hidden name beside the output and renamed when complete, so a
+    // killed export never leaves a file that looks finished.
+    let name = output
+        .file_name()
+        .context("--output must name a file")?
+        .to_string_lossy();
+    let tmp = output.with_file_name(format!(".{name}.bkimg-partial"));
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let bar = Bar::new(quiet);
     bkimg_capture::Progress::begin(&bar, "export", 0);
     let result = (|| -> Result<()> {

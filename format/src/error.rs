@@ -24,7 +24,8 @@ pub enum FormatError {
     #[error("{0}")]
     NotRepository(String),
 
-    #[error("{context}: {source}")]
+    /// `source` is printed by whoever prints the error chain, not by this message.
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -49,6 +50,18 @@ impl FormatError {
 
     pub fn missing(what: impl Into<String>) -> Self {
         FormatError::Missing { what: what.into() }
+    }
+
+    /// The message with its causes, for places that print one error on its own.
+    pub fn full_message(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
     }
 
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {

@@ -66,6 +66,9 @@ impl Repository {
             FormatError::Corrupt { detail, .. } => {
                 FormatError::corrupt(format!("manifest of restore point {id}"), detail)
             }
+            FormatError::Unsupported { detail, .. } => {
+                FormatError::unsupported(format!("restore point {id}"), detail)
+            }
             other => other,
         })?;
         if manifest.id != id {
@@ -100,8 +103,25 @@ impl Repository {
 
     /// Resolves "latest", a full id, or a unique id prefix.
     pub fn resolve(&self, spec: &str) -> Result<Point> {
-        let (points, _) = self.points()?;
+        let (points, bad) = self.points()?;
         if spec == "latest" {
+            // An unreadable manifest may be the newest: refuse rather than pick an older one.
+            if let Some((id, e)) = bad.into_iter().next() {
+                let note = format!(
+                    "; \"latest\" is ambiguous while {id} cannot be read: name a restore point"
+                );
+                return Err(match e {
+                    FormatError::Unsupported { what, detail } => FormatError::Unsupported {
+                        what,
+                        detail: detail + &note,
+                    },
+                    FormatError::Corrupt { what, detail } => FormatError::Corrupt {
+                        what,
+                        detail: detail + &note,
+                    },
+                    other => other,
+                });
+            }
             return points.into_iter().next_back().ok_or_else(|| {
                 FormatError::missing(format!("any restore point (in {})", self.location()))
             });

@@ -132,16 +132,35 @@ pub fn restore(
     req: &RestoreRequest,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    let mut created = Vec::new();
+    let result = restore_all(repo, point, req, progress, &mut created);
+    if result.is_err() {
+        // A file this restore created holds nothing usable: never leave it looking like an
+        // image. (Existing targets are not removed: they are the user's.)
+        for path in created {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+fn restore_all(
+    repo: &Repository,
+    point: &Point,
+    req: &RestoreRequest,
+    progress: &dyn Progress,
+    created: &mut Vec<PathBuf>,
+) -> Result<RestoreReport> {
     let plans = plan(point, req)?;
     let m = &point.manifest;
     let mut opened = Vec::new();
     for p in &plans {
         let disk = m.disks.iter().find(|d| d.name == p.disk).expect("planned");
-        let (need, create) = match &req.volume {
-            Some(_) => (p.volumes[0].size, Some(p.volumes[0].size)),
-            None => (disk.size, Some(disk.size)),
-        };
-        let target = Target::open(&PathBuf::from(&p.target), need, create)?;
+        let (need, sector) = need_of(disk, p, req);
+        let target = Target::open(&PathBuf::from(&p.target), need, Some(need), sector)?;
+        if target.fresh {
+            created.push(target.path.clone());
+        }
         opened.push((disk, p, target));
     }
     let total: u64 = plans.iter().flat_map(|p| &p.volumes).map(|v| v.size).sum();
@@ -197,6 +216,33 @@ pub fn restore(
     Ok(report)
 }
 
+/// Bytes a target needs, and the sector size it must have (a whole disk's partition table
+/// is only found on a device with the same sector size).
+fn need_of(disk: &Disk, plan: &DiskPlan, req: &RestoreRequest) -> (u64, Option<u32>) {
+    match &req.volume {
+        Some(_) => (plan.volumes[0].size, None),
+        None => (disk.size, Some(disk.logical_sector_size)),
+    }
+}
+
+/// Runs every check `restore` makes on the targets, without creating or writing anything
+/// (for `--dry-run`). Returns, per planned disk, whether its target would be created.
+pub fn check_targets(point: &Point, req: &RestoreRequest) -> Result<Vec<bool>> {
+    let plans = plan(point, req)?;
+    let mut created = Vec::new();
+    for p in &plans {
+        let disk = point
+            .manifest
+            .disks
+            .iter()
+            .find(|d| d.name == p.disk)
+            .expect("planned");
+        let (need, sector) = need_of(disk, p, req);
+        created.push(Target::check(&PathBuf::from(&p.target), need, sector)?);
+    }
+    Ok(created)
+}
+
 /// Reads the whole index (checking its digest) and checks each chunk is present.
 fn preflight(repo: &Repository, chunk_size: u32, v: &Volume) -> Result<()> {
     let Content::Data { index, .. } = &v.content else {
@@ -222,12 +268,17 @@ fn preflight(repo: &Repository, chunk_size: u32, v: &Volume) -> Result<()> {
         }
         for d in batch.iter() {
             if !d.is_hole() && !repo.store().has_chunk(d)? {
-                return Err(FormatError::missing(format!(
-                    "chunk {d} (volume {} at byte {})",
+                let at = format!(
+                    "volume {} at byte {}",
                     v.name,
                     entry * u64::from(chunk_size)
-                ))
-                .into());
+                );
+                // Present but damaged is not the same as missing: read it for the reason.
+                let (mut blob, mut plain) = (Vec::new(), Vec::new());
+                return Err(match repo.chunk(d, &mut blob, &mut plain) {
+                    Err(e) => anyhow::Error::from(e).context(at),
+                    Ok(()) => FormatError::missing(format!("chunk {d} ({at})")).into(),
+                });
             }
             entry += 1;
         }
@@ -447,6 +498,15 @@ pub fn match_targets(point: &Point, args: &[String]) -> Result<Vec<(String, Path
         };
         if seen.insert(disk.clone(), ()).is_some() {
             bail!("{disk} is named by more than one --target");
+        }
+        let same_path = out.iter().any(|(_, q): &(String, PathBuf)| {
+            q == &path || target::identity(q).is_some_and(|id| Some(id) == target::identity(&path))
+        });
+        if same_path {
+            return Err(target::TargetError::Duplicate {
+                path: path.display().to_string(),
+            }
+            .into());
         }
         out.push((disk, path));
     }

@@ -21,6 +21,10 @@ pub enum TargetError {
     InUse { path: String, why: String },
     #[error("target {path} is not a block device or regular file")]
     WrongKind { path: String },
+    #[error("target {path} has {have}-byte sectors but the disk was captured with {need}-byte sectors: its partition table would not be found; use a device with {need}-byte sectors or restore to an image file")]
+    SectorSize { path: String, have: u32, need: u32 },
+    #[error("{path} is named by more than one --target: each disk needs its own target")]
+    Duplicate { path: String },
     #[error("cannot open target {path}: {source}")]
     Open {
         path: String,
@@ -39,9 +43,51 @@ pub struct Target {
 }
 
 impl Target {
+    /// Checks `path` as [`Target::open`] would, without creating or writing anything.
+    /// Returns whether the target would be created.
+    pub fn check(path: &Path, need: u64, sector: Option<u32>) -> Result<bool, TargetError> {
+        let p = path.display().to_string();
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(source) => return Err(TargetError::Open { path: p, source }),
+        };
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.is_file() {
+            return Err(TargetError::WrongKind { path: p });
+        }
+        if is_block_device {
+            if let Some(why) = mounted(meta.rdev()) {
+                return Err(TargetError::InUse { path: p, why });
+            }
+            check_sector(&p, meta.rdev(), sector)?;
+        }
+        let size = File::open(path)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .map_err(|source| TargetError::Open {
+                path: p.clone(),
+                source,
+            })?;
+        if size < need {
+            return Err(TargetError::TooSmall {
+                path: p,
+                have: size,
+                need,
+                need_h: human(need),
+            });
+        }
+        Ok(false)
+    }
+
     /// Opens `path` for writing at least `need` bytes. A missing path becomes a new sparse
-    /// image file of `create_size` bytes (None: refuse to create).
-    pub fn open(path: &Path, need: u64, create_size: Option<u64>) -> Result<Target, TargetError> {
+    /// image file of `create_size` bytes (None: refuse to create). A block device must
+    /// have `sector`-byte logical sectors when given.
+    pub fn open(
+        path: &Path,
+        need: u64,
+        create_size: Option<u64>,
+        sector: Option<u32>,
+    ) -> Result<Target, TargetError> {
         let p = path.display().to_string();
         let open_err = |source| TargetError::Open {
             path: p.clone(),
@@ -82,6 +128,7 @@ impl Target {
             if let Some(why) = mounted(meta.rdev()) {
                 return Err(TargetError::InUse { path: p, why });
             }
+            check_sector(&p, meta.rdev(), sector)?;
         }
         // O_EXCL on a block device fails with EBUSY while it or a partition of it is
         // mounted or claimed by another exclusive opener (device-mapper, md, a mount).
@@ -117,6 +164,39 @@ impl Target {
             fresh: false,
         })
     }
+}
+
+fn check_sector(path: &str, rdev: u64, need: Option<u32>) -> Result<(), TargetError> {
+    let Some(need) = need else { return Ok(()) };
+    match sector_size(rdev) {
+        Some(have) if have != need => Err(TargetError::SectorSize {
+            path: path.to_string(),
+            have,
+            need,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Logical sector size of a block device from sysfs (partitions inherit the disk's).
+fn sector_size(rdev: u64) -> Option<u32> {
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    [dev.join("queue"), dev.join("../queue")]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(q.join("logical_block_size")).ok())
+        .and_then(|t| t.trim().parse().ok())
+}
+
+/// The identity of an existing path (device number for devices, inode for files), so two
+/// spellings of one target are recognised.
+pub fn identity(path: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(if m.file_type().is_block_device() {
+        (u64::MAX, m.rdev())
+    } else {
+        (m.dev(), m.ino())
+    })
 }
 
 fn libc_o_excl() -> i32 {

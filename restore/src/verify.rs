@@ -177,6 +177,6 @@ fn problem(
         volume: volume.map(str::to_string),
         offset,
         chunk: chunk.map(Digest::to_hex),
-        error: e.to_string(),
+        error: e.full_message(),
     }
 }

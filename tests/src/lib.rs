@@ -192,7 +192,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         .collect();
     entries.sort();
     for path in entries {
-        let rel = path.strip_prefix(root).expect("under root").display().to_string();
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .display()
+            .to_string();
         if rel == "lost+found" {
             continue;
         }
@@ -206,12 +210,19 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
             m.mtime_nsec()
         );
         if m.file_type().is_symlink() {
-            out.push(format!("{common} link={}", fs::read_link(&path).unwrap().display()));
+            out.push(format!(
+                "{common} link={}",
+                fs::read_link(&path).unwrap().display()
+            ));
         } else if m.is_dir() {
             out.push(format!("{common} dir"));
             walk(root, &path, out);
         } else {
-            out.push(format!("{common} size={} sha256={}", m.len(), sha256_file(&path)));
+            out.push(format!(
+                "{common} size={} sha256={}",
+                m.len(),
+                sha256_file(&path)
+            ));
         }
     }
 }

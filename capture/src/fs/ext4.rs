@@ -101,6 +101,8 @@ fn check_and_map(vol: &Region, info: &FsInfo) -> Result<UsedRanges, Bail> {
     }
     validate_descriptors(vol, &layout)?;
     let head = 0..2048u64.div_ceil(layout.block_size) * layout.block_size;
+    // Bytes after the filesystem's end belong to something else (an md superblock, say).
+    let tail = layout.blocks_count * layout.block_size..vol.len();
     let groups = GroupRuns {
         descs: DescReader::new(vol.clone(), layout.clone()),
         vol: vol.clone(),
@@ -108,7 +110,10 @@ fn check_and_map(vol: &Region, info: &FsInfo) -> Result<UsedRanges, Bail> {
         next_group: 0,
         runs: Vec::new().into_iter(),
     };
-    Ok(coalesce(std::iter::once(Ok(head)).chain(groups), vol.len()))
+    let ranges = std::iter::once(Ok(head))
+        .chain(groups)
+        .chain(std::iter::once(Ok(tail)));
+    Ok(coalesce(ranges, vol.len()))
 }
 
 #[derive(Clone, Debug)]

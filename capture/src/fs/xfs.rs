@@ -71,13 +71,15 @@ fn check_and_map(vol: &Region, info: &FsInfo) -> Result<UsedRanges, Bail> {
     if !log_is_clean(vol, &geo)? {
         return unsupported("log is not clean (mounted, crashed or frozen)");
     }
+    // Bytes after the filesystem's end belong to something else (an md superblock, say).
+    let tail = geo.dblocks * geo.block_size..vol.len();
     let runs = AgRuns {
         vol: vol.clone(),
         geo,
         next_ag: 0,
         walk: None,
     };
-    Ok(coalesce(runs, vol.len()))
+    Ok(coalesce(runs.chain(std::iter::once(Ok(tail))), vol.len()))
 }
 
 #[derive(Clone, Debug)]
