@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Read};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, Context, Result};
@@ -15,6 +16,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::progress::Progress;
 use crate::ranges::RangeCursor;
 use crate::region::Region;
+
+/// How far ahead of the reader the kernel is asked to read.
+const PREFETCH: u64 = 16 << 20;
 
 pub type RangeIter = Box<dyn Iterator<Item = io::Result<Range<u64>>> + Send>;
 
@@ -146,6 +150,7 @@ fn produce(
 
     let mut seq = 0u64;
     let mut start = 0u64;
+    let mut prefetched = 0u64;
     while start < size {
         let end = (start + cs).min(size);
         let parent_digest = match parent.as_mut() {
@@ -192,6 +197,16 @@ fn produce(
                 start = end;
                 continue;
             }
+        }
+        if start >= prefetched {
+            // Ask the kernel to read the next window ahead while this one is processed.
+            prefetched = start + PREFETCH;
+            let _ = nix::fcntl::posix_fadvise(
+                job.region.file().as_raw_fd(),
+                (job.region.offset() + start) as i64,
+                PREFETCH.min(size - start) as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
         }
         let mut data = vec![0u8; (end - start) as usize];
         job.region

