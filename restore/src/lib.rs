@@ -167,11 +167,7 @@ fn restore_all(
     progress.begin("check", total);
     for (disk, plan, _) in &opened {
         for vp in &plan.volumes {
-            let v = disk
-                .volumes
-                .iter()
-                .find(|v| v.name == vp.volume)
-                .expect("planned");
+            let v = planned_volume(disk, vp);
             preflight(repo, m.chunk_size, v).with_context(|| {
                 format!(
                     "restore point {} is not restorable ({} {})",
@@ -185,11 +181,7 @@ fn restore_all(
     progress.begin("restore", total);
     for (disk, plan, target) in &opened {
         for vp in &plan.volumes {
-            let v = disk
-                .volumes
-                .iter()
-                .find(|v| v.name == vp.volume)
-                .expect("planned");
+            let v = planned_volume(disk, vp);
             restore_volume(
                 repo,
                 v,
@@ -214,6 +206,14 @@ fn restore_all(
         }
     }
     Ok(report)
+}
+
+/// The manifest volume a plan entry was made from.
+fn planned_volume<'a>(disk: &'a Disk, vp: &VolumePlan) -> &'a Volume {
+    disk.volumes
+        .iter()
+        .find(|v| v.name == vp.volume)
+        .expect("plans are made from the manifest")
 }
 
 /// Bytes a target needs, and the sector size it must have (a whole disk's partition table

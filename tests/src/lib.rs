@@ -242,15 +242,90 @@ pub fn sparse_file(path: &Path, size: u64) {
         .expect("creating image");
 }
 
-/// Deterministic pseudo-random bytes (incompressible).
+pub const MIB: u64 = 1 << 20;
+/// bkimg's default chunk size.
+pub const CHUNK: u64 = 256 * 1024;
+
+/// Deterministic incompressible bytes, distinct per seed.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A raw image of noise that no partition-table probe mistakes for an MBR.
+pub fn noise_image(path: &Path, len: u64, seed: u64) -> Vec<u8> {
+    let mut data = noise(len as usize, seed);
+    data[510] = 0;
+    data[511] = 0;
+    fs::write(path, &data).expect("writing noise image");
+    data
+}
+
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for writing");
+    f.write_all_at(data, offset).expect("writing");
+    f.sync_all().expect("sync");
+}
+
+/// `bkimg capture --json --quiet ARGS...`, which must succeed.
+pub fn capture_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["capture", "--json", "--quiet"];
+    all.extend_from_slice(args);
+    bkimg_ok(&all).json()
+}
+
+/// `bkimg restore --repo REPO ID --target TARGET --quiet`, which must succeed.
+pub fn restore_to(repo: &Path, id: &str, target: &Path) {
+    bkimg_ok(&[
+        "restore",
+        "--repo",
+        p(repo),
+        id,
+        "--target",
+        p(target),
+        "--quiet",
+    ]);
+}
+
+/// `bkimg list --json` as a vector of restore points.
+pub fn list_json(repo: &Path) -> Vec<serde_json::Value> {
+    bkimg_ok(&["list", "--repo", p(repo), "--json"])
+        .json()
+        .as_array()
+        .expect("list --json gives an array")
+        .clone()
+}
+
+pub fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("not an unsigned number: {v}"))
+}
+
+/// Regular files below `dir`, recursively.
+pub fn count_files(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("reading dir") {
+            let e = e.expect("dir entry");
+            if e.file_type().expect("file type").is_dir() {
+                stack.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
 }

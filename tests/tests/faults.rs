@@ -2,6 +2,9 @@
 //! killed and starved captures, sources that vanish or change, directories that are not
 //! repositories.
 
+use bkimg_tests::{
+    capture_json as capture, count_files, list_json, noise, noise_image, u, CHUNK, MIB,
+};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,51 +16,6 @@ use bkimg_tests::{
 };
 use serde_json::Value;
 
-const MIB: u64 = 1 << 20;
-const CHUNK: u64 = 256 * 1024;
-
-/// Fast deterministic incompressible bytes (distinct per seed).
-fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// A raw image of noise that no partition-table probe mistakes for an MBR.
-fn noise_image(path: &Path, len: u64, seed: u64) -> Vec<u8> {
-    let mut data = noise_bytes(len as usize, seed);
-    data[510] = 0;
-    data[511] = 0;
-    fs::write(path, &data).expect("writing noise image");
-    data
-}
-
-fn capture(args: &[&str]) -> Value {
-    let mut all = vec!["capture", "--json", "--quiet"];
-    all.extend_from_slice(args);
-    bkimg_ok(&all).json()
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not an unsigned number: {v}"))
-}
-
-fn list_json(repo: &Path) -> Vec<Value> {
-    bkimg_ok(&["list", "--repo", p(repo), "--json"])
-        .json()
-        .as_array()
-        .expect("list --json gives an array")
-        .clone()
-}
-
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
@@ -65,22 +23,6 @@ fn entries(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn count_files(dir: &Path) -> usize {
-    let mut n = 0;
-    let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -163,7 +105,7 @@ fn corrupted_objects_are_reported_and_restore_writes_nothing() {
     let img = t.path().join("src.img");
     let good = t.path().join("good");
     // Half noise, half text: stored chunks of both kinds (plain and zstd).
-    let mut data = noise_bytes((4 * MIB) as usize, 41);
+    let mut data = noise((4 * MIB) as usize, 41);
     // Numbered lines: every chunk differs (no dedup), yet compresses well.
     let mut line = 0u64;
     while (data.len() as u64) < 8 * MIB {
@@ -479,7 +421,7 @@ fn missing_parent() {
         .write(true)
         .open(&img)
         .unwrap()
-        .write_all_at(&noise_bytes(4096, 62), 2 * MIB)
+        .write_all_at(&noise(4096, 62), 2 * MIB)
         .unwrap();
     let child = capture(&["--repo", p(&repo), "--parent", &parent, "--raw", p(&img)]);
     let child_id = child["id"].as_str().unwrap().to_string();
@@ -558,7 +500,7 @@ fn target_too_small_and_wrong_kinds() {
 
     // An existing file smaller than the disk.
     let small = t.path().join("small.img");
-    fs::write(&small, noise_bytes(MIB as usize, 72)).unwrap();
+    fs::write(&small, noise(MIB as usize, 72)).unwrap();
     let before = sha256_file(&small);
     let r = restore(p(&small), &[]);
     assert_eq!(r.code, 5, "{}", show(&r));
@@ -624,7 +566,7 @@ fn target_too_small_and_wrong_kinds() {
 
     // An unmounted block device without --yes, stdin not a terminal: refused, untouched.
     let devimg = t.path().join("dev.img");
-    fs::write(&devimg, noise_bytes((8 * MIB) as usize, 73)).unwrap();
+    fs::write(&devimg, noise((8 * MIB) as usize, 73)).unwrap();
     let dev_sha = sha256_file(&devimg);
     let lo = Loop::attach(&devimg, 0, None, false);
     let r = restore(&lo.dev, &[]);
@@ -928,7 +870,7 @@ fn unreadable_and_changing_sources() {
     let (r, in_time) = capture_while(&repo, &img, || {
         use std::io::Write;
         let mut f = fs::OpenOptions::new().append(true).open(&img).unwrap();
-        f.write_all(&noise_bytes(MIB as usize, 103)).unwrap();
+        f.write_all(&noise(MIB as usize, 103)).unwrap();
     });
     assert!(
         in_time,

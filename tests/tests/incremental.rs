@@ -1,84 +1,21 @@
 //! Incrementals: hash-diff against the parent's index, change maps (changed-blocks),
 //! falling back when a change map cannot be trusted, and deduplication across sources.
 
+use bkimg_tests::{
+    capture_json as capture, count_files, list_json, noise, noise_image, restore_to, u, write_at,
+    CHUNK, MIB,
+};
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bkimg_tests::{
     bkimg, bkimg_ok, p, sh, sh_status, sha256_file, sparse_file, tree_listing, Loop, Mount, TempDir,
 };
 use serde_json::Value;
 
-const MIB: u64 = 1 << 20;
-const CHUNK: u64 = 256 * 1024;
-
-/// Fast deterministic incompressible bytes (distinct per seed).
-fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// A raw image of noise that no partition-table probe mistakes for an MBR.
-fn noise_image(path: &Path, len: u64, seed: u64) {
-    let mut data = noise_bytes(len as usize, seed);
-    data[510] = 0;
-    data[511] = 0;
-    fs::write(path, data).expect("writing noise image");
-}
-
-fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open for writing");
-    f.write_all_at(data, offset).expect("write_at");
-    f.sync_all().expect("sync");
-}
-
-/// `bkimg capture --json --quiet ARGS...` that must succeed.
-fn capture(args: &[&str]) -> Value {
-    let mut all = vec!["capture", "--json", "--quiet"];
-    all.extend_from_slice(args);
-    bkimg_ok(&all).json()
-}
-
 fn disk0(v: &Value) -> &Value {
     &v["disks"][0]
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not an unsigned number: {v}"))
-}
-
-fn restore_to(repo: &Path, id: &str, target: &Path) {
-    bkimg_ok(&[
-        "restore",
-        "--repo",
-        p(repo),
-        id,
-        "--target",
-        p(target),
-        "--quiet",
-    ]);
-}
-
-fn list_json(repo: &Path) -> Vec<Value> {
-    bkimg_ok(&["list", "--repo", p(repo), "--json"])
-        .json()
-        .as_array()
-        .expect("list --json gives an array")
-        .clone()
 }
 
 /// Chunks touched by byte ranges after rounding them out to `block` bytes, as a change map does.
@@ -179,12 +116,12 @@ fn hash_diff_incremental_round_trip() {
         );
         let m = Mount::new(&lo.dev, "rw");
         let root = m.path();
-        fs::write(root.join("big.bin"), noise_bytes(24 * MIB as usize, 1)).unwrap();
+        fs::write(root.join("big.bin"), noise(24 * MIB as usize, 1)).unwrap();
         fs::create_dir(root.join("small")).unwrap();
         for i in 0..40u64 {
             fs::write(
                 root.join(format!("small/f{i:02}")),
-                noise_bytes(128 * 1024, 100 + i),
+                noise(128 * 1024, 100 + i),
             )
             .unwrap();
         }
@@ -213,8 +150,8 @@ fn hash_diff_incremental_round_trip() {
         let lo = Loop::attach(&disk, PART_OFFSET, Some(PART_SIZE), false);
         let m = Mount::new(&lo.dev, "rw");
         let root = m.path();
-        write_at(&root.join("big.bin"), 10 * MIB, &noise_bytes(512 * 1024, 2));
-        fs::write(root.join("added.bin"), noise_bytes(MIB as usize, 3)).unwrap();
+        write_at(&root.join("big.bin"), 10 * MIB, &noise(512 * 1024, 2));
+        fs::write(root.join("added.bin"), noise(MIB as usize, 3)).unwrap();
         fs::remove_file(root.join("small/f07")).unwrap();
         sh("sync", &[]);
         drop(m);
@@ -396,7 +333,7 @@ fn change_map_incremental_reads_only_changed() {
         (size - 10, 10),
     ];
     for (i, &(s, l)) in ranges.iter().enumerate() {
-        write_at(&img, s, &noise_bytes(l as usize, 1000 + i as u64));
+        write_at(&img, s, &noise(l as usize, 1000 + i as u64));
     }
     let map12 = t.path().join("12.map");
     changemap(&map12, size, generation, 1, 2, &ranges);
@@ -466,7 +403,7 @@ fn change_map_from_another_generation_falls_back() {
 
     // Generation A, snapshot 0 -> 1.
     let r1 = (3 * CHUNK + 5, 1000);
-    write_at(&img, r1.0, &noise_bytes(r1.1 as usize, 21));
+    write_at(&img, r1.0, &noise(r1.1 as usize, 21));
     let map_a1 = t.path().join("a1.map");
     changemap(&map_a1, size, gen_a, 0, 1, &[r1]);
     let a1 = establish_tracking(&repo, &img, &map_a1, gen_a, 1);
@@ -474,7 +411,7 @@ fn change_map_from_another_generation_falls_back() {
 
     // Generation A, snapshot 1 -> 2: continues exactly where the parent was taken.
     let r2 = (30 * CHUNK + 9, 2000);
-    write_at(&img, r2.0, &noise_bytes(r2.1 as usize, 22));
+    write_at(&img, r2.0, &noise(r2.1 as usize, 22));
     let map_a2 = t.path().join("a2.map");
     changemap(&map_a2, size, gen_a, 1, 2, &[r2]);
     let (a2, stderr) = capture_with_map(&repo, "latest", &map_a2, &img);
@@ -487,10 +424,10 @@ fn change_map_from_another_generation_falls_back() {
     // The next map is from generation B (the tracker lost its state): it cannot be
     // trusted, everything is read.
     let r3 = (40 * CHUNK + 77, 5000);
-    write_at(&img, r3.0, &noise_bytes(r3.1 as usize, 23));
+    write_at(&img, r3.0, &noise(r3.1 as usize, 23));
     // This change is NOT in map B: only a full read finds it.
     let hidden = (20 * CHUNK, 4096);
-    write_at(&img, hidden.0, &noise_bytes(hidden.1 as usize, 24));
+    write_at(&img, hidden.0, &noise(hidden.1 as usize, 24));
     let map_b = t.path().join("b.map");
     changemap(&map_b, size, gen_b, 2, 3, &[r3]);
     let (b, stderr) = capture_with_map(&repo, "latest", &map_b, &img);
@@ -554,7 +491,7 @@ fn change_map_from_another_generation_falls_back() {
     );
     // A file that is not a change map is refused.
     let junk = t.path().join("junk.map");
-    fs::write(&junk, noise_bytes(4096, 5)).unwrap();
+    fs::write(&junk, noise(4096, 5)).unwrap();
     let j = bkimg(&[
         "capture",
         "--quiet",
@@ -640,7 +577,7 @@ fn dedup_across_sources() {
 
     // Inside one source: an image whose second half repeats its first half stores half.
     let twice = t.path().join("twice.img");
-    let mut half = noise_bytes((size / 2) as usize, 32);
+    let mut half = noise((size / 2) as usize, 32);
     half[510] = 0;
     half[511] = 0;
     let mut data = half.clone();
@@ -670,20 +607,4 @@ fn dedup_across_sources() {
     let rt = t.path().join("rt.img");
     restore_to(&repo, tw["id"].as_str().unwrap(), &rt);
     assert_eq!(sha256_file(&rt), sha256_file(&twice));
-}
-
-fn count_files(dir: &Path) -> usize {
-    let mut n = 0;
-    let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                n += 1;
-            }
-        }
-    }
-    n
 }

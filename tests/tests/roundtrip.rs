@@ -3,6 +3,7 @@
 //! to image files and block devices, and check the result with the real tools again
 //! (sgdisk/sfdisk, fsck, blkid, mounted trees, mtools, byte comparisons of the gaps).
 
+use bkimg_tests::{restore_to as restore, write_at, MIB};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{chown, lchown, symlink, FileExt, PermissionsExt};
@@ -14,7 +15,6 @@ use bkimg_tests::{
 };
 use serde_json::Value;
 
-const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 
 /// Fixed swap identity: restore must recreate exactly this.
@@ -83,18 +83,6 @@ fn capture(repo: &Path, sources: &[&Path]) -> String {
     id
 }
 
-fn restore(repo: &Path, id: &str, target: &Path) {
-    bkimg_ok(&[
-        "restore",
-        "--repo",
-        p(repo),
-        id,
-        "--target",
-        p(target),
-        "--quiet",
-    ]);
-}
-
 fn verify_ok(repo: &Path) {
     let r = bkimg(&["verify", "--repo", p(repo), "--quiet"]);
     assert_eq!(
@@ -113,15 +101,6 @@ fn mtools(tool: &str, args: &[&str]) -> String {
 
 fn file_size(path: &Path) -> u64 {
     fs::metadata(path).expect("stat").len()
-}
-
-fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open for writing");
-    f.write_all_at(data, offset).expect("writing");
-    f.sync_all().expect("sync");
 }
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
