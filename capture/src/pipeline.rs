@@ -90,18 +90,23 @@ pub fn capture_volume(
     let workers = job.workers.max(1);
     let (work_tx, work_rx) = bounded::<Work>(workers * 4);
     let (done_tx, done_rx) = bounded::<Result<Done>>(workers * 8 + 64);
+    // Read buffers go back to the reader when a worker is done with them: allocating a
+    // fresh chunk-sized buffer each time costs an mmap and page faults per chunk.
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(workers * 6);
     let mut stats = VolumeStats::default();
 
     let header = std::thread::scope(|s| -> Result<_> {
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
+            let pool = pool_tx.clone();
             let (stored_new, chunks_new) = (&stored_new, &chunks_new);
-            s.spawn(move || worker(rx, tx, store, job.level, stored_new, chunks_new));
+            s.spawn(move || worker(rx, tx, pool, store, job.level, stored_new, chunks_new));
         }
         drop(work_rx);
         let collector = s.spawn(move || collect(done_rx, index, count));
-        let produced = produce(job, &work_tx, &done_tx, progress, &mut stats);
+        drop(pool_tx);
+        let produced = produce(job, &work_tx, &done_tx, &pool_rx, progress, &mut stats);
         drop(work_tx);
         drop(done_tx);
         let collected = collector
@@ -133,6 +138,7 @@ fn produce(
     job: VolumeJob,
     work: &Sender<Work>,
     done: &Sender<Result<Done>>,
+    pool: &Receiver<Vec<u8>>,
     progress: &dyn Progress,
     stats: &mut VolumeStats,
 ) -> Result<()> {
@@ -208,7 +214,9 @@ fn produce(
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
             );
         }
-        let mut data = vec![0u8; (end - start) as usize];
+        let mut data = pool.try_recv().unwrap_or_default();
+        data.clear();
+        data.resize((end - start) as usize, 0);
         job.region
             .read_exact_at(&mut data, start)
             .with_context(|| {
@@ -259,23 +267,26 @@ fn complement(start: u64, end: u64, inside: &[Range<u64>]) -> Vec<Range<u64>> {
 fn worker(
     rx: Receiver<Work>,
     tx: Sender<Result<Done>>,
+    pool: Sender<Vec<u8>>,
     store: &dyn StoreWrite,
     level: i32,
     stored_new: &AtomicU64,
     chunks_new: &AtomicU64,
 ) {
+    let mut blob = Vec::new();
     for w in rx {
         let result = (|| -> Result<Done> {
             let digest = Digest::of_chunk(&w.data);
             if digest.is_hole() || w.parent == Some(digest) || store.has_chunk(&digest)? {
                 return Ok(Done { seq: w.seq, digest });
             }
-            let blob = chunk::encode(&w.data, digest, level)?;
+            chunk::encode_into(&w.data, digest, level, &mut blob)?;
             store.put_chunk(&digest, &blob)?;
             stored_new.fetch_add(blob.len() as u64, Ordering::Relaxed);
             chunks_new.fetch_add(1, Ordering::Relaxed);
             Ok(Done { seq: w.seq, digest })
         })();
+        let _ = pool.try_send(w.data);
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;

@@ -1,5 +1,7 @@
 //! Chunk blobs: a 64-byte header and the (possibly zstd-compressed) plaintext.
 
+use std::cell::RefCell;
+
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
 use crate::{magic, MAX_CHUNK_SIZE};
@@ -79,18 +81,41 @@ impl ChunkHeader {
     }
 }
 
+thread_local! {
+    /// zstd contexts are costly to set up (hundreds of KiB); each thread keeps its own.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// Encodes a chunk: compresses with zstd at `level` (0 = store uncompressed) and keeps the
 /// compressed form only when it is smaller. `digest` must be `Digest::of_chunk(plain)`.
 pub fn encode(plain: &[u8], digest: Digest, level: i32) -> Result<Vec<u8>> {
+    let mut blob = Vec::new();
+    encode_into(plain, digest, level, &mut blob)?;
+    Ok(blob)
+}
+
+/// [`encode`] into a reused buffer (cleared first).
+pub fn encode_into(plain: &[u8], digest: Digest, level: i32, blob: &mut Vec<u8>) -> Result<()> {
     assert!(!plain.is_empty() && plain.len() <= MAX_CHUNK_SIZE as usize);
-    let mut blob = Vec::with_capacity(HEADER_LEN + plain.len());
+    blob.clear();
     blob.resize(HEADER_LEN, 0);
     let mut compression = Compression::None;
     if level != 0 {
         // Compress straight after the header; fall back to plain bytes if it did not help.
         let bound = zstd::zstd_safe::compress_bound(plain.len());
         blob.resize(HEADER_LEN + bound, 0);
-        let n = zstd::bulk::compress_to_buffer(plain, &mut blob[HEADER_LEN..], level)
+        let n = COMPRESSOR
+            .with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+                }
+                let (_, c) = slot.as_mut().expect("just set");
+                c.compress_to_buffer(plain, &mut blob[HEADER_LEN..])
+            })
             .map_err(|e| FormatError::io("compressing a chunk", e))?;
         if n < plain.len() {
             blob.truncate(HEADER_LEN + n);
@@ -109,7 +134,7 @@ pub fn encode(plain: &[u8], digest: Digest, level: i32) -> Result<Vec<u8>> {
         digest,
     };
     blob[..HEADER_LEN].copy_from_slice(&header.encode());
-    Ok(blob)
+    Ok(())
 }
 
 /// Decodes a blob into `out` (cleared first) and checks the plaintext against both the
@@ -139,7 +164,15 @@ pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<
         Compression::None => out.extend_from_slice(payload),
         Compression::Zstd => {
             out.resize(header.plain_len as usize, 0);
-            let n = zstd::bulk::decompress_to_buffer(payload, out.as_mut_slice())
+            let n = DECOMPRESSOR
+                .with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    let d = slot.as_mut().expect("just set");
+                    d.decompress_to_buffer(payload, out.as_mut_slice())
+                })
                 .map_err(|e| FormatError::corrupt(what(), format!("zstd: {e}")))?;
             if n != header.plain_len as usize {
                 return Err(FormatError::corrupt(
