@@ -43,8 +43,8 @@ pub struct Target {
 }
 
 impl Target {
-    /// Checks `path` as [`Target::open`] would, without creating or writing anything.
-    /// Returns whether the target would be created.
+    /// Every check [`Target::open`] makes before it writes: kind, mounts, sector size,
+    /// size. Creates and writes nothing. Returns whether the target would be created.
     pub fn check(path: &Path, need: u64, sector: Option<u32>) -> Result<bool, TargetError> {
         let p = path.display().to_string();
         let meta = match std::fs::metadata(path) {
@@ -93,12 +93,7 @@ impl Target {
             path: p.clone(),
             source,
         };
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(open_err(e)),
-        };
-        let Some(meta) = meta else {
+        if Self::check(path, need, sector)? {
             let size = create_size.ok_or_else(|| {
                 open_err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
@@ -119,17 +114,11 @@ impl Target {
                 is_block_device: false,
                 fresh: true,
             });
-        };
-        let is_block_device = meta.file_type().is_block_device();
-        if !is_block_device && !meta.is_file() {
-            return Err(TargetError::WrongKind { path: p });
         }
-        if is_block_device {
-            if let Some(why) = mounted(meta.rdev()) {
-                return Err(TargetError::InUse { path: p, why });
-            }
-            check_sector(&p, meta.rdev(), sector)?;
-        }
+        let is_block_device = std::fs::metadata(path)
+            .map_err(open_err)?
+            .file_type()
+            .is_block_device();
         // O_EXCL on a block device fails with EBUSY while it or a partition of it is
         // mounted or claimed by another exclusive opener (device-mapper, md, a mount).
         let mut opts = OpenOptions::new();
@@ -148,14 +137,6 @@ impl Target {
             }
         })?;
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        if size < need {
-            return Err(TargetError::TooSmall {
-                path: p,
-                have: size,
-                need,
-                need_h: human(need),
-            });
-        }
         Ok(Target {
             path: path.to_path_buf(),
             file,

@@ -1,8 +1,10 @@
 //! ext2/3/4 used-block map, read from the block bitmaps one group at a time.
 //!
 //! Everything the group bitmaps mark as allocated is used: data, metadata, journal,
-//! superblock backups, descriptors, bitmaps and inode tables. Groups whose bitmap we cannot
-//! trust (never initialised, bad checksum, count mismatch) are reported whole.
+//! superblock backups, descriptors, bitmaps and inode tables. A group whose bitmap was never
+//! initialised (BLOCK_UNINIT) has its used blocks derived from the layout, as the kernel
+//! does. Groups whose bitmap we cannot trust (bad checksum, count mismatch) are reported
+//! whole.
 
 use super::{
     coalesce, corrupt, crc16_update, crc32c_update, le16, le32, split_outcome, unsupported, Bail,
@@ -76,6 +78,9 @@ const RO_UNDERSTOOD: u32 = 0x1
 // 0x1 is INODE_UNINIT, which says nothing about blocks.
 const BG_BLOCK_UNINIT: u16 = 0x2;
 const DESC_CHECKSUM_OFF: usize = 0x1E;
+/// Largest flex_bg group we scan for metadata when deriving an uninitialised group's
+/// bitmap; above it such groups are reported whole.
+const MAX_FLEX_WINDOW: u64 = 1 << 16;
 
 /// See [`super::used_ranges`]. `info` must describe this volume (its UUID is rechecked).
 pub fn used_ranges(vol: &Region, info: &FsInfo) -> io::Result<Option<UsedRanges>> {
@@ -109,6 +114,7 @@ fn check_and_map(vol: &Region, info: &FsInfo) -> Result<UsedRanges, Bail> {
         layout,
         next_group: 0,
         runs: Vec::new().into_iter(),
+        window_meta: None,
     };
     let ranges = std::iter::once(Ok(head))
         .chain(groups)
@@ -141,6 +147,13 @@ struct Layout {
     flex_bg: bool,
     meta_bg: bool,
     first_meta_bg: u64,
+    /// s_reserved_gdt_blocks: kept after every descriptor table copy for online resize.
+    reserved_gdt_blocks: u64,
+    /// Inode table blocks per group; None when the inode geometry is odd.
+    inode_table_blocks: Option<u64>,
+    /// Groups whose metadata may be packed together (1 without flex_bg); None when too
+    /// many to scan.
+    flex_window: Option<u64>,
     sparse_super: bool,
     /// Groups holding superblock backups under sparse_super2.
     backup_groups: Option<[u64; 2]>,
@@ -223,6 +236,22 @@ impl Layout {
             return unsupported(format!("odd group descriptor size {desc_size}"));
         }
 
+        let inode_size = if rev_level == 0 {
+            128
+        } else {
+            u64::from(le16(sb, 0x58))
+        };
+        let inodes_per_group = u64::from(le32(sb, 0x28));
+        let inode_table_blocks =
+            (inode_size >= 128 && inode_size.is_power_of_two() && inode_size <= block_size)
+                .then(|| (inodes_per_group * inode_size).div_ceil(block_size));
+        let flex_bg = incompat & INCOMPAT_FLEX_BG != 0;
+        let flex_window = if flex_bg {
+            Some(1u64 << sb[0x174].min(63)).filter(|&w| w <= MAX_FLEX_WINDOW)
+        } else {
+            Some(1)
+        };
+
         let sparse_super2 = compat & COMPAT_SPARSE_SUPER2 != 0;
         Ok(Layout {
             block_size,
@@ -235,9 +264,16 @@ impl Layout {
             desc_size,
             descs_per_block: block_size / desc_size as u64,
             is_64bit,
-            flex_bg: incompat & INCOMPAT_FLEX_BG != 0,
+            flex_bg,
             meta_bg: incompat & INCOMPAT_META_BG != 0,
             first_meta_bg: u64::from(le32(sb, 0x104)),
+            reserved_gdt_blocks: if rev_level == 0 {
+                0
+            } else {
+                u64::from(le16(sb, 0xCE))
+            },
+            inode_table_blocks,
+            flex_window,
             sparse_super: ro_compat & RO_SPARSE_SUPER != 0,
             backup_groups: sparse_super2
                 .then(|| [u64::from(le32(sb, 0x24C)), u64::from(le32(sb, 0x250))]),
@@ -287,6 +323,38 @@ impl Layout {
             skip += 1;
         }
         (self.group_first_block(first) + skip, offset)
+    }
+
+    /// Blocks of `group` holding a superblock backup, descriptor table copy or reserved
+    /// descriptor blocks: the union of what the kernel (ext4_num_base_meta_clusters) and
+    /// e2fsprogs (ext2fs_reserve_super_and_bgd) count, as one run from the group's start.
+    fn backup_blocks(&self, group: u64) -> Range<u64> {
+        let first = self.group_first_block(group);
+        // 1 KiB blocks with bigalloc: group 0 starts at block 0, its superblock is block 1.
+        let sb = if group == 0 { self.sb_block() } else { first };
+        let has_super = self.has_super(group);
+        let count = if !self.meta_bg || group / self.descs_per_block < self.first_meta_bg {
+            if has_super {
+                let table = if self.meta_bg {
+                    self.first_meta_bg
+                } else {
+                    self.group_count.div_ceil(self.descs_per_block)
+                };
+                // The kernel adds the reserved blocks even with meta_bg; e2fsprogs does
+                // not. Taking the larger is safe: the free count check settles it.
+                1 + table + self.reserved_gdt_blocks
+            } else {
+                0
+            }
+        } else {
+            let pos = group % self.descs_per_block;
+            let has_desc = pos == 0 || pos == 1 || pos == self.descs_per_block - 1;
+            u64::from(has_super) + u64::from(has_desc)
+        };
+        if count == 0 {
+            return first..first;
+        }
+        first..(sb + count).min(self.blocks_count)
     }
 
     /// Last block of the primary descriptor table (without meta_bg placement).
@@ -365,6 +433,8 @@ fn cluster_ratio(log_block: u32, log_cluster: u32, bigalloc: bool) -> Result<u64
 #[derive(Debug)]
 struct Desc {
     block_bitmap: u64,
+    inode_bitmap: u64,
+    inode_table: u64,
     flags: u16,
     free_clusters: u64,
     bitmap_checksum: u32,
@@ -414,6 +484,8 @@ fn parse_descriptor(layout: &Layout, raw: &[u8]) -> Desc {
     let csum_hi = if wide { u32::from(le16(raw, 0x38)) } else { 0 };
     Desc {
         block_bitmap: (hi32(0x20) << 32) | u64::from(le32(raw, 0x00)),
+        inode_bitmap: (hi32(0x24) << 32) | u64::from(le32(raw, 0x04)),
+        inode_table: (hi32(0x28) << 32) | u64::from(le32(raw, 0x08)),
         flags: le16(raw, 0x12),
         free_clusters: (hi16(0x2C) << 16) | u64::from(le16(raw, 0x0C)),
         bitmap_checksum: (csum_hi << 16) | u32::from(le16(raw, 0x18)),
@@ -421,30 +493,33 @@ fn parse_descriptor(layout: &Layout, raw: &[u8]) -> Desc {
 }
 
 fn descriptor_checksum_ok(layout: &Layout, group: u64, raw: &[u8]) -> bool {
-    let stored = le16(raw, DESC_CHECKSUM_OFF);
+    descriptor_checksum(layout, group, raw).is_none_or(|c| c == le16(raw, DESC_CHECKSUM_OFF))
+}
+
+/// The checksum a descriptor should carry, None without descriptor checksums.
+fn descriptor_checksum(layout: &Layout, group: u64, raw: &[u8]) -> Option<u16> {
     let group_le = (group as u32).to_le_bytes();
     let after = DESC_CHECKSUM_OFF + 2;
-    match &layout.checksum {
-        Checksum::None => true,
+    Some(match &layout.checksum {
+        Checksum::None => return None,
         Checksum::Crc32c(seed) => {
             let crc = crc32c_update(*seed, &group_le);
             let crc = crc32c_update(crc, &raw[..DESC_CHECKSUM_OFF]);
             let crc = crc32c_update(crc, &[0, 0]);
             let crc = crc32c_update(crc, &raw[after..]);
-            crc as u16 == stored
+            crc as u16
         }
         Checksum::Crc16(uuid) => {
             let crc = crc16_update(!0, uuid);
             let crc = crc16_update(crc, &group_le);
             let crc = crc16_update(crc, &raw[..DESC_CHECKSUM_OFF]);
-            let crc = if layout.is_64bit {
+            if layout.is_64bit {
                 crc16_update(crc, &raw[after..])
             } else {
                 crc
-            };
-            crc == stored
+            }
         }
-    }
+    })
 }
 
 /// Checks every descriptor before the first range is produced, so a damaged table gives
@@ -484,6 +559,9 @@ struct GroupRuns {
     descs: DescReader,
     next_group: u64,
     runs: std::vec::IntoIter<Range<u64>>,
+    /// Metadata block runs (bitmaps, inode tables) of every group in one flex window,
+    /// keyed by window index; read when an uninitialised group of that window turns up.
+    window_meta: Option<(u64, Vec<Range<u64>>)>,
 }
 
 impl Iterator for GroupRuns {
@@ -526,14 +604,26 @@ impl GroupRuns {
                 "ext4: group {group} bitmap pointer changed"
             )));
         }
-        if desc.flags & BG_BLOCK_UNINIT != 0 {
-            return Ok(whole);
-        }
-        let bitmap = self.vol.read_vec(desc.block_bitmap * bs, bs as usize)?;
         let clusters = blocks.div_ceil(layout.cluster_ratio) as usize;
-        if !bitmap_trusted(layout, &desc, &bitmap, clusters) {
-            return Ok(whole);
-        }
+        let bitmap = if desc.flags & BG_BLOCK_UNINIT != 0 {
+            // Without group descriptor checksums the kernel ignores the flag and reads
+            // the on-disk bitmap; we just keep the group whole.
+            if matches!(layout.checksum, Checksum::None) {
+                return Ok(whole);
+            }
+            match self.uninit_bitmap(group, &desc) {
+                Ok(Some(bits)) => bits,
+                Ok(None) => return Ok(whole),
+                Err(b) => return Err(b.into_io("ext4")),
+            }
+        } else {
+            let bitmap = self.vol.read_vec(desc.block_bitmap * bs, bs as usize)?;
+            if !bitmap_trusted(layout, &desc, &bitmap, clusters) {
+                return Ok(whole);
+            }
+            bitmap
+        };
+        let layout = &self.layout;
         let end = first + blocks;
         let ratio = layout.cluster_ratio;
         Ok(runs_of_ones(&bitmap, clusters)
@@ -544,6 +634,62 @@ impl GroupRuns {
                 start * bs..stop * bs
             })
             .collect())
+    }
+}
+
+impl GroupRuns {
+    /// The cluster bitmap of a BLOCK_UNINIT group, built the way the kernel
+    /// (ext4_init_block_bitmap) and e2fsprogs (read_bitmaps) build it: superblock and
+    /// descriptor backups, plus the block/inode bitmaps and inode tables lying in this
+    /// group. Those are taken from every group of the flex window, not just this one.
+    /// None (report the group whole) when the geometry is odd or the count of used
+    /// clusters disagrees with the descriptor's free count. As the result holds at least
+    /// what the kernel marks, an equal count means it is exactly the kernel's bitmap.
+    fn uninit_bitmap(&mut self, group: u64, desc: &Desc) -> Result<Option<Vec<u8>>, Bail> {
+        let layout = &self.layout;
+        let (Some(table_blocks), Some(window)) = (layout.inode_table_blocks, layout.flex_window)
+        else {
+            return Ok(None);
+        };
+        let first = layout.group_first_block(group);
+        let blocks = layout.group_block_count(group);
+        let ratio = layout.cluster_ratio;
+        let clusters = blocks.div_ceil(ratio);
+        let mut bits = vec![0u8; clusters.div_ceil(8) as usize];
+        let mut mark = |run: Range<u64>| {
+            let start = run.start.max(first);
+            let stop = run.end.min(first + blocks);
+            if start < stop {
+                for c in (start - first) / ratio..=(stop - 1 - first) / ratio {
+                    bits[(c / 8) as usize] |= 1 << (c % 8);
+                }
+            }
+        };
+        mark(layout.backup_blocks(group));
+
+        let index = group / window;
+        if self.window_meta.as_ref().map(|w| w.0) != Some(index) {
+            let lo = index * window;
+            let hi = (lo + window).min(layout.group_count);
+            let mut runs = Vec::with_capacity(3 * (hi - lo) as usize);
+            for g in lo..hi {
+                let d = self.descs.get(g)?;
+                runs.push(d.block_bitmap..d.block_bitmap.saturating_add(1));
+                runs.push(d.inode_bitmap..d.inode_bitmap.saturating_add(1));
+                runs.push(d.inode_table..d.inode_table.saturating_add(table_blocks));
+            }
+            self.window_meta = Some((index, runs));
+        }
+        if let Some((_, runs)) = &self.window_meta {
+            runs.iter().cloned().for_each(&mut mark);
+        }
+        // This group's own metadata (always inside the window, but say so).
+        mark(desc.block_bitmap..desc.block_bitmap.saturating_add(1));
+        mark(desc.inode_bitmap..desc.inode_bitmap.saturating_add(1));
+        mark(desc.inode_table..desc.inode_table.saturating_add(table_blocks));
+
+        let free = count_zeros(&bits, clusters as usize) as u64;
+        Ok((free == desc.free_clusters).then_some(bits))
     }
 }
 
@@ -691,9 +837,10 @@ mod tests {
         dump
     }
 
-    /// Our map must equal dumpe2fs's allocated blocks in every initialised group and
-    /// cover uninitialised groups whole; returns how many groups were uninitialised.
-    fn assert_matches_dumpe2fs(image: &Path, ranges: &[Range<u64>]) -> usize {
+    /// Our map must equal dumpe2fs's allocated blocks in every group, initialised or not
+    /// (dumpe2fs derives an uninitialised group's bitmap from the layout, as we do).
+    /// Returns how many groups were uninitialised and how many blocks dumpe2fs counts used.
+    fn assert_matches_dumpe2fs(image: &Path, ranges: &[Range<u64>]) -> (usize, u64) {
         let dump = dumpe2fs(image);
         let bs = dump.block_size;
         // With bigalloc dumpe2fs names each free cluster by its first block.
@@ -711,6 +858,7 @@ mod tests {
         }
         assert!(ours[0], "block 0 (boot block / superblock) must be used");
         let mut uninit = 0;
+        let mut used = 0;
         for g in &dump.groups {
             let mut expected = vec![true; (g.last - g.first + 1) as usize];
             for &(a, b) in &g.free {
@@ -719,27 +867,21 @@ mod tests {
                 }
             }
             let actual = &ours[g.first as usize..=g.last as usize];
-            if g.block_uninit {
-                uninit += 1;
-                assert!(
-                    actual.iter().all(|&u| u),
-                    "uninit group at {} not whole",
-                    g.first
-                );
-            } else {
-                let diff: Vec<(u64, bool)> = (0..expected.len())
-                    .filter(|&i| actual[i] != expected[i])
-                    .map(|i| (g.first + i as u64, actual[i]))
-                    .take(10)
-                    .collect();
-                assert!(
-                    diff.is_empty(),
-                    "group at {} differs from dumpe2fs (block, ours): {diff:?}",
-                    g.first
-                );
-            }
+            uninit += usize::from(g.block_uninit);
+            used += expected.iter().filter(|&&u| u).count() as u64;
+            let diff: Vec<(u64, bool)> = (0..expected.len())
+                .filter(|&i| actual[i] != expected[i])
+                .map(|i| (g.first + i as u64, actual[i]))
+                .take(10)
+                .collect();
+            assert!(
+                diff.is_empty(),
+                "group at {} (uninit: {}) differs from dumpe2fs (block, ours): {diff:?}",
+                g.first,
+                g.block_uninit
+            );
         }
-        uninit
+        (uninit, used)
     }
 
     fn make_ext(tag: &str, mkfs: &str, args: &[&str], mib: u64) -> TempPath {
@@ -752,9 +894,16 @@ mod tests {
     }
 
     /// Build, fill, map, compare with dumpe2fs, copy only the map, fsck and compare files.
-    fn round_trip(tag: &str, mkfs: &str, args: &[&str], mib: u64, kind: FsKind) {
+    /// Returns the ranges and the used block count dumpe2fs reports (None when skipped).
+    fn round_trip(
+        tag: &str,
+        mkfs: &str,
+        args: &[&str],
+        mib: u64,
+        kind: FsKind,
+    ) -> Option<(Vec<Range<u64>>, u64)> {
         if !tools_available(&[mkfs, "dumpe2fs", "e2fsck", "blkid", "mount"]) {
-            return;
+            return None;
         }
         let img = make_ext(tag, mkfs, args, mib);
         let files = {
@@ -771,7 +920,7 @@ mod tests {
             Err(why) => panic!("{tag}: unsupported: {why:?}"),
         };
         assert_shape(&ranges, vol.len());
-        let uninit = assert_matches_dumpe2fs(img.path(), &ranges);
+        let (uninit, used) = assert_matches_dumpe2fs(img.path(), &ranges);
         eprintln!(
             "{tag}: {} ranges, {} of {} MiB used, {uninit} uninit groups",
             ranges.len(),
@@ -789,6 +938,102 @@ mod tests {
         );
         let m = mount(copy.path(), "ro");
         verify_files(m.dir(), &files);
+        Some((ranges, used))
+    }
+
+    /// A larger default ext4 has many BLOCK_UNINIT groups; they must not be read whole.
+    #[test]
+    fn ext4_large_sparse_uninit_groups() {
+        let mib = 6 << 10;
+        let Some((ranges, used)) = round_trip("ext4-6g", "mkfs.ext4", &[], mib, FsKind::Ext4)
+        else {
+            return;
+        };
+        let bs = 4096;
+        let mapped = total(&ranges);
+        // Our map equals dumpe2fs group by group; outside the groups only the head
+        // (inside group 0 here) and nothing past the end.
+        assert!(
+            mapped.abs_diff(used * bs) <= 2048,
+            "mapped {mapped} vs dumpe2fs {}",
+            used * bs
+        );
+        assert!(
+            mapped < (mib << 20) / 8,
+            "mapped {} MiB of {mib} MiB",
+            mapped >> 20
+        );
+    }
+
+    /// Layouts that put uninitialised groups in other places: bigalloc, sparse_super2,
+    /// small and large flex groups (metadata spilling over several groups).
+    #[test]
+    fn ext4_uninit_group_layouts() {
+        let cases: [(&str, &[&str], u64); 5] = [
+            (
+                "ext4-bigalloc-4g",
+                &["-O", "bigalloc", "-C", "16384"],
+                4 << 10,
+            ),
+            ("ext4-sparse2", &["-O", "sparse_super2"], 2 << 10),
+            (
+                "ext4-sparse2-1",
+                &["-O", "sparse_super2", "-E", "num_backup_sb=1"],
+                1 << 10,
+            ),
+            ("ext4-flex4-1k", &["-b", "1024", "-G", "4"], 256),
+            (
+                "ext4-flex64-1k",
+                &["-b", "1024", "-G", "64", "-i", "2048"],
+                512,
+            ),
+        ];
+        for (tag, args, mib) in cases {
+            round_trip(tag, "mkfs.ext4", args, mib, FsKind::Ext4);
+        }
+    }
+
+    /// An uninitialised group whose free count disagrees with its layout is reported
+    /// whole.
+    #[test]
+    fn uninit_group_with_wrong_free_count_is_whole() {
+        if !tools_available(&["mkfs.ext4"]) {
+            return;
+        }
+        let img = make_ext("ext4-uninit-count", "mkfs.ext4", &["-b", "4096"], 1024);
+        let vol = region(img.path());
+        let info = detect(&vol).unwrap().unwrap();
+        let layout = Layout::parse(&vol.read_vec(1024, 1024).unwrap(), vol.len())
+            .unwrap_or_else(|_| panic!("parse"));
+        let mut descs = DescReader::new(vol.clone(), layout.clone());
+        let group = (0..layout.group_count)
+            .find(|&g| {
+                let d = descs.get(g).unwrap_or_else(|_| panic!("desc"));
+                d.flags & BG_BLOCK_UNINIT != 0
+            })
+            .expect("an uninitialised group");
+        let bs = layout.block_size;
+        let span = layout.group_first_block(group) * bs
+            ..(layout.group_first_block(group) + layout.group_block_count(group)) * bs;
+        let covered = |ranges: &[Range<u64>]| {
+            ranges
+                .iter()
+                .any(|r| r.start <= span.start && r.end >= span.end)
+        };
+        let ranges = collect(used_ranges(&vol, &info).unwrap().unwrap());
+        assert!(!covered(&ranges), "group {group} whole before the patch");
+
+        let (block, offset) = layout.descriptor_location(group);
+        let pos = block * bs + offset as u64;
+        let mut raw = read_bytes(img.path(), pos, layout.desc_size);
+        let free = le16(&raw, 0x0C);
+        raw[0x0C..0x0E].copy_from_slice(&(free - 1).to_le_bytes());
+        let csum = descriptor_checksum(&layout, group, &raw).expect("checksums");
+        raw[DESC_CHECKSUM_OFF..DESC_CHECKSUM_OFF + 2].copy_from_slice(&csum.to_le_bytes());
+        patch(img.path(), pos, &raw);
+
+        let ranges = collect(used_ranges(&region(img.path()), &info).unwrap().unwrap());
+        assert!(covered(&ranges), "group {group} not whole after the patch");
     }
 
     #[test]
