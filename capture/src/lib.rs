@@ -202,65 +202,67 @@ fn capture_one(
         uuid: info.uuid.clone(),
         label: info.label.clone(),
     });
-    if let Some(info) = detected.as_ref().filter(|i| i.kind == fs::FsKind::Swap) {
-        progress.advance(planned.size);
-        return Ok(Volume {
-            name: planned.name.clone(),
-            role: planned.role,
-            partition: planned.partition,
-            offset: planned.offset,
-            size: planned.size,
-            filesystem,
-            content: Content::Swap {
+    let content = match detected.as_ref().filter(|i| i.kind == fs::FsKind::Swap) {
+        Some(info) => {
+            progress.advance(planned.size);
+            Content::Swap {
                 uuid: info.uuid.clone(),
                 label: info.label.clone(),
                 page_size: info.block_size.unwrap_or(4096),
-            },
-        });
-    }
-
-    let used = match (&detected, opts.raw) {
-        (Some(info), false) => fs::used_ranges(&region, info)?,
-        _ => None,
-    };
-    let mode = if used.is_some() { "used-blocks" } else { "raw" };
-    let parent_index = match parent_volume.map(|v| &v.content) {
-        Some(Content::Data { index, .. }) => {
-            let id = Digest::from_hex(index).ok_or_else(|| {
-                FormatError::corrupt("parent manifest", format!("bad index id {index:?}"))
-            })?;
-            let reader = repo.index(&id)?;
-            (reader.header().chunk_size == chunk_size
-                && reader.header().volume_size == planned.size)
-                .then_some(reader)
+            }
         }
-        _ => None,
+        None => {
+            let used = match (detected.as_ref(), opts.raw) {
+                (Some(info), false) => fs::used_ranges(&region, info)?,
+                _ => None,
+            };
+            let mode = if used.is_some() { "used-blocks" } else { "raw" };
+            let parent_index = match parent_volume.map(|v| &v.content) {
+                Some(Content::Data { index, .. }) => {
+                    let id = Digest::from_hex(index).ok_or_else(|| {
+                        FormatError::corrupt("parent manifest", format!("bad index id {index:?}"))
+                    })?;
+                    let reader = repo.index(&id)?;
+                    (reader.header().chunk_size == chunk_size
+                        && reader.header().volume_size == planned.size)
+                        .then_some(reader)
+                }
+                _ => None,
+            };
+            let changed = match (map, &parent_index) {
+                (Some(m), Some(_)) => Some(
+                    m.byte_ranges()
+                        .filter_map(|r| {
+                            let s = r.start.max(planned.offset);
+                            let e = r.end.min(planned.offset + planned.size);
+                            (s < e).then(|| s - planned.offset..e - planned.offset)
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            let job = VolumeJob {
+                region,
+                chunk_size,
+                used,
+                parent: parent_index,
+                changed,
+                level: opts.level,
+                workers: opts.workers,
+            };
+            let (index, stats) = capture_volume(job, store, progress)?;
+            report.bytes_read += stats.bytes_read;
+            report.bytes_stored_new += stats.bytes_stored_new;
+            report.chunks_new += stats.chunks_new;
+            Content::Data {
+                index: index.to_hex(),
+                mode: mode.to_string(),
+                bytes_read: stats.bytes_read,
+                bytes_data: stats.bytes_data,
+                bytes_stored_new: stats.bytes_stored_new,
+            }
+        }
     };
-    let changed = match (map, &parent_index) {
-        (Some(m), Some(_)) => Some(
-            m.byte_ranges()
-                .filter_map(|r| {
-                    let s = r.start.max(planned.offset);
-                    let e = r.end.min(planned.offset + planned.size);
-                    (s < e).then(|| s - planned.offset..e - planned.offset)
-                })
-                .collect(),
-        ),
-        _ => None,
-    };
-    let job = VolumeJob {
-        region,
-        chunk_size,
-        used,
-        parent: parent_index,
-        changed,
-        level: opts.level,
-        workers: opts.workers,
-    };
-    let (index, stats) = capture_volume(job, store, progress)?;
-    report.bytes_read += stats.bytes_read;
-    report.bytes_stored_new += stats.bytes_stored_new;
-    report.chunks_new += stats.chunks_new;
     Ok(Volume {
         name: planned.name.clone(),
         role: planned.role,
@@ -268,13 +270,7 @@ fn capture_one(
         offset: planned.offset,
         size: planned.size,
         filesystem,
-        content: Content::Data {
-            index: index.to_hex(),
-            mode: mode.to_string(),
-            bytes_read: stats.bytes_read,
-            bytes_data: stats.bytes_data,
-            bytes_stored_new: stats.bytes_stored_new,
-        },
+        content,
     })
 }
 

@@ -224,8 +224,7 @@ impl Repository {
     ) -> Result<()> {
         let io = |e| FormatError::io("writing the export file", e);
         let mut w = ExportWriter::new(out).map_err(io)?;
-        let mut blob = Vec::new();
-        let mut batch = Vec::new();
+        let (mut blob, mut plain, mut batch) = (Vec::new(), Vec::new(), Vec::new());
         for (_, _, index) in point.manifest.indexes() {
             let Some(index) = index else { continue };
             let mut entries = self.index(&index)?;
@@ -239,7 +238,6 @@ impl Repository {
                     }
                     self.store.read_chunk(d, &mut blob)?;
                     // Check before copying: an export must not carry damage silently.
-                    let mut plain = Vec::new();
                     chunk::decode_into(&blob, d, &mut plain)?;
                     w.add(ObjectKind::Chunk, *d, &blob).map_err(io)?;
                     progress(plain.len() as u64);

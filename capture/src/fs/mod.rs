@@ -239,7 +239,7 @@ pub(crate) fn array16(b: &[u8], off: usize) -> [u8; 16] {
 }
 
 const CRC32C_TABLE: [u32; 256] = reflected_table32(0x82F6_3B78);
-const CRC16_TABLE: [u16; 256] = reflected_table16(0xA001);
+const CRC16_TABLE: [u16; 256] = narrow(reflected_table32(0xA001));
 
 const fn reflected_table32(poly: u32) -> [u32; 256] {
     let mut table = [0u32; 256];
@@ -261,24 +261,16 @@ const fn reflected_table32(poly: u32) -> [u32; 256] {
     table
 }
 
-const fn reflected_table16(poly: u16) -> [u16; 256] {
-    let mut table = [0u16; 256];
+/// The reflected CRC-16 table is the 32-bit one for the same polynomial: with a 16-bit
+/// polynomial no bit above 15 is ever set.
+const fn narrow(table: [u32; 256]) -> [u16; 256] {
+    let mut out = [0u16; 256];
     let mut i = 0;
     while i < 256 {
-        let mut crc = i as u16;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ poly
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
+        out[i] = table[i] as u16;
         i += 1;
     }
-    table
+    out
 }
 
 /// CRC32C register update without the usual pre/post inversion, like Linux's `crc32c()`
