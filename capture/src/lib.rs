@@ -37,8 +37,11 @@ pub const DEFAULT_LEVEL: i32 = 3;
 
 pub struct CaptureOptions {
     pub sources: Vec<PathBuf>,
+    /// What to record as each disk's `source`, by position (None: the path read). A live
+    /// capture reads a snapshot image and records the device it is an image of.
+    pub source_names: Vec<Option<String>>,
     /// Change maps, one per source in order (None: read everything).
-    pub changed_blocks: Vec<Option<PathBuf>>,
+    pub changed_blocks: Vec<Option<ChangeSource>>,
     pub chunk_size: u32,
     pub level: i32,
     /// Store every byte (no filesystem allocation maps).
@@ -48,6 +51,15 @@ pub struct CaptureOptions {
     pub created: String,
     pub host: String,
     pub tool: String,
+}
+
+/// Where a source's change map comes from.
+pub enum ChangeSource {
+    /// A change map file (`capture --changed-blocks FILE`).
+    File(PathBuf),
+    /// A map already in memory (a live capture builds it from the tracker's table);
+    /// `label` names it in notes.
+    Map { map: ChangeMap, label: String },
 }
 
 /// How each disk's incremental was done, for the user.
@@ -60,6 +72,9 @@ pub struct DiskReport {
     pub bytes_read: u64,
     pub bytes_stored_new: u64,
     pub chunks_new: u64,
+    /// Why a change map was given but not used (the disk was read whole instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 pub struct CaptureResult {
@@ -75,6 +90,19 @@ pub fn capture(
     parent: Option<&Point>,
     opts: &CaptureOptions,
     progress: &dyn Progress,
+) -> Result<CaptureResult> {
+    capture_checked(repo, store, parent, opts, progress, &|| Ok(()))
+}
+
+/// [`capture`], with a last check before the commit: if `before_commit` fails, nothing is
+/// committed (a live capture checks that its snapshot stayed intact while it was read).
+pub fn capture_checked(
+    repo: &Repository,
+    store: &dyn StoreWrite,
+    parent: Option<&Point>,
+    opts: &CaptureOptions,
+    progress: &dyn Progress,
+    before_commit: &dyn Fn() -> Result<()>,
 ) -> Result<CaptureResult> {
     if opts.sources.is_empty() {
         bail!("no SOURCE given: name at least one disk, partition or image file");
@@ -97,13 +125,33 @@ pub fn capture(
     for (i, (source, plan)) in sources.iter().zip(plans).enumerate() {
         let name = format!("disk{i}");
         let parent_disk = parent.and_then(|p| p.manifest.disks.iter().find(|d| d.name == name));
-        let (map, use_map) = match opts.changed_blocks.get(i).cloned().flatten() {
-            Some(path) => {
-                let map = load_change_map(&path, source)?;
-                let usable = map_is_usable(&map, &path, parent.is_some(), parent_disk, progress);
-                (Some(map), usable)
+        let recorded_source = opts
+            .source_names
+            .get(i)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| source.path.display().to_string());
+        let (map, use_map, fallback) = match opts.changed_blocks.get(i).and_then(|c| c.as_ref()) {
+            Some(input) => {
+                let (map, label) = match input {
+                    ChangeSource::File(path) => {
+                        (load_change_map(path, source)?, path.display().to_string())
+                    }
+                    ChangeSource::Map { map, label } => {
+                        check_map_size(map, label, source)?;
+                        (map.clone(), label.clone())
+                    }
+                };
+                let why = map_unusable(&map, parent.is_some(), parent_disk);
+                if let Some(why) = &why {
+                    progress.note(&format!(
+                        "change map {label}: {why}: falling back to hash-diff"
+                    ));
+                }
+                let usable = parent_disk.is_some() && why.is_none();
+                (Some(map), usable, why)
             }
-            None => (None, false),
+            None => (None, false, None),
         };
         let mode = match (use_map, parent_disk) {
             (true, _) => "changed-blocks",
@@ -112,11 +160,12 @@ pub fn capture(
         };
         let mut report = DiskReport {
             disk: name.clone(),
-            source: source.path.display().to_string(),
+            source: recorded_source.clone(),
             mode: mode.to_string(),
             bytes_read: 0,
             bytes_stored_new: 0,
             chunks_new: 0,
+            fallback,
         };
         let mut volumes = Vec::new();
         for planned in &plan.volumes {
@@ -143,7 +192,7 @@ pub fn capture(
         source.check_size_unchanged()?;
         disks.push(Disk {
             name,
-            source: source.path.display().to_string(),
+            source: recorded_source,
             size: source.region.len(),
             logical_sector_size: source.logical_sector_size,
             table: plan.table.clone(),
@@ -172,6 +221,7 @@ pub fn capture(
         },
         disks,
     };
+    before_commit()?;
     store
         .commit_manifest(&manifest.id, &manifest.encode())
         .context("committing the restore point")?;
@@ -284,31 +334,30 @@ fn load_change_map(path: &std::path::Path, source: &Source) -> Result<ChangeMap>
         .with_context(|| format!("cannot read change map {}", path.display()))?;
     let map =
         ChangeMap::decode(&bytes).with_context(|| format!("change map {}", path.display()))?;
+    check_map_size(&map, &path.display().to_string(), source)?;
+    Ok(map)
+}
+
+fn check_map_size(map: &ChangeMap, label: &str, source: &Source) -> Result<()> {
     if map.device_size != source.region.len() {
         bail!(
-            "change map {} describes a {}-byte device but {} is {} bytes: wrong map for this source",
-            path.display(),
+            "change map {label} describes a {}-byte device but {} is {} bytes: wrong map for this source",
             map.device_size,
             source.path.display(),
             source.region.len()
         );
     }
-    Ok(map)
+    Ok(())
 }
 
-/// Whether a change map may replace reading: only when the parent disk was captured at
-/// exactly the tracker state the map starts from. Otherwise changes between the two could
-/// be missed, so capture reads everything (and still records the map's end state, so the
-/// next incremental can use its map).
-fn map_is_usable(
-    map: &ChangeMap,
-    path: &std::path::Path,
-    has_parent: bool,
-    parent_disk: Option<&Disk>,
-    progress: &dyn Progress,
-) -> bool {
+/// Why a change map may not replace reading (None: it may, or there is no parent to
+/// read less than). It may only when the parent disk was captured at exactly the tracker
+/// state the map starts from. Otherwise changes between the two could be missed, so
+/// capture reads everything (and still records the map's end state, so the next
+/// incremental can use its map).
+fn map_unusable(map: &ChangeMap, has_parent: bool, parent_disk: Option<&Disk>) -> Option<String> {
     let why = match parent_disk.map(|d| &d.tracking) {
-        None if !has_parent => return false, // a full capture: records the tracking state
+        None if !has_parent => return None, // a full capture: records the tracking state
         None => "the parent has no disk of this name".to_string(),
         Some(None) => "the parent recorded no tracking state".to_string(),
         Some(Some(t))
@@ -323,11 +372,151 @@ fn map_is_usable(
                 t.sequence
             )
         }
-        Some(Some(_)) => return true,
+        Some(Some(_)) => return None,
     };
-    progress.note(&format!(
-        "change map {}: {why}: falling back to hash-diff",
-        path.display()
-    ));
-    false
+    Some(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bkimg_format::store::LocalDir;
+    use std::io::{Seek, SeekFrom, Write};
+
+    fn opts(image: &std::path::Path, id: &str, map: Option<ChangeMap>) -> CaptureOptions {
+        CaptureOptions {
+            sources: vec![image.to_path_buf()],
+            source_names: vec![Some("/dev/vdb".into())],
+            changed_blocks: vec![map.map(|map| ChangeSource::Map {
+                map,
+                label: "of the test tracker".into(),
+            })],
+            chunk_size: 64 << 10,
+            level: 1,
+            raw: true,
+            workers: 2,
+            id: id.into(),
+            created: format!("2026-01-01T00:00:0{}Z", &id[1..]),
+            host: "test".into(),
+            tool: "test".into(),
+        }
+    }
+
+    fn map(generation: u8, from: u64, to: u64, ranges: Vec<(u64, u64)>) -> ChangeMap {
+        ChangeMap {
+            block_size: 65536,
+            device_size: 4 << 20,
+            generation: [generation; 16],
+            from_sequence: from,
+            to_sequence: to,
+            ranges,
+        }
+    }
+
+    /// A live capture's inputs: a recorded source name, maps in memory, and a last check
+    /// before the commit.
+    #[test]
+    fn recorded_names_maps_in_memory_and_the_commit_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let root = dir.path().join("repo");
+        let store = LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap();
+        let repo = Repository::new(Box::new(LocalDir::open(&root).unwrap()));
+
+        // Full: the map only records where tracking stands.
+        let full = capture(
+            &repo,
+            &store,
+            None,
+            &opts(&image, "p1", Some(map(7, 0, 1, vec![(0, 64)]))),
+            &Silent,
+        )
+        .unwrap();
+        let disk = &full.manifest.disks[0];
+        assert_eq!(disk.source, "/dev/vdb");
+        assert_eq!(full.reports[0].source, "/dev/vdb");
+        assert_eq!(full.reports[0].mode, "full");
+        assert_eq!(full.reports[0].fallback, None);
+        let t = disk.tracking.as_ref().unwrap();
+        assert_eq!(
+            (t.generation.as_str(), t.sequence),
+            ("07".repeat(16).as_str(), 1)
+        );
+
+        // Same generation, from the parent's sequence: only the named block is read.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.seek(SeekFrom::Start(3 * 65536)).unwrap();
+        f.write_all(&[0xAA; 100]).unwrap();
+        drop(f);
+        let parent = repo.resolve("p1").unwrap();
+        let inc = capture(
+            &repo,
+            &store,
+            Some(&parent),
+            &opts(&image, "p2", Some(map(7, 1, 2, vec![(3, 1)]))),
+            &Silent,
+        )
+        .unwrap();
+        assert_eq!(inc.reports[0].mode, "changed-blocks");
+        assert_eq!(inc.reports[0].bytes_read, 65536);
+        assert_eq!(inc.manifest.disks[0].tracking.as_ref().unwrap().sequence, 2);
+
+        // Another generation: read whole, and the report says why.
+        let parent = repo.resolve("p2").unwrap();
+        let other = capture(
+            &repo,
+            &store,
+            Some(&parent),
+            &opts(&image, "p3", Some(map(8, 0, 1, vec![]))),
+            &Silent,
+        )
+        .unwrap();
+        assert_eq!(other.reports[0].mode, "hash-diff");
+        assert!(other.reports[0]
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("generation"));
+        assert_eq!(
+            other.manifest.disks[0]
+                .tracking
+                .as_ref()
+                .unwrap()
+                .generation,
+            "08".repeat(16)
+        );
+
+        // A failing last check commits nothing.
+        let parent = repo.resolve("p3").unwrap();
+        let err = capture_checked(
+            &repo,
+            &store,
+            Some(&parent),
+            &opts(&image, "p4", None),
+            &Silent,
+            &|| bail!("snapshot failed"),
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("snapshot failed"));
+        assert_eq!(repo.points().unwrap().0.len(), 3);
+        assert!(repo.resolve("p4").is_err());
+
+        // A map of another device size is refused.
+        let mut wrong = map(8, 1, 2, vec![]);
+        wrong.device_size = 8 << 20;
+        assert!(capture(
+            &repo,
+            &store,
+            None,
+            &opts(&image, "p5", Some(wrong)),
+            &Silent
+        )
+        .is_err());
+    }
 }

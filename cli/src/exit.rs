@@ -1,6 +1,7 @@
 //! Exit codes (documented in docs/cli.md; they are API).
 
 use bkimg_format::FormatError;
+use bkimg_kmod::{ErrorKind, KmodError};
 use bkimg_restore::target::TargetError;
 
 pub const OK: i32 = 0;
@@ -17,6 +18,10 @@ pub const NOT_FOUND: i32 = 4;
 pub const TARGET_REFUSED: i32 = 5;
 /// Written by a newer bkimg (unknown version or feature).
 pub const UNSUPPORTED: i32 = 6;
+/// The tracker is not at the generation given: its table cannot be trusted.
+pub const STALE: i32 = 7;
+/// SIGINT or SIGTERM (the shell's code for a command killed by SIGINT).
+pub const INTERRUPTED: i32 = 130;
 
 /// The exit code for an error, from the first typed error in its chain.
 pub fn code_for(err: &anyhow::Error) -> i32 {
@@ -35,6 +40,19 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<Refused>().is_some() {
             return TARGET_REFUSED;
         }
+        if cause.downcast_ref::<Interrupted>().is_some() {
+            return INTERRUPTED;
+        }
+        if let Some(k) = cause.downcast_ref::<KmodError>() {
+            return match k.kind() {
+                ErrorKind::NotFound => NOT_FOUND,
+                ErrorKind::Refused => TARGET_REFUSED,
+                ErrorKind::Unsupported => UNSUPPORTED,
+                ErrorKind::Damaged => DAMAGED,
+                ErrorKind::Stale => STALE,
+                ErrorKind::NotLoaded | ErrorKind::Permission | ErrorKind::Other => FAILURE,
+            };
+        }
     }
     FAILURE
 }
@@ -51,9 +69,26 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// Stopped by SIGINT or SIGTERM before anything was committed.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted: nothing was committed (run the same command again)")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// A hint for errors a person can fix, appended to the message.
 pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
     for cause in err.chain() {
+        if let Some(k) = cause.downcast_ref::<KmodError>() {
+            if k.kind() == ErrorKind::Permission {
+                return Some("permission denied: run as root (the bksnap control device needs CAP_SYS_ADMIN)");
+            }
+        }
         let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
             cause.downcast_ref::<FormatError>().and_then(|f| match f {
                 FormatError::Io { source, .. } => Some(source),

@@ -3,13 +3,16 @@
 
 mod demo;
 mod exit;
+mod live;
 mod progress;
+mod snapshot;
+mod tracking;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bkimg_capture::CaptureOptions;
+use bkimg_capture::{CaptureOptions, ChangeSource};
 use bkimg_format::changemap::ChangeMap;
 use bkimg_format::manifest::{Content, Manifest, PartitionTable};
 use bkimg_format::repo::{Point, Repository};
@@ -74,8 +77,16 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
         #[command(flatten)]
+        live: live::LiveArgs,
+        #[command(flatten)]
         common: Common,
     },
+    /// Changed-block tracking of block devices (bksnap kernel module).
+    #[command(subcommand)]
+    Cbt(tracking::CbtCommand),
+    /// Live copy-on-write snapshots of block devices (bksnap kernel module).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Restore a restore point to disks or image files.
     Restore {
         #[arg(long)]
@@ -236,6 +247,7 @@ fn run(cli: Cli) -> Result<i32> {
             level,
             raw,
             threads,
+            live,
             common,
         } => {
             let chunk_size = chunk_kib
@@ -269,11 +281,12 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let bar = Bar::new(common.quiet || common.json);
             let started = std::time::Instant::now();
-            let opts = CaptureOptions {
+            let mut opts = CaptureOptions {
                 sources,
+                source_names: Vec::new(),
                 changed_blocks: changed_blocks
                     .iter()
-                    .map(|c| (c != "-").then(|| PathBuf::from(c)))
+                    .map(|c| (c != "-").then(|| ChangeSource::File(PathBuf::from(c))))
                     .collect(),
                 chunk_size,
                 level,
@@ -286,16 +299,20 @@ fn run(cli: Cli) -> Result<i32> {
                     .unwrap_or_default(),
                 tool: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
             };
-            let result =
-                bkimg_capture::capture(&reader, &store, parent_point.as_ref(), &opts, &bar);
+            let session = live::Session::start(&live, &mut opts, parent_point.as_ref(), &bar)?;
+            let result = match &session {
+                Some(s) => s.capture(&reader, &store, parent_point.as_ref(), &opts, &bar),
+                None => bkimg_capture::capture(&reader, &store, parent_point.as_ref(), &opts, &bar),
+            };
             bar.finish();
+            let live_report = session.map(live::Session::finish);
             let result = result?;
             let secs = started.elapsed().as_secs_f64();
             let m = &result.manifest;
             let read: u64 = result.reports.iter().map(|r| r.bytes_read).sum();
             let stored: u64 = result.reports.iter().map(|r| r.bytes_stored_new).sum();
             if common.json {
-                out_json(&json!({
+                let mut v = json!({
                     "id": m.id,
                     "parent": m.parent.as_ref().map(|p| &p.id),
                     "created": m.created,
@@ -303,7 +320,11 @@ fn run(cli: Cli) -> Result<i32> {
                     "bytes_read": read,
                     "bytes_stored_new": stored,
                     "disks": result.reports,
-                }));
+                });
+                if let Some(l) = live_report {
+                    v["live"] = l;
+                }
+                out_json(&v);
             } else {
                 for r in &result.reports {
                     eprintln!(
@@ -521,6 +542,8 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Demo { dir } => demo::run(&dir),
+        Command::Cbt(cmd) => tracking::run(cmd),
+        Command::Snapshot(cmd) => snapshot::run(cmd),
     }
 }
 

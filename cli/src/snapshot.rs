@@ -1,0 +1,565 @@
+//! `bkimg snapshot`: live copy-on-write snapshots of block devices (the bksnap module),
+//! and the store growth that `snapshot watch` and `capture --live` share.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bkimg_kmod::{
+    Control, ErrorKind, EventKind, SnapshotInfo, SnapshotOptions, SnapshotState, StoreFile,
+};
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::{exit, human, out, out_json, Common};
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Take one snapshot of DEVs at one instant: each gets a read-only image
+    /// /dev/bksnapID-N holding its content of that instant, until `snapshot destroy`.
+    Create {
+        /// Block devices (disks or partitions), 1 to 16.
+        #[arg(required = true, value_name = "DEV")]
+        devices: Vec<PathBuf>,
+        /// Difference store: a new file (not on btrfs/tmpfs) that receives the old data of
+        /// blocks written while the snapshot lives. Kept until `snapshot destroy --store`.
+        #[arg(long, value_name = "FILE")]
+        store: PathBuf,
+        /// Size of the store (e.g. 2G); rounded up to MiB.
+        #[arg(long, value_name = "SIZE")]
+        store_size: String,
+        /// Copy-on-write unit: a power of two from 4K to 1M (default 64K).
+        #[arg(long, value_name = "SIZE")]
+        chunk_size: Option<String>,
+        /// Do not freeze the filesystems: the images are only crash-consistent.
+        #[arg(long)]
+        no_freeze: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List snapshots.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show one snapshot: state, store use, devices and their images.
+    Info {
+        id: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// End a snapshot: its images disappear, its store is no longer used.
+    Destroy {
+        id: u64,
+        /// Also remove this store file (the one given to `snapshot create`).
+        #[arg(long, value_name = "FILE")]
+        store: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Wait for a snapshot's events: grow its store when it runs low, up to a limit;
+    /// report a failure. Ends when the snapshot fails or is destroyed.
+    Watch {
+        id: u64,
+        /// The snapshot's store file (as given to `snapshot create`).
+        #[arg(long, value_name = "FILE")]
+        store: PathBuf,
+        /// How much to add each time the store runs low (e.g. 1G).
+        #[arg(long, value_name = "SIZE")]
+        grow_by: String,
+        /// Never let the store file grow past this size.
+        #[arg(long, value_name = "SIZE")]
+        max_store: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+pub fn run(cmd: SnapshotCommand) -> Result<i32> {
+    match cmd {
+        SnapshotCommand::Create {
+            devices,
+            store,
+            store_size,
+            chunk_size,
+            no_freeze,
+            common,
+        } => {
+            let control = Control::open()?;
+            let size = parse_size(&store_size).context("--store-size")?;
+            let chunk_sectors = match chunk_size {
+                Some(c) => {
+                    let bytes = parse_size(&c).context("--chunk-size")?;
+                    if !bytes.is_power_of_two() || !(4096..=1 << 20).contains(&bytes) {
+                        bail!("--chunk-size must be a power of two from 4K to 1M");
+                    }
+                    (bytes / 512) as u32
+                }
+                None => 0,
+            };
+            let nums = devices
+                .iter()
+                .map(|d| Ok(bkimg_kmod::DevNum::of_block_device(d)?))
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(on) = store_overlaps(&store, &nums) {
+                eprintln!(
+                    "bkimg: note: the store {} is on {}, which is snapshotted: its image holds \
+                     the (empty) store file",
+                    store.display(),
+                    on.describe()
+                );
+            }
+            let mut file = StoreFile::create(&store, size)?;
+            let id = control.create(
+                &nums,
+                file.extents(),
+                SnapshotOptions {
+                    chunk_sectors,
+                    low_water_sectors: 0,
+                    no_freeze,
+                },
+            )?;
+            // The snapshot outlives this process; so does its store.
+            file.keep(true);
+            let info = control.info(id)?;
+            wait_for_images(&info)?;
+            if common.json {
+                let mut v = info_json(&info);
+                v["store"] = json!(store);
+                out_json(&v);
+            } else {
+                for d in &info.devs {
+                    eprintln!(
+                        "snapshot {id}: {} -> {} (read-only image)",
+                        d.dev.describe(),
+                        d.image_path.display()
+                    );
+                }
+                eprintln!(
+                    "store {} ({}); when done: bkimg snapshot destroy {id} --store {}",
+                    store.display(),
+                    human(file.size()),
+                    store.display()
+                );
+                out(&id.to_string());
+            }
+            Ok(exit::OK)
+        }
+        SnapshotCommand::List { common } => {
+            let control = Control::open()?;
+            let mut infos = Vec::new();
+            for id in control.snapshots()? {
+                match control.info(id) {
+                    Ok(i) => infos.push(i),
+                    // Destroyed between the list and the look.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if common.json {
+                out_json(&Value::Array(infos.iter().map(info_json).collect()));
+            } else {
+                out(&format!(
+                    "{:<6} {:<7} {:>10} {:>10}  DEVICES",
+                    "ID", "STATE", "STORE", "USED"
+                ));
+                for i in &infos {
+                    out(&format!(
+                        "{:<6} {:<7} {:>10} {:>10}  {}",
+                        i.id,
+                        state_name(i.state),
+                        human(i.store_sectors * 512),
+                        human(i.store_used_sectors * 512),
+                        i.devs
+                            .iter()
+                            .map(|d| format!("{}={}", dev_name(d.dev), d.image_path.display()))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ));
+                }
+            }
+            Ok(exit::OK)
+        }
+        SnapshotCommand::Info { id, common } => {
+            let control = Control::open()?;
+            let info = control.info(id)?;
+            if common.json {
+                out_json(&info_json(&info));
+            } else {
+                print_info(&info);
+            }
+            Ok(exit::OK)
+        }
+        SnapshotCommand::Destroy { id, store, common } => {
+            let control = Control::open()?;
+            control.destroy(id)?;
+            if let Some(path) = &store {
+                StoreFile::open(path)?.remove()?;
+            }
+            if common.json {
+                out_json(&json!({ "id": id, "destroyed": true, "store_removed": store }));
+            } else {
+                eprintln!("snapshot {id} destroyed");
+            }
+            Ok(exit::OK)
+        }
+        SnapshotCommand::Watch {
+            id,
+            store,
+            grow_by,
+            max_store,
+            common,
+        } => {
+            let control = Control::open()?;
+            let grow_by = parse_size(&grow_by).context("--grow-by")?;
+            let max = parse_size(&max_store).context("--max-store")?;
+            control.info(id)?;
+            let file = Mutex::new(Some(StoreFile::open(&store)?));
+            let mut grower = Grower::new(&control, id, &file, grow_by, max);
+            eprintln!(
+                "bkimg: watching snapshot {id} (Ctrl-C to stop watching; the snapshot stays)"
+            );
+            let end = loop {
+                match grower.step(Duration::from_secs(1)) {
+                    Step::Running => continue,
+                    end => break end,
+                }
+            };
+            let size = file
+                .lock()
+                .expect("store lock")
+                .as_ref()
+                .map_or(0, |f| f.size());
+            let (state, error) = match &end {
+                Step::Failed(why) => ("failed", Some(why.clone())),
+                _ => ("destroyed", None),
+            };
+            if common.json {
+                out_json(&json!({
+                    "id": id, "state": state, "error": error,
+                    "store_size": size, "store_grown": grower.grown,
+                }));
+            } else if error.is_none() {
+                eprintln!(
+                    "snapshot {id} was destroyed; store grown {} time(s)",
+                    grower.grown
+                );
+            }
+            match end {
+                Step::Failed(why) => bail!("{why}"),
+                _ => Ok(exit::OK),
+            }
+        }
+    }
+}
+
+/// "512M", "2G", "1GiB", "4096": bytes (binary units).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size such as 512M, 2G or 1073741824"))?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("{s:?}: unknown unit (use K, M, G or T)"),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|b| *b > 0)
+        .with_context(|| format!("{s:?} is not a usable size"))
+}
+
+fn state_name(s: SnapshotState) -> String {
+    match s {
+        SnapshotState::Active => "active".into(),
+        SnapshotState::Failed => "failed".into(),
+        SnapshotState::Unknown(n) => format!("state-{n}"),
+    }
+}
+
+fn dev_name(dev: bkimg_kmod::DevNum) -> String {
+    dev.path()
+        .map_or_else(|| dev.to_string(), |p| p.display().to_string())
+}
+
+/// Why a snapshot failed, in words.
+pub fn failure_text(info: &SnapshotInfo) -> String {
+    let cause = if info.error == -nix::libc::ENOSPC {
+        format!(
+            "its difference store ({}) was full",
+            human(info.store_sectors * 512)
+        )
+    } else {
+        format!(
+            "{}: a store or device I/O failed or took longer than 30 s",
+            info.error_text().unwrap_or_else(|| "unknown error".into())
+        )
+    };
+    format!(
+        "snapshot {} failed: {cause}; its images return errors from then on",
+        info.id
+    )
+}
+
+pub fn info_json(info: &SnapshotInfo) -> Value {
+    json!({
+        "id": info.id,
+        "state": state_name(info.state),
+        "error": info.error_text(),
+        "store_size": info.store_sectors * 512,
+        "store_used": info.store_used_sectors * 512,
+        "low_water": info.low_water_sectors * 512,
+        "chunk_size": u64::from(info.chunk_sectors) * 512,
+        "copied_chunks": info.copied_chunks,
+        "devices": info.devs.iter().map(|d| json!({
+            "device": d.dev.path(),
+            "dev": d.dev.to_string(),
+            "image": d.image_path,
+            "image_dev": d.image.to_string(),
+            "size": d.sectors * 512,
+            "generation": d.generation_hex(),
+            "sequence": d.sequence,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_info(info: &SnapshotInfo) {
+    out(&format!(
+        "snapshot {}: {}{}",
+        info.id,
+        state_name(info.state),
+        if info.state == SnapshotState::Failed {
+            format!(" ({})", failure_text(info))
+        } else {
+            String::new()
+        }
+    ));
+    out(&format!(
+        "  store  {} used of {} ({} chunks of {} copied; low-water mark {})",
+        human(info.store_used_sectors * 512),
+        human(info.store_sectors * 512),
+        info.copied_chunks,
+        human(u64::from(info.chunk_sectors) * 512),
+        human(info.low_water_sectors * 512)
+    ));
+    for d in &info.devs {
+        out(&format!(
+            "  {} -> {} ({}), generation {} snapshot {}",
+            d.dev.describe(),
+            d.image_path.display(),
+            human(d.sectors * 512),
+            d.generation_hex(),
+            d.sequence
+        ));
+    }
+}
+
+/// Waits (up to 10 s) until every image's device node exists and is that image.
+pub fn wait_for_images(info: &SnapshotInfo) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for d in &info.devs {
+        loop {
+            match bkimg_kmod::DevNum::of_block_device(&d.image_path) {
+                Ok(n) if n == d.image => break,
+                Ok(n) => bail!(
+                    "{} is device {n}, not the image {} of snapshot {}: remove the stale node",
+                    d.image_path.display(),
+                    d.image,
+                    info.id
+                ),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the image {} of snapshot {} (device {}) has no node in /dev: is \
+                         devtmpfs mounted or udev running?",
+                        d.image_path.display(),
+                        info.id,
+                        d.image
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How a watched snapshot is doing.
+pub enum Step {
+    Running,
+    Failed(String),
+    /// Destroyed.
+    Gone,
+}
+
+/// Grows a snapshot's store when it runs low, up to a limit.
+pub struct Grower<'a> {
+    control: &'a Control,
+    id: u64,
+    store: &'a Mutex<Option<StoreFile>>,
+    grow_by: u64,
+    max: u64,
+    pub grown: u64,
+    at_limit: bool,
+}
+
+impl<'a> Grower<'a> {
+    pub fn new(
+        control: &'a Control,
+        id: u64,
+        store: &'a Mutex<Option<StoreFile>>,
+        grow_by: u64,
+        max: u64,
+    ) -> Grower<'a> {
+        Grower {
+            control,
+            id,
+            store,
+            grow_by,
+            max,
+            grown: 0,
+            at_limit: false,
+        }
+    }
+
+    /// Waits up to `timeout` for an event, then acts. Events of every snapshot share one
+    /// queue in the module and each goes to one waiter, so another watcher may take ours:
+    /// the snapshot's state is also read every time, and the store grown when its free
+    /// space is at or below the low-water mark, event or not.
+    pub fn step(&mut self, timeout: Duration) -> Step {
+        match self.control.wait_event(timeout) {
+            Ok(Some(ev)) if ev.snapshot_id == self.id && ev.kind == EventKind::LowSpace => {
+                self.grow()
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("bkimg: warning: {e}");
+                std::thread::sleep(timeout);
+            }
+        }
+        match self.control.info(self.id) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Step::Gone,
+            Err(e) => {
+                eprintln!("bkimg: warning: {e}");
+                Step::Running
+            }
+            Ok(info) if info.state == SnapshotState::Failed => Step::Failed(failure_text(&info)),
+            Ok(info) => {
+                let free = info.store_sectors.saturating_sub(info.store_used_sectors);
+                if free <= info.low_water_sectors {
+                    self.grow();
+                }
+                Step::Running
+            }
+        }
+    }
+
+    fn grow(&mut self) {
+        let mut guard = self.store.lock().expect("store lock");
+        let Some(file) = guard.as_mut() else { return };
+        let room = self.max.saturating_sub(file.size());
+        if room < bkimg_kmod::STORE_ALIGN {
+            if !self.at_limit {
+                eprintln!(
+                    "bkimg: warning: the store of snapshot {} is running low and at its limit \
+                     ({}); the snapshot fails if it fills up",
+                    self.id,
+                    human(file.size())
+                );
+                self.at_limit = true;
+            }
+            return;
+        }
+        let by = self.grow_by.min(room);
+        let added = file
+            .grow(by)
+            .map_err(anyhow::Error::from)
+            .and_then(|extents| Ok(self.control.store_add(self.id, &extents)?));
+        match added {
+            Ok(()) => {
+                self.grown += 1;
+                eprintln!(
+                    "bkimg: store of snapshot {} grown to {} ({})",
+                    self.id,
+                    human(file.size()),
+                    file.path().display()
+                );
+            }
+            Err(e) => {
+                // Not again: growing failed for a reason more tries will not fix.
+                eprintln!(
+                    "bkimg: warning: cannot grow the store of snapshot {}: {e:#}",
+                    self.id
+                );
+                self.max = file.size();
+                self.at_limit = true;
+            }
+        }
+    }
+}
+
+/// Runs a freeze hook: `sh -c CMD`, its output on stderr (stdout is for results).
+pub fn run_hook(what: &str, cmd: &str, devices: &[PathBuf]) -> Result<()> {
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+    let list = devices
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let status = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("BKIMG_HOOK", what)
+        .env("BKIMG_DEVICES", list)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(stderr))
+        .status()
+        .with_context(|| format!("cannot run the {what} command {cmd:?}"))?;
+    if !status.success() {
+        bail!("the {what} command {cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Whether `path` lives on one of `devices` (or on a partition of a disk among them, or
+/// the disk of a partition among them).
+pub fn store_overlaps(path: &Path, devices: &[bkimg_kmod::DevNum]) -> Option<bkimg_kmod::DevNum> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let holder = bkimg_kmod::DevNum::holding(dir).ok()?;
+    devices
+        .iter()
+        .copied()
+        .find(|d| *d == holder || d.whole_disk() == holder || holder.whole_disk() == *d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64KB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_size("10B").unwrap(), 10);
+        for bad in ["", "G", "0", "1X", "-1G", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}
