@@ -107,10 +107,14 @@ impl Events {
         self.cv.notify_all();
     }
 
-    fn wait(&self, timeout_ms: u32) -> Result<uapi::EventArg> {
+    /// Takes the oldest event (of snapshot `id`, or of any if 0), waiting for one.
+    fn wait(&self, timeout_ms: u32, id: u64) -> Result<uapi::EventArg> {
         let mut q = self.queue.lock();
         let mut left = kernel::time::msecs_to_jiffies(timeout_ms);
-        while q.len == 0 {
+        loop {
+            if let Some(ev) = q.take(id) {
+                return Ok(ev);
+            }
             if left == 0 {
                 return Ok(uapi::EventArg { kind: uapi::EVENT_NONE, ..Default::default() });
             }
@@ -120,10 +124,20 @@ impl Events {
                 kernel::sync::CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
             }
         }
-        let ev = q.items[q.head];
-        q.head = (q.head + 1) % EVENT_SLOTS;
-        q.len -= 1;
-        Ok(ev)
+    }
+}
+
+impl EventQueue {
+    fn take(&mut self, id: u64) -> Option<uapi::EventArg> {
+        let pos = (0..self.len)
+            .find(|i| id == 0 || self.items[(self.head + i) % EVENT_SLOTS].snapshot_id == id)?;
+        let ev = self.items[(self.head + pos) % EVENT_SLOTS];
+        // Close the gap: later events move up one place.
+        for i in pos..self.len - 1 {
+            self.items[(self.head + i) % EVENT_SLOTS] = self.items[(self.head + i + 1) % EVENT_SLOTS];
+        }
+        self.len -= 1;
+        Some(ev)
     }
 }
 
@@ -167,11 +181,11 @@ fn write<T: kernel::types::AsBytes>(arg: usize, value: &T) -> Result {
 }
 
 /// Reads `count` structures from a user array.
-fn read_array<T: kernel::types::FromBytes>(ptr: u64, count: u32) -> Result<KVec<T>> {
+fn read_array<T: kernel::types::FromBytes>(ptr: u64, count: u32) -> Result<KVVec<T>> {
     let size = core::mem::size_of::<T>();
     let mut reader: UserSliceReader =
         UserSlice::new(ptr as UserPtr, size * count as usize).reader();
-    let mut out = KVec::with_capacity(count as usize, GFP_KERNEL)?;
+    let mut out = KVVec::with_capacity(count as usize, GFP_KERNEL)?;
     for _ in 0..count {
         out.push(reader.read::<T>()?, GFP_KERNEL)?;
     }
@@ -192,14 +206,17 @@ fn remove_at<T>(v: &mut KVec<T>, pos: usize) -> Result<T> {
     taken.ok_or(EINVAL)
 }
 
-fn tracker_info(t: &Tracker, out: &mut uapi::TrackerArg) {
+/// Fills the output fields; returns the table if asked for.
+fn tracker_info(t: &Tracker, out: &mut uapi::TrackerArg, with_table: bool) -> Result<Option<KVVec<u8>>> {
+    let (generation, sequence, table) = t.state(with_table)?;
     out.block_size = t.block_size();
     out.device_sectors = t.sectors;
     out.blocks = t.blocks();
-    out.generation = t.generation();
-    out.sequence = t.sequence();
+    out.generation = generation;
+    out.sequence = sequence;
     out.writes = t.writes();
     out.snapshot_id = t.snapshot().map_or(0, |d| d.shared.id);
+    Ok(table)
 }
 
 impl State {
@@ -229,8 +246,8 @@ impl State {
                 if ev.kind != 0 || ev.reserved0 != 0 || !uapi::zero(&ev.reserved) {
                     return Err(EINVAL);
                 }
-                let timeout = ev.timeout_ms;
-                ev = self.events.wait(timeout)?;
+                let (timeout, id) = (ev.timeout_ms, ev.snapshot_id);
+                ev = self.events.wait(timeout, id)?;
                 ev.timeout_ms = timeout;
                 write(arg, &ev)
             }
@@ -265,7 +282,7 @@ impl State {
         let t = Tracker::attach(a.major, a.minor, a.block_size, saved)?;
         inner.trackers.push(t.clone(), GFP_KERNEL)?;
         drop(inner);
-        tracker_info(&t, &mut a);
+        tracker_info(&t, &mut a, false)?;
         write(arg, &a)
     }
 
@@ -293,10 +310,10 @@ impl State {
         // Detached first, then saved: no write can fall between the table and the end of
         // tracking. If the copy fails the table is lost, which only costs a full read.
         t.detach();
-        tracker_info(&t, &mut a);
-        if save {
+        let table = tracker_info(&t, &mut a, save)?;
+        if let Some(table) = table {
             let mut w = UserSlice::new(a.table_ptr as UserPtr, a.table_len as usize).writer();
-            t.copy_table(&mut w)?;
+            Tracker::copy_table(&table, &mut w)?;
         }
         write(arg, &a)
     }
@@ -307,13 +324,14 @@ impl State {
             return Err(EINVAL);
         }
         let t = self.inner.lock().tracker(a.major, a.minor).ok_or(ENOENT)?;
-        tracker_info(&t, &mut a);
-        if a.table_ptr != 0 {
-            if a.table_len < t.blocks() {
-                return Err(EINVAL);
-            }
+        if a.table_ptr != 0 && a.table_len < t.blocks() {
+            return Err(EINVAL);
+        }
+        let with_table = a.table_ptr != 0;
+        let table = tracker_info(&t, &mut a, with_table)?;
+        if let Some(table) = table {
             let mut w = UserSlice::new(a.table_ptr as UserPtr, a.table_len as usize).writer();
-            t.copy_table(&mut w)?;
+            Tracker::copy_table(&table, &mut w)?;
         }
         write(arg, &a)
     }
@@ -336,7 +354,7 @@ impl State {
         let mut w = UserSlice::new(l.ptr as UserPtr, n * size).writer();
         for t in trackers.iter().take(n) {
             let mut a = uapi::TrackerArg { major: t.major, minor: t.minor, ..Default::default() };
-            tracker_info(t, &mut a);
+            tracker_info(t, &mut a, false)?;
             w.write(&a)?;
         }
         l.count = trackers.len() as u32;
@@ -348,8 +366,8 @@ impl State {
         if m.count == 0 || m.count > uapi::MAX_MARK_RANGES || m.reserved0 != 0 || m.reserved != 0 {
             return Err(EINVAL);
         }
-        let ranges: KVec<uapi::Range> = read_array(m.ranges_ptr, m.count)?;
-        let mut pairs = KVec::with_capacity(ranges.len(), GFP_KERNEL)?;
+        let ranges: KVVec<uapi::Range> = read_array(m.ranges_ptr, m.count)?;
+        let mut pairs = KVVec::with_capacity(ranges.len(), GFP_KERNEL)?;
         for r in ranges.iter() {
             pairs.push((r.sector, r.sectors), GFP_KERNEL)?;
         }
@@ -374,13 +392,13 @@ impl State {
             n if n.is_power_of_two() && (8..=2048).contains(&n) => n,
             _ => return Err(EINVAL),
         };
-        let devs: KVec<uapi::DevNum> = read_array(c.devs_ptr, c.dev_count)?;
+        let devs: KVVec<uapi::DevNum> = read_array(c.devs_ptr, c.dev_count)?;
         for (i, a) in devs.iter().enumerate() {
             if devs[i + 1..].iter().any(|b| a.major == b.major && a.minor == b.minor) {
                 return Err(EINVAL);
             }
         }
-        let extents: KVec<uapi::Extent> = read_array(c.store_ptr, c.store_count)?;
+        let extents: KVVec<uapi::Extent> = read_array(c.store_ptr, c.store_count)?;
         let store = snapshot::open_extents(&extents)?;
         let total: u64 = extents.iter().map(|e| e.sectors).sum();
         let low_water = if c.low_water_sectors == 0 { total / 4 } else { c.low_water_sectors };
@@ -404,6 +422,9 @@ impl State {
                 }
                 trackers.push(t, GFP_KERNEL)?;
             }
+            // Room for the new snapshot now: nothing may fail after activation but the
+            // image disks, which are undone.
+            inner.snapshots.reserve(1, GFP_KERNEL)?;
             let id = inner.next_id;
             inner.next_id += 1;
             id
@@ -527,10 +548,10 @@ impl State {
         {
             return Err(EINVAL);
         }
-        let extents: KVec<uapi::Extent> = read_array(a.store_ptr, a.store_count)?;
+        let extents: KVVec<uapi::Extent> = read_array(a.store_ptr, a.store_count)?;
         let store = snapshot::open_extents(&extents)?;
         let shared = self.inner.lock().snapshot(a.id).ok_or(ENOENT)?.shared.clone();
-        shared.add_extents(store)
+        shared.add_extents(store, &extents)
     }
 }
 

@@ -29,6 +29,7 @@
 
 /* Implemented in Rust (bksnap.rs). */
 int bksnap_rs_write(void *tracker, u64 sector, u64 sectors, bool may_block);
+void bksnap_rs_mark(void *tracker, u64 sector, u64 sectors);
 long bksnap_rs_ioctl(void *state, unsigned int cmd, unsigned long arg);
 int bksnap_rs_image_read(void *image, void *bio, u64 sector, u64 sectors);
 
@@ -42,7 +43,8 @@ void bksnap_c_bdev_close(void *file);
 u64 bksnap_c_bdev_sectors(void *file);
 u32 bksnap_c_bdev_block_size(void *file);
 int bksnap_c_bdev_freeze(void *file);
-int bksnap_c_bdev_thaw(void *file);
+void bksnap_c_bdev_thaw(void *file);
+void bksnap_c_mark_written(void *file, u64 sector, u64 sectors);
 void bksnap_c_queue_freeze(void *file);
 void bksnap_c_queue_unfreeze(void *file);
 int bksnap_c_rw(void *file, u64 sector, void *buf, u32 len, bool write, u32 timeout_ms);
@@ -96,16 +98,12 @@ struct bksnap_hit {
 	u64 sectors;
 };
 
-static int bksnap_match(struct bio *bio, struct bksnap_hit *hits)
+static int bksnap_match_range(struct block_device *bdev, u64 start, u64 sectors,
+			      struct bksnap_hit *hits)
 {
-	struct block_device *bdev = bio->bi_bdev;
-	u64 start = bio->bi_iter.bi_sector;
-	u64 end;
+	u64 end = start + sectors;
 	int i, n = 0;
 
-	if (!bio_flagged(bio, BIO_REMAPPED) && bdev_is_partition(bdev))
-		start += bdev->bd_start_sect;
-	end = start + bio_sectors(bio);
 	for (i = 0; i < BKSNAP_SLOTS; i++) {
 		struct bksnap_slot *s = &slots[i];
 		u64 lo, hi;
@@ -122,6 +120,36 @@ static int bksnap_match(struct bio *bio, struct bksnap_hit *hits)
 		n++;
 	}
 	return n;
+}
+
+static int bksnap_match(struct bio *bio, struct bksnap_hit *hits)
+{
+	struct block_device *bdev = bio->bi_bdev;
+	u64 start = bio->bi_iter.bi_sector;
+
+	if (!bio_flagged(bio, BIO_REMAPPED) && bdev_is_partition(bdev))
+		start += bdev->bd_start_sect;
+	return bksnap_match_range(bdev, start, bio_sectors(bio), hits);
+}
+
+/*
+ * The module's own writes (to a difference store) skip the hook; a store on a tracked
+ * device still marks the blocks it wrote as changed (no copy-on-write: the store must
+ * never copy itself).
+ */
+void bksnap_c_mark_written(void *file, u64 sector, u64 sectors)
+{
+	struct block_device *bdev = file_bdev(file);
+	struct bksnap_hit hits[BKSNAP_SLOTS];
+	int i, n, idx;
+
+	if (bdev_is_partition(bdev))
+		sector += bdev->bd_start_sect;
+	idx = srcu_read_lock(&bksnap_srcu);
+	n = bksnap_match_range(bdev, sector, sectors, hits);
+	for (i = 0; i < n; i++)
+		bksnap_rs_mark(slots[hits[i].slot].tracker, hits[i].sector, hits[i].sectors);
+	srcu_read_unlock(&bksnap_srcu, idx);
 }
 
 static bool bksnap_modifies(struct bio *bio)
@@ -334,14 +362,45 @@ u32 bksnap_c_bdev_block_size(void *file)
 	return bdev_logical_block_size(file_bdev(file));
 }
 
+/*
+ * Freezes the filesystem on the device and, for a whole disk, those on its partitions
+ * (freezing a disk does not reach filesystems on its partitions).
+ */
 int bksnap_c_bdev_freeze(void *file)
 {
-	return bdev_freeze(file_bdev(file));
+	struct block_device *bdev = file_bdev(file);
+	struct block_device *part;
+	unsigned long idx;
+	int ret;
+
+	ret = bdev_freeze(bdev);
+	if (ret || bdev_is_partition(bdev))
+		return ret;
+	xa_for_each_start(&bdev->bd_disk->part_tbl, idx, part, 1) {
+		ret = bdev_freeze(part);
+		if (ret) {
+			unsigned long failed = idx;
+
+			xa_for_each_range(&bdev->bd_disk->part_tbl, idx, part, 1, failed - 1)
+				bdev_thaw(part);
+			bdev_thaw(bdev);
+			return ret;
+		}
+	}
+	return 0;
 }
 
-int bksnap_c_bdev_thaw(void *file)
+void bksnap_c_bdev_thaw(void *file)
 {
-	return bdev_thaw(file_bdev(file));
+	struct block_device *bdev = file_bdev(file);
+	struct block_device *part;
+	unsigned long idx;
+
+	if (!bdev_is_partition(bdev)) {
+		xa_for_each_start(&bdev->bd_disk->part_tbl, idx, part, 1)
+			bdev_thaw(part);
+	}
+	bdev_thaw(bdev);
 }
 
 void bksnap_c_queue_freeze(void *file)

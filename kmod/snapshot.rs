@@ -26,6 +26,8 @@ const IO_TIMEOUT_MS: u32 = 30_000;
 pub(crate) const DEFAULT_CHUNK_SECTORS: u32 = 128;
 
 pub(crate) struct StoreExtent {
+    major: u32,
+    minor: u32,
     file: BdevFile,
     sector: u64,
     sectors: u64,
@@ -156,20 +158,29 @@ impl Shared {
         out.created_ns = self.created_ns;
     }
 
-    /// Adds store space; re-arms the low-space event.
-    pub(crate) fn add_extents(&self, extents: KVec<Arc<StoreExtent>>) -> Result {
+    /// Adds store space (extents that overlap none already in the store); re-arms the
+    /// low-space event.
+    pub(crate) fn add_extents(&self, extents: KVec<Arc<StoreExtent>>, list: &[uapi::Extent]) -> Result {
         if self.failed() {
             return Err(EIO);
         }
         let mut store = self.store.lock();
+        for old in store.extents.iter() {
+            if list.iter().any(|e| {
+                e.major == old.major
+                    && e.minor == old.minor
+                    && e.sector < old.sector + old.sectors
+                    && old.sector < e.sector + e.sectors
+            }) {
+                return Err(EINVAL);
+            }
+        }
         store.extents.reserve(extents.len(), GFP_KERNEL)?;
         for e in extents {
             store.total += e.sectors;
             store.extents.push(e, GFP_KERNEL)?;
         }
-        if store.total - store.used > store.low_water {
-            store.low_reported = false;
-        }
+        store.low_reported = false;
         Ok(())
     }
 
@@ -205,7 +216,13 @@ pub(crate) fn open_extents(list: &[uapi::Extent]) -> Result<KVec<Arc<StoreExtent
         if e.sector.checked_add(e.sectors).map_or(true, |end| end > file.sectors()) {
             return Err(EINVAL);
         }
-        out.push(Arc::new(StoreExtent { file, sector: e.sector, sectors: e.sectors }, GFP_KERNEL)?, GFP_KERNEL)?;
+        out.push(
+            Arc::new(
+                StoreExtent { major: e.major, minor: e.minor, file, sector: e.sector, sectors: e.sectors },
+                GFP_KERNEL,
+            )?,
+            GFP_KERNEL,
+        )?;
     }
     // No two extents of one device may overlap: the store would overwrite itself.
     for (i, a) in list.iter().enumerate() {
@@ -341,6 +358,7 @@ impl SnapDev {
         let mut buf = IoBuffer::new(len)?;
         self.tracker.file.rw(start, &mut buf, len, false, IO_TIMEOUT_MS)?;
         ext.file.rw(loc.sector, &mut buf, len, true, IO_TIMEOUT_MS)?;
+        ext.file.mark_written(loc.sector, sectors);
         let mut map = self.map.lock();
         for i in 0..n {
             let at = Loc { extent: loc.extent, sector: loc.sector + i * chunk_sectors };

@@ -22,7 +22,8 @@ extern "C" {
     fn bksnap_c_bdev_sectors(file: *mut c_void) -> u64;
     fn bksnap_c_bdev_block_size(file: *mut c_void) -> u32;
     fn bksnap_c_bdev_freeze(file: *mut c_void) -> i32;
-    fn bksnap_c_bdev_thaw(file: *mut c_void) -> i32;
+    fn bksnap_c_bdev_thaw(file: *mut c_void);
+    fn bksnap_c_mark_written(file: *mut c_void, sector: u64, sectors: u64);
     fn bksnap_c_queue_freeze(file: *mut c_void);
     fn bksnap_c_queue_unfreeze(file: *mut c_void);
     fn bksnap_c_rw(
@@ -145,6 +146,12 @@ impl BdevFile {
     pub(crate) fn thaw(&self) {
         // SAFETY: as above. Thawing what was not frozen fails harmlessly.
         unsafe { bksnap_c_bdev_thaw(self.0) };
+    }
+
+    /// Tells the trackers of this device that the module itself wrote the range.
+    pub(crate) fn mark_written(&self, sector: u64, sectors: u64) {
+        // SAFETY: as above.
+        unsafe { bksnap_c_mark_written(self.0, sector, sectors) };
     }
 
     pub(crate) fn freeze_queue(&self) {
@@ -351,6 +358,13 @@ extern "C" fn bksnap_rs_write(tracker: *const c_void, sector: u64, sectors: u64,
     // slot removal waits for; the tracker outlives its slot.
     let tracker = unsafe { &*tracker.cast::<Tracker>() };
     tracker.write(sector, sectors, may_block)
+}
+
+#[no_mangle]
+extern "C" fn bksnap_rs_mark(tracker: *const c_void, sector: u64, sectors: u64) {
+    // SAFETY: as for `bksnap_rs_write`.
+    let tracker = unsafe { &*tracker.cast::<Tracker>() };
+    tracker.mark_written(sector, sectors);
 }
 
 #[no_mangle]

@@ -150,16 +150,8 @@ impl Tracker {
         self.table.len() as u64
     }
 
-    pub(crate) fn sequence(&self) -> u64 {
-        self.sequence.load(Ordering::Acquire)
-    }
-
     pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn generation(&self) -> [u8; 16] {
-        *self.generation.lock()
     }
 
     pub(crate) fn snapshot(&self) -> Option<Arc<SnapDev>> {
@@ -197,6 +189,13 @@ impl Tracker {
             dev.copy_on_write(sector, sectors);
         }
         0
+    }
+
+    /// Marks a range the module itself wrote (a difference store on this device).
+    pub(crate) fn mark_written(&self, sector: u64, sectors: u64) {
+        if sectors > 0 && sector < self.sectors {
+            self.mark(sector, sectors);
+        }
     }
 
     fn mark(&self, sector: u64, sectors: u64) {
@@ -246,16 +245,27 @@ impl Tracker {
         *self.snap.lock() = None;
     }
 
-    /// Writes the table (one byte per block) to userspace.
-    pub(crate) fn copy_table(&self, out: &mut UserSliceWriter) -> Result {
-        let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
-        for chunk in self.table.chunks(4096) {
-            for (o, b) in buf.iter_mut().zip(chunk) {
-                *o = b.load(Ordering::Relaxed);
-            }
-            out.write_slice(&buf[..chunk.len()])?;
+    /// The generation, the active sequence and (if asked) the table, read together: a
+    /// reset (new generation) cannot fall between them. The table is copied to a kernel
+    /// buffer first (no user page fault while the lock is held).
+    pub(crate) fn state(&self, with_table: bool) -> Result<([u8; 16], u64, Option<KVVec<u8>>)> {
+        let mut table = None;
+        if with_table {
+            table = Some(KVVec::with_capacity(self.table.len(), GFP_KERNEL)?);
         }
-        Ok(())
+        let generation = self.generation.lock();
+        let sequence = self.sequence.load(Ordering::Acquire);
+        if let Some(buf) = table.as_mut() {
+            for b in self.table.iter() {
+                buf.push(b.load(Ordering::Relaxed), GFP_KERNEL)?;
+            }
+        }
+        Ok((*generation, sequence, table))
+    }
+
+    /// Writes a table from [`Tracker::state`] to userspace.
+    pub(crate) fn copy_table(table: &[u8], out: &mut UserSliceWriter) -> Result {
+        out.write_slice(table)
     }
 }
 

@@ -63,7 +63,7 @@ step "capture --live twice: the second reads only what changed"
     --json "$dev" >"$dir/smoke.json"
 grep -q "\"source\": \"$dev\"" "$dir/smoke.json" || fail "live capture records $dev"
 dd if=/dev/urandom of="$dev" bs=64K count=1 seek=100 conv=fsync 2>/dev/null
-"$bkimg" capture --repo "$repo" --live --parent latest --store "$dir/smoke-c.store" \
+"$bkimg" capture --repo "$repo" --live --parent latest --store "$dir/smoke-c.store" --store-size 64M \
     --json "$dev" >"$dir/smoke.json"
 grep -q '"mode": "changed-blocks"' "$dir/smoke.json" || fail "second capture: changed-blocks"
 ls "$dir"/smoke-*.store 2>/dev/null && fail "store files left behind"
