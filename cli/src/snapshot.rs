@@ -430,12 +430,12 @@ impl<'a> Grower<'a> {
         }
     }
 
-    /// Waits up to `timeout` for an event, then acts. Events of every snapshot share one
-    /// queue in the module and each goes to one waiter, so another watcher may take ours:
-    /// the snapshot's state is also read every time, and the store grown when its free
-    /// space is at or below the low-water mark, event or not.
+    /// Waits up to `timeout` for an event of this snapshot, then acts. The snapshot's
+    /// state is also read every time, and the store grown when its free space is at or
+    /// below the low-water mark, event or not (an event dropped from a full queue is not
+    /// missed).
     pub fn step(&mut self, timeout: Duration) -> Step {
-        match self.control.wait_event(timeout) {
+        match self.control.wait_event(timeout, self.id) {
             Ok(Some(ev)) if ev.snapshot_id == self.id && ev.kind == EventKind::LowSpace => {
                 self.grow()
             }

@@ -83,6 +83,9 @@ consistent() { # STRIDE N FILE...  (files: seqs of each device, in writer order)
 cleanup() {
     touch /tmp/stop
     for m in /mnt/r2 /mnt/r /mnt/fs; do grep -q " $m " /proc/mounts && umount "$m"; done
+    grep -q " /mnt/st " /proc/mounts && fsfreeze --unfreeze /mnt/st 2>/dev/null
+    for m in /mnt/st2 /mnt/st; do grep -q " $m " /proc/mounts && umount "$m"; done
+    losetup -d /dev/loop1 2>/dev/null
     losetup -d /dev/loop0 2>/dev/null
     for id in $(bkimg snapshot list --json 2>/dev/null | tr -d '\n ' | sed 's/"id":/\n/g' | sed -n 's/^\([0-9][0-9]*\).*/\1/p'); do
         bkimg snapshot destroy "$id" >/dev/null 2>&1
@@ -396,6 +399,36 @@ t_stacked_loop() {
     bkimg cbt detach /dev/vdb >/dev/null
 }
 
+t_store_hang() {
+    # A store whose writes hang (its device is a loop device over a file on a frozen
+    # filesystem): after the module's 30 s limit the snapshot fails; the write to the
+    # original device completes and holds its data.
+    mkfs.ext4 -q -F /dev/vdc >/dev/null
+    mkdir -p /mnt/st /mnt/st2
+    mount -t ext4 /dev/vdc /mnt/st || return 1
+    dd if=/dev/zero of=/mnt/st/backing bs=1M count=96 2>/dev/null
+    losetup /dev/loop1 /mnt/st/backing || return 1
+    mkfs.ext4 -q -F /dev/loop1 >/dev/null
+    mount -t ext4 /dev/loop1 /mnt/st2 || return 1
+    pattern q 4 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    id=$(bkimg snapshot create /dev/vdb --store /mnt/st2/h.store --store-size 32M) || die "create" || return 1
+    sync
+    fsfreeze --freeze /mnt/st || die "fsfreeze" || return 1
+    start=$(cut -d. -f1 /proc/uptime)
+    pattern r 4 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    took=$(($(cut -d. -f1 /proc/uptime) - start))
+    info=$(bkimg snapshot info "$id" --json)
+    fsfreeze --unfreeze /mnt/st
+    bkimg snapshot destroy "$id" --store /mnt/st2/h.store >/dev/null
+    umount /mnt/st2
+    losetup -d /dev/loop1
+    umount /mnt/st
+    log "the write waited $took s; snapshot $(echo "$info" | jget state): $(echo "$info" | jget error)"
+    [ "$(echo "$info" | jget state)" = failed ] || die "the snapshot did not fail" || return 1
+    [ "$(dd if=/dev/vdb bs=1M count=4 2>/dev/null | sha256sum)" = "$(pattern r 4 | sha256sum)" ] \
+        || die "the device does not hold what was written"
+}
+
 t_unload_reload() {
     rmmod bksnap || die "rmmod with nothing attached failed" || return 1
     insmod /root/bksnap.ko || die "insmod again failed" || return 1
@@ -406,7 +439,7 @@ t_smoke() {
     sh /root/smoke.sh /dev/vdb /repo
 }
 
-ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload unload_busy stacked_loop smoke unload_reload"
+ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload unload_busy stacked_loop store_hang smoke unload_reload"
 [ -f /root/tests-extra.sh ] && . /root/tests-extra.sh
 
 insmod /root/bksnap.ko || echo "bksnap-tests: insmod failed"

@@ -574,9 +574,10 @@ impl Control {
 
     /// The oldest queued event, waiting up to `timeout`; `None` if none came (or a signal
     /// arrived). Events of every snapshot share one queue and each goes to one waiter.
-    pub fn wait_event(&self, timeout: Duration) -> Result<Option<Event>> {
+    /// Waits up to `timeout` for the oldest event of snapshot `id` (0: of any snapshot).
+    pub fn wait_event(&self, timeout: Duration, id: u64) -> Result<Option<Event>> {
         let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let e = match sys::wait_event(&self.file, ms) {
+        let e = match sys::wait_event(&self.file, ms, id) {
             Err(Errno::EINTR) => return Ok(None),
             r => r.map_err(|e| KmodError::ioctl("cannot wait for bksnap events", e))?,
         };

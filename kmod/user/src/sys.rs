@@ -250,9 +250,14 @@ pub fn store_add(fd: impl AsFd, id: u64, store: &[uapi::Extent]) -> Result<(), E
     Ok(())
 }
 
-pub fn wait_event(fd: impl AsFd, timeout_ms: u32) -> Result<uapi::EventArg, Errno> {
+pub fn wait_event(
+    fd: impl AsFd,
+    timeout_ms: u32,
+    snapshot_id: u64,
+) -> Result<uapi::EventArg, Errno> {
     let mut e = uapi::EventArg {
         timeout_ms,
+        snapshot_id,
         ..Default::default()
     };
     // SAFETY: `e` is a live `EventArg`; it holds no pointers.
