@@ -192,6 +192,16 @@ fn read_array<T: kernel::types::FromBytes>(ptr: u64, count: u32) -> Result<KVVec
     Ok(out)
 }
 
+/// Writes a table from [`tracker_info`] to the caller's `table_ptr`.
+fn write_table(a: &uapi::TrackerArg, table: Option<KVVec<u8>>) -> Result {
+    match table {
+        Some(table) => UserSlice::new(a.table_ptr as UserPtr, a.table_len as usize)
+            .writer()
+            .write_slice(&table),
+        None => Ok(()),
+    }
+}
+
 /// Removes the element at `pos` (KVec has no `remove` in 6.12).
 fn remove_at<T>(v: &mut KVec<T>, pos: usize) -> Result<T> {
     let old = core::mem::replace(v, KVec::with_capacity(v.len(), GFP_KERNEL)?);
@@ -311,10 +321,7 @@ impl State {
         // tracking. If the copy fails the table is lost, which only costs a full read.
         t.detach();
         let table = tracker_info(&t, &mut a, save)?;
-        if let Some(table) = table {
-            let mut w = UserSlice::new(a.table_ptr as UserPtr, a.table_len as usize).writer();
-            Tracker::copy_table(&table, &mut w)?;
-        }
+        write_table(&a, table)?;
         write(arg, &a)
     }
 
@@ -329,10 +336,7 @@ impl State {
         }
         let with_table = a.table_ptr != 0;
         let table = tracker_info(&t, &mut a, with_table)?;
-        if let Some(table) = table {
-            let mut w = UserSlice::new(a.table_ptr as UserPtr, a.table_len as usize).writer();
-            Tracker::copy_table(&table, &mut w)?;
-        }
+        write_table(&a, table)?;
         write(arg, &a)
     }
 
@@ -444,24 +448,15 @@ impl State {
 
         // The instant: filesystems frozen, writes held back and drained, then every device
         // starts copying on write at once.
-        let freeze = c.flags & uapi::CREATE_NO_FREEZE == 0;
-        let mut frozen = KVec::with_capacity(trackers.len(), GFP_KERNEL)?;
-        if freeze {
-            for t in trackers.iter() {
-                if let Err(e) = t.file.freeze() {
-                    for f in frozen.iter() {
-                        let f: &Arc<Tracker> = f;
-                        f.file.thaw();
-                    }
-                    return Err(e);
-                }
-                frozen.push(t.clone(), GFP_KERNEL)?;
+        let frozen = if c.flags & uapi::CREATE_NO_FREEZE == 0 { &trackers[..] } else { &[] };
+        for (i, t) in frozen.iter().enumerate() {
+            if let Err(e) = t.file.freeze() {
+                frozen[..i].iter().for_each(|t| t.file.thaw());
+                return Err(e);
             }
         }
         let result = activate(&trackers, &snapdevs);
-        for t in frozen.iter() {
-            t.file.thaw();
-        }
+        frozen.iter().for_each(|t| t.file.thaw());
         result?;
 
         for d in snapdevs.iter() {
@@ -586,9 +581,9 @@ fn activate(trackers: &[Arc<Tracker>], devs: &[Arc<SnapDev>]) -> Result {
 /// Stops copy-on-write on every device of a snapshot.
 fn deactivate(devs: &[Arc<SnapDev>]) {
     for d in devs.iter() {
-        match d.tracker.block_writes() {
-            Ok(_guard) => d.tracker.end_snapshot(),
-            Err(_) => d.tracker.end_snapshot(),
-        }
+        // A tracker is never detached under a snapshot; without a slot there is no write
+        // to hold back anyway.
+        let _guard = d.tracker.block_writes().ok();
+        d.tracker.end_snapshot();
     }
 }

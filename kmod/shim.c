@@ -158,18 +158,17 @@ static bool bksnap_modifies(struct bio *bio)
 }
 
 /*
- * Runs every tracker the bio touches, then submits it. Called with the SRCU read lock
- * held. With may_block false, returns false (and does nothing) when a tracker would have
+ * Runs every tracker the bio touches (@hits, from bksnap_match under the same SRCU
+ * read lock), then submits it. With may_block false, returns false (and does nothing) when a tracker would have
  * to sleep: the caller defers the bio to the worker.
  */
-static bool bksnap_process(struct bio *bio, bool may_block)
+static bool bksnap_process(struct bio *bio, const struct bksnap_hit *hits, int n,
+			   bool may_block)
 {
-	struct bksnap_hit hits[BKSNAP_SLOTS];
 	unsigned int noio;
-	int n, i, locked = 0;
+	int i, locked = 0;
 	bool done = true;
 
-	n = bksnap_match(bio, hits);
 	for (i = 0; i < n; i++) {
 		struct percpu_rw_semaphore *lock = &slots[hits[i].slot].lock;
 
@@ -198,6 +197,7 @@ static bool bksnap_process(struct bio *bio, bool may_block)
 static void defer_work_fn(struct work_struct *work)
 {
 	for (;;) {
+		struct bksnap_hit hits[BKSNAP_SLOTS];
 		struct bio *bio;
 		int idx;
 
@@ -207,7 +207,7 @@ static void defer_work_fn(struct work_struct *work)
 		if (!bio)
 			return;
 		idx = srcu_read_lock(&bksnap_srcu);
-		bksnap_process(bio, true);
+		bksnap_process(bio, hits, bksnap_match(bio, hits), true);
 		srcu_read_unlock(&bksnap_srcu, idx);
 	}
 }
@@ -226,14 +226,15 @@ static void notrace bksnap_submit_bio_noacct(struct bio *bio)
 {
 	struct bksnap_hit hits[BKSNAP_SLOTS];
 	bool atomic, nested;
-	int idx;
+	int idx, n;
 
 	if (!bksnap_modifies(bio)) {
 		submit_bio_noacct(bio);
 		return;
 	}
 	idx = srcu_read_lock(&bksnap_srcu);
-	if (!bksnap_match(bio, hits)) {
+	n = bksnap_match(bio, hits);
+	if (!n) {
 		srcu_read_unlock(&bksnap_srcu, idx);
 		submit_bio_noacct(bio);
 		return;
@@ -242,7 +243,7 @@ static void notrace bksnap_submit_bio_noacct(struct bio *bio)
 	nested = current->bio_list || (bio->bi_opf & REQ_NOWAIT);
 	if (atomic)
 		bksnap_defer(bio);
-	else if (!bksnap_process(bio, !nested))
+	else if (!bksnap_process(bio, hits, n, !nested))
 		bksnap_defer(bio);
 	srcu_read_unlock(&bksnap_srcu, idx);
 }
@@ -298,9 +299,10 @@ void bksnap_c_slot_remove(int slot)
 	mutex_lock(&slots_mutex);
 	WRITE_ONCE(s->used, false);
 	mutex_unlock(&slots_mutex);
-	/* No hook is still inside this slot's tracker once this returns. */
-	synchronize_srcu(&bksnap_srcu);
-	flush_work(&defer_work);
+	/*
+	 * No hook or deferral worker is still inside this slot's tracker or lock once this
+	 * returns: both match slots inside the SRCU read lock, and none matches it now.
+	 */
 	synchronize_srcu(&bksnap_srcu);
 	percpu_free_rwsem(&s->lock);
 	s->disk = NULL;

@@ -11,7 +11,6 @@
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use kernel::prelude::*;
 use kernel::sync::{new_mutex, new_spinlock, Arc, Mutex, SpinLock};
-use kernel::uaccess::UserSliceWriter;
 
 use crate::snapshot::SnapDev;
 use crate::sys::{random_bytes, BdevFile, ModuleRef, Slot, SlotGuard};
@@ -179,7 +178,7 @@ impl Tracker {
         }
         let snap = self.snap.lock().clone();
         if let Some(dev) = &snap {
-            if dev.needs_copy(sector, sectors) && !may_block {
+            if !may_block && dev.needs_copy(sector, sectors) {
                 return 1;
             }
         }
@@ -263,10 +262,6 @@ impl Tracker {
         Ok((*generation, sequence, table))
     }
 
-    /// Writes a table from [`Tracker::state`] to userspace.
-    pub(crate) fn copy_table(table: &[u8], out: &mut UserSliceWriter) -> Result {
-        out.write_slice(table)
-    }
 }
 
 fn new_generation(generation: &mut [u8; 16]) {

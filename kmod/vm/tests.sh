@@ -113,8 +113,6 @@ t_cbt_basic() {
     [ "$(jget sequence </tmp/a.json)" = 1 ] || die "sequence $(jget sequence </tmp/a.json)" || return 1
     bkimg cbt attach /dev/vdb 2>/dev/null && { die "a second attach must be refused"; return 1; }
     pattern b 1 | dd of=/dev/vdb bs=1M seek=10 conv=fsync 2>/dev/null
-    bkimg cbt map /dev/vdb --from 0 --to 0 -o /tmp/m.map --json >/tmp/m.json 2>/dev/null
-    # No snapshot taken yet: --to 0 is the only finished sequence, and nothing ran in it.
     id=$(bkimg snapshot create /dev/vdb --store /repo/s.store --store-size 16M) || die "snapshot" || return 1
     bkimg snapshot destroy "$id" --store /repo/s.store >/dev/null || die "destroy" || return 1
     bkimg cbt map /dev/vdb --from 0 -o /tmp/m.map --json >/tmp/m.json || die "map" || return 1
@@ -148,7 +146,6 @@ t_snapshot_cow() {
     [ "$after" = "$expect" ] || die "image changed after writes to the device" || return 1
     [ "$c1" = "$c2" ] || die "rewrites copied again: $c1 then $c2 chunks" || return 1
     [ ! -e "$img" ] || die "image left after destroy" || return 1
-    dd if=/dev/vdb bs=1M skip=3 count=8 2>/dev/null | cmp -s - /dev/null 2>/dev/null
     [ "$(dd if=/dev/vdb bs=1M skip=3 count=8 2>/dev/null | sha256sum)" = "$(pattern newer 8 | sha256sum)" ] \
         || die "the device does not hold what was written"
 }

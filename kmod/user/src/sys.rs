@@ -119,14 +119,19 @@ pub fn tracker_attach(
     Ok(())
 }
 
+/// Points the argument's table fields at a buffer the kernel writes into (or at nothing).
+fn set_out_table(arg: &mut uapi::TrackerArg, table: Option<&mut [u8]>) {
+    (arg.table_ptr, arg.table_len) =
+        table.map_or((0, 0), |t| (addr(t.as_mut_ptr()), t.len() as u64));
+}
+
 /// TRACKER_DETACH; with SAVE the kernel writes the table into `table`.
 pub fn tracker_detach(
     fd: impl AsFd,
     arg: &mut uapi::TrackerArg,
     table: Option<&mut [u8]>,
 ) -> Result<(), Errno> {
-    (arg.table_ptr, arg.table_len) =
-        table.map_or((0, 0), |t| (addr(t.as_mut_ptr()), t.len() as u64));
+    set_out_table(arg, table);
     // SAFETY: as in `tracker_attach`; the table is mutably borrowed, so the kernel's
     // write into it (at most `table_len` bytes) aliases nothing.
     unsafe { raw::tracker_detach(fd.as_fd().as_raw_fd(), arg) }?;
@@ -139,8 +144,7 @@ pub fn tracker_read(
     arg: &mut uapi::TrackerArg,
     table: Option<&mut [u8]>,
 ) -> Result<(), Errno> {
-    (arg.table_ptr, arg.table_len) =
-        table.map_or((0, 0), |t| (addr(t.as_mut_ptr()), t.len() as u64));
+    set_out_table(arg, table);
     // SAFETY: as in `tracker_detach`.
     unsafe { raw::tracker_read(fd.as_fd().as_raw_fd(), arg) }?;
     Ok(())
