@@ -20,6 +20,11 @@ pub const TARGET_REFUSED: i32 = 5;
 pub const UNSUPPORTED: i32 = 6;
 /// The tracker is not at the generation given: its table cannot be trusted.
 pub const STALE: i32 = 7;
+/// A remote target (S3, standby host) refused us: wrong credentials or key, access denied.
+pub const DENIED: i32 = 8;
+/// A remote target could not be reached or the connection broke; nothing half-done is
+/// visible there: run the same command again to resume.
+pub const UNREACHABLE: i32 = 9;
 /// SIGINT or SIGTERM (the shell's code for a command killed by SIGINT).
 pub const INTERRUPTED: i32 = 130;
 
@@ -39,6 +44,12 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
         if cause.downcast_ref::<Refused>().is_some() {
             return TARGET_REFUSED;
+        }
+        if let Some(r) = cause.downcast_ref::<bkimg_replicate::RemoteError>() {
+            return match r {
+                bkimg_replicate::RemoteError::Denied(_) => DENIED,
+                bkimg_replicate::RemoteError::Unreachable(_) => UNREACHABLE,
+            };
         }
         if cause.downcast_ref::<Interrupted>().is_some() {
             return INTERRUPTED;

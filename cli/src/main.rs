@@ -5,7 +5,10 @@ mod demo;
 mod exit;
 mod live;
 mod progress;
+mod replicate;
+mod s3cmd;
 mod snapshot;
+mod standby;
 mod tracking;
 
 use std::io::{IsTerminal, Write};
@@ -35,13 +38,13 @@ struct Cli {
 }
 
 #[derive(Args)]
-struct Common {
+pub struct Common {
     /// Print a JSON object (or array) on stdout instead of text.
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
     /// No progress bar.
     #[arg(long, short, global = true)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +173,12 @@ enum Command {
         /// Changed byte ranges, "START+LENGTH" (rounded out to whole blocks).
         ranges: Vec<String>,
     },
+    /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
+    /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
+    Replicate(replicate::ReplicateArgs),
+    /// The receiving end of replication to a standby host.
+    #[command(subcommand)]
+    Standby(standby::StandbyCommand),
     /// Build a demo disk image (GPT: EFI system, ext4 with files, swap), capture it,
     /// restore it to a new image and verify the result.
     Demo {
@@ -221,6 +230,15 @@ fn out_json(value: &serde_json::Value) {
     out(&serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }
 
+/// Opens a repository directory, an export file, or s3://BUCKET[/PREFIX] (endpoint and
+/// credentials from the AWS chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...).
+fn open_repository(location: &Path) -> Result<Repository> {
+    match location.to_str() {
+        Some(url) if url.starts_with("s3://") => s3cmd::open(url, None),
+        _ => Ok(Repository::open(location)?),
+    }
+}
+
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -238,6 +256,8 @@ fn io_workers(threads: Option<usize>) -> usize {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Replicate(args) => replicate::run(args),
+        Command::Standby(cmd) => standby::run(cmd),
         Command::Capture {
             repo,
             sources,
@@ -352,7 +372,7 @@ fn run(cli: Cli) -> Result<i32> {
             threads,
             common,
         } => {
-            let repo = Repository::open(&repo)?;
+            let repo = open_repository(&repo)?;
             let point = repo.resolve(&id)?;
             let req = RestoreRequest {
                 targets: bkimg_restore::match_targets(&point, &target)?,
@@ -397,7 +417,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Verify { repo, ids, common } => {
-            let repo = Repository::open(&repo)?;
+            let repo = open_repository(&repo)?;
             let bar = Bar::new(common.quiet || common.json);
             let report = bkimg_restore::verify::verify(&repo, &ids, &bar);
             bar.finish();
@@ -430,7 +450,7 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::List { repo, common } => {
-            let repo = Repository::open(&repo)?;
+            let repo = open_repository(&repo)?;
             let (points, bad) = repo.points()?;
             for (id, e) in &bad {
                 eprintln!(
@@ -469,7 +489,7 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::Info { repo, id, common } => {
-            let repo = Repository::open(&repo)?;
+            let repo = open_repository(&repo)?;
             let point = repo.resolve(&id)?;
             if common.json {
                 let mut v = point_summary(&point);
@@ -486,7 +506,7 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             common,
         } => {
-            let repo = Repository::open(&repo)?;
+            let repo = open_repository(&repo)?;
             let point = repo.resolve(&id)?;
             export(&repo, &point, &output, common.quiet || common.json)?;
             if common.json {
