@@ -5,6 +5,7 @@
 
 pub mod s3;
 pub mod standby;
+pub mod throttle;
 
 /// What a caller asks of one replication run, whatever the target.
 #[derive(Clone, Debug, Default)]
