@@ -16,6 +16,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::progress::Progress;
 use crate::ranges::RangeCursor;
 use crate::region::Region;
+use bkimg_format::buf::AlignedBuf;
 
 /// How far ahead of the reader the kernel is asked to read.
 const PREFETCH: u64 = 16 << 20;
@@ -58,10 +59,24 @@ impl std::fmt::Display for WorkersStopped {
 
 impl std::error::Error for WorkersStopped {}
 
+/// One chunk to read, hash and store: workers read it themselves, so reads run as many
+/// at a time as there are workers (the depth O_DIRECT reads need to keep a disk busy).
 struct Work {
     seq: u64,
-    data: Vec<u8>,
+    /// Offset within the volume, and length (the last chunk may be short).
+    start: u64,
+    len: usize,
+    /// Parts of the chunk the filesystem does not use (volume offsets): stored as zeros.
+    unused: Vec<Range<u64>>,
     parent: Option<Digest>,
+}
+
+/// Counters the workers share.
+#[derive(Default)]
+struct Shared {
+    stored_new: AtomicU64,
+    chunks_new: AtomicU64,
+    bytes_data: AtomicU64,
 }
 
 struct Done {
@@ -77,8 +92,7 @@ pub fn capture_volume(
     let size = job.region.len();
     let cs = u64::from(job.chunk_size);
     let count = size.div_ceil(cs);
-    let stored_new = AtomicU64::new(0);
-    let chunks_new = AtomicU64::new(0);
+    let shared = Shared::default();
     let (scratch, scratch_path) = store.scratch_file()?;
     let index = IndexWriter::new(
         BufWriter::with_capacity(1 << 20, scratch),
@@ -90,23 +104,19 @@ pub fn capture_volume(
     let workers = job.workers.max(1);
     let (work_tx, work_rx) = bounded::<Work>(workers * 4);
     let (done_tx, done_rx) = bounded::<Result<Done>>(workers * 8 + 64);
-    // Read buffers go back to the reader when a worker is done with them: allocating a
-    // fresh chunk-sized buffer each time costs an mmap and page faults per chunk.
-    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(workers * 6);
     let mut stats = VolumeStats::default();
 
     let header = std::thread::scope(|s| -> Result<_> {
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
-            let pool = pool_tx.clone();
-            let (stored_new, chunks_new) = (&stored_new, &chunks_new);
-            s.spawn(move || worker(rx, tx, pool, store, job.level, stored_new, chunks_new));
+            let region = job.region.clone();
+            let shared = &shared;
+            s.spawn(move || worker(rx, tx, region, store, job.level, shared));
         }
         drop(work_rx);
         let collector = s.spawn(move || collect(done_rx, index, count));
-        drop(pool_tx);
-        let produced = produce(job, &work_tx, &done_tx, &pool_rx, progress, &mut stats);
+        let produced = produce(job, &work_tx, &done_tx, progress, &mut stats);
         drop(work_tx);
         drop(done_tx);
         let collected = collector
@@ -128,8 +138,9 @@ pub fn capture_volume(
     drop(file);
     let id = header.id();
     store.put_index(&id, &scratch_path)?;
-    stats.bytes_stored_new = stored_new.load(Ordering::Relaxed);
-    stats.chunks_new = chunks_new.load(Ordering::Relaxed);
+    stats.bytes_stored_new = shared.stored_new.load(Ordering::Relaxed);
+    stats.chunks_new = shared.chunks_new.load(Ordering::Relaxed);
+    stats.bytes_data += shared.bytes_data.load(Ordering::Relaxed);
     Ok((id, stats))
 }
 
@@ -138,7 +149,6 @@ fn produce(
     job: VolumeJob,
     work: &Sender<Work>,
     done: &Sender<Result<Done>>,
-    pool: &Receiver<Vec<u8>>,
     progress: &dyn Progress,
     stats: &mut VolumeStats,
 ) -> Result<()> {
@@ -175,7 +185,7 @@ fn produce(
         };
         progress.advance(end - start);
 
-        let mut unused_parts: Option<Vec<Range<u64>>> = None;
+        let mut unused = Vec::new();
         if let Some(u) = used.as_mut() {
             u.overlaps(start, end, &mut overlap)
                 .context("reading the filesystem's allocation map")?;
@@ -189,7 +199,7 @@ fn produce(
                 start = end;
                 continue;
             }
-            unused_parts = Some(complement(start, end, &overlap));
+            unused = complement(start, end, &overlap);
         }
         if let (Some(c), Some(pd)) = (changed.as_mut(), parent_digest) {
             c.overlaps(start, end, &mut overlap)?;
@@ -204,7 +214,7 @@ fn produce(
                 continue;
             }
         }
-        if start >= prefetched {
+        if start >= prefetched && !job.region.is_direct() {
             // Ask the kernel to read the next window ahead while this one is processed.
             prefetched = start + PREFETCH;
             let _ = nix::fcntl::posix_fadvise(
@@ -214,28 +224,12 @@ fn produce(
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
             );
         }
-        let mut data = pool.try_recv().unwrap_or_default();
-        data.clear();
-        data.resize((end - start) as usize, 0);
-        job.region
-            .read_exact_at(&mut data, start)
-            .with_context(|| {
-                format!(
-                    "reading the source at byte {} (did it shrink or fail?)",
-                    job.region.offset() + start
-                )
-            })?;
         stats.bytes_read += end - start;
-        // Free blocks' old contents are not data: zero them so they compress and dedup.
-        for r in unused_parts.iter().flatten() {
-            data[(r.start - start) as usize..(r.end - start) as usize].fill(0);
-        }
-        if !bkimg_format::digest::is_zero(&data) {
-            stats.bytes_data += end - start;
-        }
         work.send(Work {
             seq,
-            data,
+            start,
+            len: (end - start) as usize,
+            unused,
             parent: parent_digest,
         })
         .map_err(|_| closed())?;
@@ -267,26 +261,44 @@ fn complement(start: u64, end: u64, inside: &[Range<u64>]) -> Vec<Range<u64>> {
 fn worker(
     rx: Receiver<Work>,
     tx: Sender<Result<Done>>,
-    pool: Sender<Vec<u8>>,
+    region: Region,
     store: &dyn StoreWrite,
     level: i32,
-    stored_new: &AtomicU64,
-    chunks_new: &AtomicU64,
+    shared: &Shared,
 ) {
     let mut blob = Vec::new();
+    let mut buf = AlignedBuf::default();
     for w in rx {
         let result = (|| -> Result<Done> {
-            let digest = Digest::of_chunk(&w.data);
+            region
+                .read_into(&mut buf, w.start, w.len)
+                .with_context(|| {
+                    format!(
+                        "reading the source at byte {} (did it shrink or fail?)",
+                        region.offset() + w.start
+                    )
+                })?;
+            let data = buf.data_mut();
+            // Free blocks' old contents are not data: zero them so they compress and dedup.
+            for r in &w.unused {
+                data[(r.start - w.start) as usize..(r.end - w.start) as usize].fill(0);
+            }
+            let data = buf.data();
+            if !bkimg_format::digest::is_zero(data) {
+                shared.bytes_data.fetch_add(w.len as u64, Ordering::Relaxed);
+            }
+            let digest = Digest::of_chunk(data);
             if digest.is_hole() || w.parent == Some(digest) || store.has_chunk(&digest)? {
                 return Ok(Done { seq: w.seq, digest });
             }
-            chunk::encode_into(&w.data, digest, level, &mut blob)?;
+            chunk::encode_into(data, digest, level, &mut blob)?;
             store.put_chunk(&digest, &blob)?;
-            stored_new.fetch_add(blob.len() as u64, Ordering::Relaxed);
-            chunks_new.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stored_new
+                .fetch_add(blob.len() as u64, Ordering::Relaxed);
+            shared.chunks_new.fetch_add(1, Ordering::Relaxed);
             Ok(Done { seq: w.seq, digest })
         })();
-        let _ = pool.try_send(w.data);
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;

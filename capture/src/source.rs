@@ -2,13 +2,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::region::Region;
+use crate::region::{Direct, Region};
 
 pub struct Source {
     pub path: PathBuf,
@@ -44,7 +44,7 @@ impl Source {
         };
         Ok(Source {
             path: path.to_path_buf(),
-            region: Region::new(Arc::new(file), 0, size),
+            region: with_direct(Region::new(Arc::new(file), 0, size), path),
             logical_sector_size,
             is_block_device,
         })
@@ -63,6 +63,19 @@ impl Source {
             );
         }
         Ok(())
+    }
+}
+
+/// Adds an O_DIRECT handle when the kernel allows one for this file (tmpfs, for one,
+/// does not): bulk chunk reads then skip the page cache copy.
+fn with_direct(region: Region, path: &Path) -> Region {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => region.with_direct(Arc::new(Direct::new(f))),
+        Err(_) => region,
     }
 }
 

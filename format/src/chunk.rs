@@ -140,30 +140,49 @@ pub fn encode_into(plain: &[u8], digest: Digest, level: i32, blob: &mut Vec<u8>)
 /// Decodes a blob into `out` (cleared first) and checks the plaintext against both the
 /// digest in the header and `expected`, the digest it was looked up by.
 pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<()> {
+    let len = plain_len(blob, expected)?;
+    out.clear();
+    out.resize(len, 0);
+    decode_to(blob, expected, out)
+}
+
+/// The plain length a chunk blob declares, after checking its header against `expected`
+/// (so it is bounded by the largest chunk size before anyone allocates it).
+pub fn plain_len(blob: &[u8], expected: &Digest) -> Result<usize> {
+    Ok(checked_header(blob, expected)?.plain_len as usize)
+}
+
+/// Decodes a chunk blob into `out`, which must be exactly [`plain_len`] bytes, and checks
+/// the result against `expected`.
+pub fn decode_to(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<()> {
     let what = || format!("chunk {expected}");
-    let header = ChunkHeader::parse(blob).map_err(|e| rename(e, &what()))?;
-    if blob.len() as u64 != header.blob_len() {
+    let header = checked_header(blob, expected)?;
+    if out.len() != header.plain_len as usize {
         return Err(FormatError::corrupt(
             what(),
             format!(
-                "blob is {} bytes, header says {}",
-                blob.len(),
-                header.blob_len()
+                "{} bytes where the header says {}",
+                out.len(),
+                header.plain_len
             ),
         ));
     }
-    if header.digest != *expected {
-        return Err(FormatError::corrupt(
-            what(),
-            format!("header names digest {}", header.digest),
-        ));
-    }
     let payload = &blob[HEADER_LEN..];
-    out.clear();
     match header.compression {
-        Compression::None => out.extend_from_slice(payload),
+        Compression::None => {
+            if payload.len() != out.len() {
+                return Err(FormatError::corrupt(
+                    what(),
+                    format!(
+                        "stored payload is {} bytes, header says {}",
+                        payload.len(),
+                        header.plain_len
+                    ),
+                ));
+            }
+            out.copy_from_slice(payload)
+        }
         Compression::Zstd => {
-            out.resize(header.plain_len as usize, 0);
             let n = DECOMPRESSOR
                 .with(|cell| {
                     let mut slot = cell.borrow_mut();
@@ -171,7 +190,7 @@ pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<
                         *slot = Some(zstd::bulk::Decompressor::new()?);
                     }
                     let d = slot.as_mut().expect("just set");
-                    d.decompress_to_buffer(payload, out.as_mut_slice())
+                    d.decompress_to_buffer(payload, &mut *out)
                 })
                 .map_err(|e| FormatError::corrupt(what(), format!("zstd: {e}")))?;
             if n != header.plain_len as usize {
@@ -192,6 +211,28 @@ pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<
         ));
     }
     Ok(())
+}
+
+fn checked_header(blob: &[u8], expected: &Digest) -> Result<ChunkHeader> {
+    let what = || format!("chunk {expected}");
+    let header = ChunkHeader::parse(blob).map_err(|e| rename(e, &what()))?;
+    if blob.len() as u64 != header.blob_len() {
+        return Err(FormatError::corrupt(
+            what(),
+            format!(
+                "blob is {} bytes, header says {}",
+                blob.len(),
+                header.blob_len()
+            ),
+        ));
+    }
+    if header.digest != *expected {
+        return Err(FormatError::corrupt(
+            what(),
+            format!("header names digest {}", header.digest),
+        ));
+    }
+    Ok(header)
 }
 
 fn rename(e: FormatError, what: &str) -> FormatError {

@@ -5,6 +5,7 @@
 //! file; `repo` gives restore-point level operations on top of any store.
 #![forbid(unsafe_code)]
 
+pub mod buf;
 pub mod changemap;
 pub mod chunk;
 pub mod digest;

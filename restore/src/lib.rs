@@ -14,9 +14,10 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bkimg_capture::Progress;
+use bkimg_format::buf::AlignedBuf;
 use bkimg_format::manifest::{Content, Disk, PartitionTable, Volume};
 use bkimg_format::repo::{Point, Repository};
-use bkimg_format::{Digest, FormatError};
+use bkimg_format::{chunk, Digest, FormatError};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
@@ -325,26 +326,27 @@ fn restore_volume(
             let rx = rx.clone();
             let (written, verified) = (&written, &verified);
             handles.push(s.spawn(move || -> Result<()> {
-                let (mut blob, mut plain) = (Vec::new(), Vec::new());
+                let (mut blob, mut plain) = (Vec::new(), AlignedBuf::default());
                 for (offset, len, digest) in rx {
-                    repo.chunk(&digest, &mut blob, &mut plain)?;
-                    if plain.len() != len as usize {
+                    repo.store().read_chunk(&digest, &mut blob)?;
+                    let n = chunk::plain_len(&blob, &digest)?;
+                    if n != len as usize {
                         return Err(FormatError::corrupt(
                             format!("chunk {digest}"),
-                            format!("{} bytes where the index needs {len}", plain.len()),
+                            format!("{n} bytes where the index needs {len}"),
                         )
                         .into());
                     }
-                    target
-                        .file
-                        .write_all_at(&plain, base + offset)
-                        .with_context(|| {
-                            format!(
-                                "writing {} at byte {}",
-                                target.path.display(),
-                                base + offset
-                            )
-                        })?;
+                    plain.prepare(n);
+                    chunk::decode_to(&blob, &digest, plain.data_mut())?;
+                    let plain = plain.data();
+                    target.write_at(plain, base + offset).with_context(|| {
+                        format!(
+                            "writing {} at byte {}",
+                            target.path.display(),
+                            base + offset
+                        )
+                    })?;
                     written.fetch_add(plain.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     verified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     progress.advance(u64::from(len));
