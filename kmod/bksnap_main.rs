@@ -483,6 +483,8 @@ impl State {
             remove_at(&mut inner.snapshots, pos)?
         };
         deactivate(&snap.devs);
+        // Store writes still queued hold the devices: let them finish first.
+        sys::cow_flush();
         // Dropping the devices removes their image disks (waiting for reads in flight).
         drop(snap);
         pr_info!("bksnap: snapshot {} released\n", a.id);

@@ -32,6 +32,7 @@ int bksnap_rs_write(void *tracker, u64 sector, u64 sectors, bool may_block);
 void bksnap_rs_mark(void *tracker, u64 sector, u64 sectors);
 long bksnap_rs_ioctl(void *state, unsigned int cmd, unsigned long arg);
 int bksnap_rs_image_read(void *image, void *bio, u64 sector, u64 sectors);
+void bksnap_rs_cow_work(void *item);
 
 /* Called from Rust. */
 int bksnap_c_init(void *state);
@@ -64,6 +65,8 @@ void bksnap_c_image_lock_write(void *disk);
 void bksnap_c_image_unlock_write(void *disk);
 int bksnap_c_bio_read_span(void *bio, u64 offset, u64 sectors, void *file, u64 sector);
 void bksnap_c_random(u8 *buf, u32 len);
+int bksnap_c_cow_queue(void *item);
+void bksnap_c_cow_flush(void);
 
 #define BKSNAP_SLOTS 32
 
@@ -82,6 +85,7 @@ DEFINE_STATIC_SRCU(bksnap_srcu);
 static void *rs_state;
 static struct workqueue_struct *defer_wq;
 static struct workqueue_struct *image_wq;
+static struct workqueue_struct *cow_wq;
 static struct bio_set image_bioset;
 
 static DEFINE_SPINLOCK(defer_lock);
@@ -499,6 +503,41 @@ int bksnap_c_rw(void *file, u64 sector, void *buf, u32 len, bool write, u32 time
 	return ret;
 }
 
+/*
+ * Difference-store writes that run after the write that caused them was released: the
+ * old data is already in memory (the Rust item owns it); the item runs once, here.
+ */
+struct bksnap_cow_work {
+	struct work_struct work;
+	void *item;
+};
+
+static void bksnap_cow_fn(struct work_struct *work)
+{
+	struct bksnap_cow_work *cw = container_of(work, struct bksnap_cow_work, work);
+	void *item = cw->item;
+
+	kfree(cw);
+	bksnap_rs_cow_work(item);
+}
+
+int bksnap_c_cow_queue(void *item)
+{
+	struct bksnap_cow_work *cw = kmalloc(sizeof(*cw), GFP_NOIO);
+
+	if (!cw)
+		return -ENOMEM;
+	INIT_WORK(&cw->work, bksnap_cow_fn);
+	cw->item = item;
+	queue_work(cow_wq, &cw->work);
+	return 0;
+}
+
+void bksnap_c_cow_flush(void)
+{
+	flush_workqueue(cow_wq);
+}
+
 /* ---------------------------------------------------------------- snapshot images */
 
 struct bksnap_image {
@@ -689,7 +728,8 @@ int bksnap_c_init(void *state)
 		return ret;
 	defer_wq = alloc_workqueue("bksnap_defer", WQ_MEM_RECLAIM | WQ_UNBOUND, 1);
 	image_wq = alloc_workqueue("bksnap_image", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
-	if (!defer_wq || !image_wq) {
+	cow_wq = alloc_workqueue("bksnap_cow", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
+	if (!defer_wq || !image_wq || !cow_wq) {
 		ret = -ENOMEM;
 		goto fail;
 	}
@@ -709,6 +749,8 @@ fail_ftrace:
 fail_filter:
 	ftrace_set_filter_ip(&bksnap_ftrace_ops, (unsigned long)submit_bio_noacct, 1, 0);
 fail:
+	if (cow_wq)
+		destroy_workqueue(cow_wq);
 	if (image_wq)
 		destroy_workqueue(image_wq);
 	if (defer_wq)
@@ -726,6 +768,7 @@ void bksnap_c_exit(void)
 	synchronize_srcu(&bksnap_srcu);
 	flush_work(&defer_work);
 	destroy_workqueue(defer_wq);
+	destroy_workqueue(cow_wq);
 	destroy_workqueue(image_wq);
 	bioset_exit(&image_bioset);
 }

@@ -2,25 +2,30 @@
 //! Copy-on-write snapshots and their difference store.
 //!
 //! Before a write reaches a device held by a snapshot, the old data of every chunk it
-//! touches that was not copied yet is read and written to the difference store (runs of
-//! adjacent chunks in one read and one write); the chunk is then recorded in the map and
-//! never copied again. The snapshot image reads copied chunks from the store and every
-//! other chunk from the device itself. The module never writes to the device: when the
+//! touches that was not copied yet is read into memory (runs of adjacent chunks in one
+//! read) and the chunk recorded in the map as in flight; the write then goes on while a
+//! worker writes the old data to the difference store and records where. A chunk is never
+//! copied twice. The snapshot image reads copied chunks from the store (waiting for those
+//! in flight) and every other chunk from the device itself. Old data held in memory is
+//! bounded ([`MAX_IN_FLIGHT_BYTES`]); beyond it the store write is made before the write
+//! goes on. The module never writes to the device: when the
 //! store is full or fails, the snapshot is marked failed (its image returns errors) and
 //! writes go on untouched.
 
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use kernel::prelude::*;
 use kernel::rbtree::RBTree;
-use kernel::sync::{new_mutex, Arc, Mutex};
+use kernel::sync::{new_condvar, new_mutex, Arc, CondVar, Mutex};
 
-use crate::sys::{BdevFile, Bio, Image, IoBuffer};
+use crate::sys::{self, BdevFile, Bio, Image, IoBuffer};
 use crate::tracker::Tracker;
 use crate::uapi;
 use crate::Events;
 
 /// Chunks copied with one read and one write at most (1 MiB at the default chunk size).
 const MAX_RUN_BYTES: u64 = 1 << 20;
+/// Old data read but not yet in the store, per snapshot, at most.
+pub(crate) const MAX_IN_FLIGHT_BYTES: u64 = 32 << 20;
 /// A store write that takes longer fails the snapshot rather than the server.
 const IO_TIMEOUT_MS: u32 = 30_000;
 pub(crate) const DEFAULT_CHUNK_SECTORS: u32 = 128;
@@ -38,6 +43,15 @@ pub(crate) struct StoreExtent {
 struct Loc {
     extent: usize,
     sector: u64,
+}
+
+/// A copied chunk, as the map records it.
+#[derive(Clone, Copy)]
+enum Saved {
+    /// In the store.
+    Stored(Loc),
+    /// Read into memory; its store write has not completed yet.
+    InFlight,
 }
 
 struct Store {
@@ -84,6 +98,8 @@ pub(crate) struct Shared {
     state: AtomicU32,
     error: AtomicI32,
     copied: AtomicU64,
+    /// Bytes of old data read but not yet written to the store.
+    in_flight: AtomicU64,
     #[pin]
     store: Mutex<Store>,
     events: Arc<Events>,
@@ -107,6 +123,7 @@ impl Shared {
                 state: AtomicU32::new(uapi::STATE_ACTIVE),
                 error: AtomicI32::new(0),
                 copied: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
                 store <- new_mutex!(Store {
                     extents,
                     extent: 0,
@@ -250,9 +267,13 @@ pub(crate) struct SnapDev {
     pub(crate) index: u32,
     pub(crate) sectors: u64,
     chunk_shift: u32,
-    /// Copied chunks: chunk number -> location in the store.
+    /// Copied chunks: chunk number -> where the old data is.
     #[pin]
-    map: Mutex<RBTree<u64, Loc>>,
+    map: Mutex<RBTree<u64, Saved>>,
+    /// Signalled (map lock held just before) when in-flight chunks reach the store or the
+    /// snapshot fails.
+    #[pin]
+    stored: CondVar,
     /// The image disk's device number, once it exists (after activation).
     #[pin]
     image_dev: Mutex<(u32, u32)>,
@@ -277,6 +298,7 @@ impl SnapDev {
                 sectors,
                 chunk_shift,
                 map <- new_mutex!(RBTree::new(), "bksnap_map"),
+                stored <- new_condvar!("bksnap_stored"),
                 image_dev <- new_mutex!((0, 0), "bksnap_image_dev"),
                 sequence: AtomicU64::new(0),
                 generation <- new_mutex!([0; 16], "bksnap_generation"),
@@ -312,19 +334,19 @@ impl SnapDev {
         (first..=last).any(|c| map.get(&c).is_none())
     }
 
-    /// Copies every chunk of the range not copied yet into the store.
-    pub(crate) fn copy_on_write(&self, sector: u64, sectors: u64) {
-        let (first, last) = self.chunks(sector, sectors);
-        let chunk_sectors = u64::from(self.shared.chunk_sectors);
+    /// Copies every chunk of the range not copied yet (see the module comment).
+    pub(crate) fn copy_on_write(this: &Arc<SnapDev>, sector: u64, sectors: u64) {
+        let (first, last) = this.chunks(sector, sectors);
+        let chunk_sectors = u64::from(this.shared.chunk_sectors);
         let max_run = (MAX_RUN_BYTES / (chunk_sectors * 512)).max(1);
         let mut c = first;
         while c <= last {
-            if self.shared.failed() {
+            if this.shared.failed() {
                 return;
             }
-            let _guard = self.image.write_lock();
+            let _guard = this.image.write_lock();
             // Under the lock: the first chunk not copied, and the run after it.
-            let map = self.map.lock();
+            let map = this.map.lock();
             while c <= last && map.get(&c).is_some() {
                 c += 1;
             }
@@ -336,36 +358,62 @@ impl SnapDev {
                 run += 1;
             }
             drop(map);
-            let Some((loc, n, ext)) = self.shared.alloc(run) else {
-                self.shared.fail(ENOSPC);
+            let Some((loc, n, ext)) = this.shared.alloc(run) else {
+                this.shared.fail(ENOSPC);
                 return;
             };
-            if let Err(e) = self.copy(c, n, loc, &ext) {
-                self.shared.fail(e);
+            if let Err(e) = Self::copy(this, c, n, loc, ext) {
+                this.shared.fail(e);
+                this.wake();
                 return;
             }
             c += n;
         }
     }
 
-    /// Copies chunks `[c, c + n)` to `loc` and records them.
-    fn copy(&self, c: u64, n: u64, loc: Loc, ext: &StoreExtent) -> Result {
-        let chunk_sectors = u64::from(self.shared.chunk_sectors);
-        let start = c << self.chunk_shift;
+    /// Reads chunks `[c, c + n)` and has them written to `loc`: by a worker when the
+    /// in-flight limit allows (the chunks are recorded as in flight meanwhile), else now.
+    fn copy(this: &Arc<SnapDev>, c: u64, n: u64, loc: Loc, ext: Arc<StoreExtent>) -> Result {
+        let start = c << this.chunk_shift;
         // The device's last chunk may be short.
-        let sectors = ((c + n) << self.chunk_shift).min(self.sectors) - start;
+        let sectors = ((c + n) << this.chunk_shift).min(this.sectors) - start;
         let len = (sectors * 512) as u32;
         let mut buf = IoBuffer::new(len)?;
-        self.tracker.file.rw(start, &mut buf, len, false, IO_TIMEOUT_MS)?;
-        ext.file.rw(loc.sector, &mut buf, len, true, IO_TIMEOUT_MS)?;
-        ext.file.mark_written(loc.sector, sectors);
-        let mut map = self.map.lock();
-        for i in 0..n {
-            let at = Loc { extent: loc.extent, sector: loc.sector + i * chunk_sectors };
-            map.try_create_and_insert(c + i, at, GFP_KERNEL)?;
+        this.tracker.file.rw(start, &mut buf, len, false, IO_TIMEOUT_MS)?;
+        this.shared.copied.fetch_add(n, Ordering::Relaxed);
+        let item = CowWrite { dev: this.clone(), c, n, loc, ext, buf, len };
+        let held = this.shared.in_flight.fetch_add(u64::from(len), Ordering::Relaxed);
+        if held + u64::from(len) > MAX_IN_FLIGHT_BYTES {
+            this.shared.in_flight.fetch_sub(u64::from(len), Ordering::Relaxed);
+            return item.store();
         }
-        self.shared.copied.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        let queued = (|| -> Result<KBox<CowWrite>> {
+            let mut map = this.map.lock();
+            for i in 0..n {
+                map.try_create_and_insert(c + i, Saved::InFlight, GFP_KERNEL)?;
+            }
+            drop(map);
+            Ok(KBox::new(item, GFP_KERNEL)?)
+        })();
+        match queued {
+            Ok(item) => {
+                if let Err(item) = sys::cow_queue(item) {
+                    KBox::into_inner(item).run();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                this.shared.in_flight.fetch_sub(u64::from(len), Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Wakes image reads waiting for in-flight chunks. The map lock is taken first so a
+    /// reader that saw the old state under it is already asleep.
+    fn wake(&self) {
+        drop(self.map.lock());
+        self.stored.notify_all();
     }
 
     /// Serves a read of the image: copied chunks from the store, the rest from the device.
@@ -383,9 +431,19 @@ impl SnapDev {
             let c = at >> self.chunk_shift;
             let in_chunk = at - (c << self.chunk_shift);
             let guard = self.image.read_lock();
-            let loc = self.map.lock().get(&c).copied();
-            let span = match loc {
-                Some(loc) => {
+            let saved = {
+                let mut map = self.map.lock();
+                loop {
+                    match map.get(&c).copied() {
+                        Some(Saved::InFlight) if !self.shared.failed() => self.stored.wait(&mut map),
+                        Some(Saved::InFlight) => return Err(EIO),
+                        other => break other,
+                    }
+                }
+            };
+            let span = match saved {
+                Some(Saved::InFlight) => return Err(EIO),
+                Some(Saved::Stored(loc)) => {
                     let span = (chunk_sectors - in_chunk).min(sectors - done);
                     let ext = self.shared.extent(loc.extent);
                     bio.read_span(done, span, &ext.file, loc.sector + in_chunk)?;
@@ -412,6 +470,44 @@ impl SnapDev {
         // A failure during the read may have let a write through uncopied.
         if self.shared.failed() {
             return Err(EIO);
+        }
+        Ok(())
+    }
+}
+
+/// Old data of chunks `[c, c + n)` read into memory, to be written to the store at `loc`.
+pub(crate) struct CowWrite {
+    dev: Arc<SnapDev>,
+    c: u64,
+    n: u64,
+    loc: Loc,
+    ext: Arc<StoreExtent>,
+    buf: IoBuffer,
+    len: u32,
+}
+
+impl CowWrite {
+    /// Runs on the copy-on-write workqueue: writes, records, wakes waiting image reads.
+    pub(crate) fn run(self) {
+        let dev = self.dev.clone();
+        let len = u64::from(self.len);
+        if let Err(e) = self.store() {
+            dev.shared.fail(e);
+        }
+        dev.shared.in_flight.fetch_sub(len, Ordering::Relaxed);
+        dev.wake();
+    }
+
+    /// Writes the old data to the store and records the chunks as stored.
+    fn store(mut self) -> Result {
+        let chunk_sectors = u64::from(self.dev.shared.chunk_sectors);
+        let sectors = u64::from(self.len) / 512;
+        self.ext.file.rw(self.loc.sector, &mut self.buf, self.len, true, IO_TIMEOUT_MS)?;
+        self.ext.file.mark_written(self.loc.sector, sectors);
+        let mut map = self.dev.map.lock();
+        for i in 0..self.n {
+            let at = Loc { extent: self.loc.extent, sector: self.loc.sector + i * chunk_sectors };
+            map.try_create_and_insert(self.c + i, Saved::Stored(at), GFP_KERNEL)?;
         }
         Ok(())
     }

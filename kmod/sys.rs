@@ -8,7 +8,7 @@ use kernel::prelude::*;
 use kernel::sync::Arc;
 use kernel::types::{AsBytes, FromBytes};
 
-use crate::snapshot::SnapDev;
+use crate::snapshot::{CowWrite, SnapDev};
 use crate::tracker::Tracker;
 use crate::{uapi, State};
 
@@ -63,6 +63,8 @@ extern "C" {
         sector: u64,
     ) -> i32;
     fn bksnap_c_random(buf: *mut u8, len: u32);
+    fn bksnap_c_cow_queue(item: *mut c_void) -> i32;
+    fn bksnap_c_cow_flush();
 }
 
 fn errno(ret: i32) -> Result {
@@ -195,6 +197,32 @@ impl Drop for BdevFile {
         // SAFETY: `self.0` was opened by `open` and is closed once.
         unsafe { bksnap_c_bdev_close(self.0) }
     }
+}
+
+/// Runs `item` on the module's copy-on-write workqueue; gives it back if it cannot be
+/// queued (no memory), for the caller to run itself.
+pub(crate) fn cow_queue(item: KBox<CowWrite>) -> core::result::Result<(), KBox<CowWrite>> {
+    let raw = KBox::into_raw(item);
+    // SAFETY: the shim hands `raw` back exactly once, to `bksnap_rs_cow_work`, or not at
+    // all when it returns an error.
+    if unsafe { bksnap_c_cow_queue(raw.cast()) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: not queued: `raw` is still ours, from `KBox::into_raw` above.
+    Err(unsafe { KBox::from_raw(raw) })
+}
+
+/// Waits until every queued copy-on-write item has run.
+pub(crate) fn cow_flush() {
+    // SAFETY: no arguments; the workqueue lives as long as the module.
+    unsafe { bksnap_c_cow_flush() }
+}
+
+#[no_mangle]
+extern "C" fn bksnap_rs_cow_work(item: *mut c_void) {
+    // SAFETY: `item` came from `KBox::into_raw` in `cow_queue` and is handed back once.
+    let item = unsafe { KBox::from_raw(item.cast::<CowWrite>()) };
+    KBox::into_inner(item).run();
 }
 
 /// A vmalloc buffer for copy-on-write I/O.

@@ -185,7 +185,7 @@ impl Tracker {
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.mark(sector, sectors);
         if let Some(dev) = snap {
-            dev.copy_on_write(sector, sectors);
+            SnapDev::copy_on_write(&dev, sector, sectors);
         }
         0
     }
