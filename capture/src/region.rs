@@ -57,7 +57,8 @@ impl Region {
         buf.prepare(len);
         if let Some(d) = &self.direct {
             let at = self.offset + pos;
-            let aligned = at % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0;
+            let aligned =
+                at.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
             if aligned && d.usable.load(Ordering::Relaxed) && pos + len as u64 <= self.len {
                 match d.file.read_exact_at(buf.data_mut(), at) {
                     Ok(()) => return Ok(()),

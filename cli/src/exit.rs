@@ -36,7 +36,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 FormatError::Corrupt { .. } => DAMAGED,
                 FormatError::Unsupported { .. } => UNSUPPORTED,
                 FormatError::Missing { .. } | FormatError::NotRepository(_) => NOT_FOUND,
-                FormatError::Io { .. } => FAILURE,
+                FormatError::Io { .. } => remote(err).map_or(FAILURE, remote_code),
             };
         }
         if cause.downcast_ref::<TargetError>().is_some() {
@@ -46,10 +46,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return TARGET_REFUSED;
         }
         if let Some(r) = cause.downcast_ref::<bkimg_replicate::RemoteError>() {
-            return match r {
-                bkimg_replicate::RemoteError::Denied(_) => DENIED,
-                bkimg_replicate::RemoteError::Unreachable(_) => UNREACHABLE,
-            };
+            return remote_code(r);
         }
         if cause.downcast_ref::<Interrupted>().is_some() {
             return INTERRUPTED;
@@ -66,6 +63,31 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
     }
     FAILURE
+}
+
+/// The remote target's failure behind an error, if that is what it is: directly in the
+/// chain, or carried by an I/O error (how a remote store reports a lost endpoint or a
+/// refusal met halfway through a read).
+pub fn remote(err: &anyhow::Error) -> Option<&bkimg_replicate::RemoteError> {
+    use bkimg_replicate::RemoteError;
+    err.chain().find_map(|cause| {
+        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
+            cause.downcast_ref::<FormatError>().and_then(|f| match f {
+                FormatError::Io { source, .. } => Some(source),
+                _ => None,
+            })
+        });
+        cause
+            .downcast_ref::<RemoteError>()
+            .or_else(|| io.and_then(|e| e.get_ref()?.downcast_ref::<RemoteError>()))
+    })
+}
+
+fn remote_code(r: &bkimg_replicate::RemoteError) -> i32 {
+    match r {
+        bkimg_replicate::RemoteError::Denied(_) => DENIED,
+        bkimg_replicate::RemoteError::Unreachable(_) => UNREACHABLE,
+    }
 }
 
 /// The user did not confirm a destructive restore.

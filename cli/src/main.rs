@@ -1,6 +1,7 @@
 //! `bkimg`: capture whole machines into a repository, restore them, verify them.
 #![forbid(unsafe_code)]
 
+mod continuous;
 mod demo;
 mod exit;
 mod live;
@@ -249,9 +250,11 @@ fn workers(threads: Option<usize>) -> usize {
 }
 
 /// Restore is bound by reading many chunk objects: more requests in flight than CPUs
-/// hide storage latency (measured: 8 threads restore twice as fast as 2 on 2 CPUs).
-fn io_workers(threads: Option<usize>) -> usize {
-    threads.unwrap_or_else(|| cpus() * 4)
+/// hide storage latency (measured: 8 threads restore twice as fast as 2 on 2 CPUs; from
+/// S3 on loopback, 32 threads three times as fast as 8: every GET waits ~40 ms).
+fn io_workers(threads: Option<usize>, repo: &Path) -> usize {
+    let remote = repo.to_str().is_some_and(|r| r.starts_with("s3://"));
+    threads.unwrap_or_else(|| if remote { 32 } else { cpus() * 4 })
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -372,12 +375,13 @@ fn run(cli: Cli) -> Result<i32> {
             threads,
             common,
         } => {
+            let workers = io_workers(threads, &repo);
             let repo = open_repository(&repo)?;
             let point = repo.resolve(&id)?;
             let req = RestoreRequest {
                 targets: bkimg_restore::match_targets(&point, &target)?,
                 volume,
-                workers: io_workers(threads),
+                workers,
             };
             let plan = bkimg_restore::plan(&point, &req)?;
             if dry_run {

@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde_json::json;
 
+use crate::progress::Bar;
 use crate::Common;
 
 #[derive(Args)]
@@ -27,6 +29,12 @@ pub struct ReplicateArgs {
     /// Requests in flight at once.
     #[arg(long)]
     pub parallel: Option<usize>,
+    #[command(flatten)]
+    pub s3: crate::s3cmd::S3Args,
+    #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
+    #[command(flatten)]
+    pub continuous: crate::continuous::ContinuousArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -56,15 +64,63 @@ pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a rate: give bytes per second, e.g. 500K or 20M"))
 }
 
-pub fn run(args: ReplicateArgs) -> Result<i32> {
-    if args.to.starts_with("s3://") {
-        crate::s3cmd::replicate(&args)
+/// What one replication run did, and where to.
+pub struct Shipped {
+    pub report: bkimg_replicate::ShipReport,
+    pub target: String,
+    /// Fields of the JSON summary that only this kind of target has.
+    pub extra: serde_json::Value,
+}
+
+/// Ships once to the target `--to` names; `quiet`: no progress bar.
+pub fn ship(args: &ReplicateArgs, quiet: bool) -> Result<Shipped> {
+    let bar = Bar::new(quiet);
+    let shipped = if args.to.starts_with("s3://") {
+        crate::s3cmd::ship(args, &bar)
     } else if args.to.starts_with("bkimg://") {
-        crate::standby::replicate(&args)
+        crate::standby::ship(args, &bar)
     } else {
         bail!(
             "--to {:?}: name s3://BUCKET[/PREFIX] or bkimg://HOST:PORT",
             args.to
         )
+    };
+    bar.finish();
+    shipped
+}
+
+pub fn run(args: ReplicateArgs) -> Result<i32> {
+    if args.continuous.continuous {
+        return crate::continuous::run(&args);
     }
+    if !args.continuous.sources.is_empty() || args.continuous.every.is_some() {
+        bail!("SOURCEs and --every go with --continuous (plain replicate ships what --repo holds)");
+    }
+    let Shipped {
+        report,
+        target,
+        extra,
+    } = ship(&args, args.common.quiet || args.common.json)?;
+    if args.common.json {
+        let mut v = serde_json::to_value(&report).context("report as JSON")?;
+        v["target"] = json!(target);
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        crate::out_json(&v);
+    } else {
+        eprintln!(
+            "{target}: sent {} restore point(s) ({} already there), {} chunks ({} already there), {} in {:.1} s",
+            report.points_sent.len(),
+            report.points_present,
+            report.chunks_sent,
+            report.chunks_present,
+            crate::human(report.bytes_sent),
+            report.seconds
+        );
+        for id in &report.points_sent {
+            crate::out(id);
+        }
+    }
+    Ok(crate::exit::OK)
 }

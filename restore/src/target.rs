@@ -159,9 +159,9 @@ impl Target {
         use bkimg_format::buf::ALIGN;
         use std::os::unix::fs::FileExt;
         if let Some(direct) = &self.direct {
-            let aligned = data.as_ptr() as usize % ALIGN == 0
-                && data.len() % ALIGN == 0
-                && offset % ALIGN as u64 == 0;
+            let aligned = (data.as_ptr() as usize).is_multiple_of(ALIGN)
+                && data.len().is_multiple_of(ALIGN)
+                && offset.is_multiple_of(ALIGN as u64);
             if aligned {
                 match direct.write_all_at(data, offset) {
                     Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}

@@ -1,0 +1,267 @@
+//! `bkimg replicate --continuous --every DURATION SOURCE...`: capture an incremental of
+//! the sources every DURATION and ship it, for as long as the service runs.
+//!
+//! Each cycle runs `bkimg capture` as a child process (live, with changed-block tracking,
+//! when the bksnap module is loaded; hash-diff against the latest restore point
+//! otherwise), then ships what the target lacks. The lag printed after each cycle is the
+//! age of the newest restore point the target holds (the recovery point objective met at
+//! that moment). A target that cannot be reached is retried with a growing pause while
+//! captures go on on schedule; the next successful ship catches up with all of them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bkimg_format::repo::Repository;
+use bkimg_replicate::RemoteError;
+use clap::Args;
+use serde_json::json;
+
+use crate::replicate::ReplicateArgs;
+
+#[derive(Args)]
+pub struct ContinuousArgs {
+    /// Capture and ship repeatedly (a long-running service) instead of shipping once.
+    #[arg(long, requires = "every")]
+    pub continuous: bool,
+    /// Time between captures, e.g. 5s, 2m, 1h (with --continuous).
+    #[arg(long, value_parser = parse_duration)]
+    pub every: Option<Duration>,
+    /// Stop after this many cycles (default: run until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub cycles: Option<u64>,
+    /// Sources to capture each cycle (block devices or image files), as for `capture`.
+    pub sources: Vec<PathBuf>,
+}
+
+/// "5s", "250ms", "2m", "1h" → a duration.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: give e.g. 5s, 2m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err("the interval must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// Longest pause between attempts to reach a target that is down.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Consecutive failed captures after which the service gives up (the source is gone).
+const MAX_CAPTURE_FAILURES: u32 = 3;
+
+pub fn run(args: &ReplicateArgs) -> Result<i32> {
+    let c = &args.continuous;
+    let every = c.every.context("--continuous needs --every DURATION")?;
+    if c.sources.is_empty() {
+        bail!("--continuous needs the SOURCEs to capture each cycle (block devices or images)");
+    }
+    let stop = stop_on_signals()?;
+    let exe = std::env::current_exe().context("finding the bkimg executable")?;
+    let live = Path::new("/dev/bksnap").exists();
+    log(&format!(
+        "replicating {} to {} every {:?} ({})",
+        c.sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        args.to,
+        every,
+        if live {
+            "live captures with changed-block tracking"
+        } else {
+            "hash-diff captures: the bksnap module is not loaded"
+        }
+    ));
+
+    let mut cycle = 0u64;
+    let mut capture_failures = 0u32;
+    let mut backoff = Duration::ZERO;
+    let mut next_ship = Instant::now();
+    let mut shipped_through: Option<String> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        cycle += 1;
+        match capture(&exe, args, live) {
+            Ok(id) => {
+                capture_failures = 0;
+                log(&format!("cycle {cycle}: captured {id}"));
+            }
+            Err(e) => {
+                capture_failures += 1;
+                log(&format!("cycle {cycle}: capture failed: {e:#}"));
+                if capture_failures >= MAX_CAPTURE_FAILURES {
+                    return Err(e.context(format!(
+                        "{MAX_CAPTURE_FAILURES} captures in a row failed: stopping"
+                    )));
+                }
+            }
+        }
+        if Instant::now() >= next_ship && !stop.load(Ordering::SeqCst) {
+            match crate::replicate::ship(args, true) {
+                Ok(shipped) => {
+                    let report = shipped.report;
+                    backoff = Duration::ZERO;
+                    let (newest, lag) = lag_of(&args.repo, None)?;
+                    shipped_through = newest.clone();
+                    report_cycle(args, cycle, &report, newest.as_deref(), lag);
+                }
+                Err(e) => {
+                    let unreachable =
+                        matches!(crate::exit::remote(&e), Some(RemoteError::Unreachable(_)));
+                    if !unreachable {
+                        return Err(e);
+                    }
+                    backoff = (backoff * 2).clamp(every, MAX_BACKOFF);
+                    next_ship = Instant::now() + backoff;
+                    let (_, lag) = lag_of(&args.repo, shipped_through.as_deref())?;
+                    log(
+                        &format!(
+                            "cycle {cycle}: target unreachable ({e:#}); retrying in {backoff:?}, lag {}",
+                            lag.map_or("unknown".into(), |l| format!("{l:.1} s"))
+                        ),
+                    );
+                }
+            }
+        }
+        if c.cycles.is_some_and(|n| cycle >= n) {
+            break;
+        }
+        // Sleep out the rest of the interval, waking for a signal.
+        while !stop.load(Ordering::SeqCst) && started.elapsed() < every {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+        }
+    }
+    log(&format!("stopped after {cycle} cycle(s)"));
+    Ok(crate::exit::OK)
+}
+
+/// One capture of every source as a child `bkimg capture`; returns the new point's id.
+fn capture(exe: &Path, args: &ReplicateArgs, live: bool) -> Result<String> {
+    let repo = &args.repo;
+    let mut cmd = Command::new(exe);
+    cmd.arg("capture")
+        .arg("--repo")
+        .arg(repo)
+        .args(["--json", "--quiet"]);
+    if has_points(repo) {
+        cmd.args(["--parent", "latest"]);
+    }
+    if live {
+        cmd.arg("--live");
+    }
+    cmd.args(&args.continuous.sources);
+    let out = cmd
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("running bkimg capture")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(anyhow!(
+            "bkimg capture exited with {}: {}",
+            out.status.code().unwrap_or(-1),
+            err.trim()
+        ));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("reading bkimg capture's JSON")?;
+    v["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("bkimg capture printed no id")
+}
+
+fn has_points(repo: &Path) -> bool {
+    Repository::open(repo)
+        .and_then(|r| r.points())
+        .is_ok_and(|(good, _)| !good.is_empty())
+}
+
+/// Restore point `id`, or the newest one when `id` is None (after a successful ship the
+/// target holds all of them), and its age in seconds.
+fn lag_of(repo: &Path, id: Option<&str>) -> Result<(Option<String>, Option<f64>)> {
+    let r = Repository::open(repo)?;
+    let (points, _) = r.points()?;
+    let point = match id {
+        Some(id) => points.iter().find(|p| p.manifest.id == id),
+        None => points.last(),
+    };
+    let Some(p) = point else {
+        return Ok((None, None));
+    };
+    let created = time::OffsetDateTime::parse(
+        &p.manifest.created,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok();
+    let age = created.map(|t| (time::OffsetDateTime::now_utc() - t).as_seconds_f64());
+    Ok((Some(p.manifest.id.clone()), age))
+}
+
+fn report_cycle(
+    args: &ReplicateArgs,
+    cycle: u64,
+    report: &bkimg_replicate::ShipReport,
+    newest: Option<&str>,
+    lag: Option<f64>,
+) {
+    if args.common.json {
+        let v = json!({
+            "cycle": cycle,
+            "target": args.to,
+            "newest_on_target": newest,
+            "lag_seconds": lag,
+            "points_sent": report.points_sent,
+            "chunks_sent": report.chunks_sent,
+            "bytes_sent": report.bytes_sent,
+            "ship_seconds": report.seconds,
+        });
+        crate::out(&v.to_string());
+    } else {
+        eprintln!(
+            "bkimg: cycle {cycle}: shipped {} point(s), {} chunks, {} in {:.1} s; lag {}",
+            report.points_sent.len(),
+            report.chunks_sent,
+            crate::human(report.bytes_sent),
+            report.seconds,
+            lag.map_or("unknown".into(), |l| format!("{l:.1} s"))
+        );
+    }
+}
+
+/// A line for people, on stderr (with --json, stdout carries one object per cycle).
+fn log(text: &str) {
+    eprintln!("bkimg: {text}");
+}
+
+/// SIGINT and SIGTERM end the service after the cycle under way (a capture in progress is
+/// interrupted by the same signal and commits nothing).
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| anyhow!("cannot block SIGINT and SIGTERM: {e}"))?;
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    Ok(stop)
+}

@@ -1,0 +1,284 @@
+//! `bkimg replicate --to s3://...`: the restore points the bucket lacks, parents first;
+//! of each, the chunks the bucket lacks (checked before they leave, sent in parallel),
+//! then its indexes, then its manifest, so the bucket never lists a restore point whose
+//! objects are not all there. A rerun lists what arrived and sends the rest.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bkimg_format::repo::{Point, Repository};
+use bkimg_format::{chunk, Digest, FormatError};
+
+use super::S3Store;
+use crate::throttle::Throttle;
+use crate::{ReplicateOptions, ShipReport};
+use bkimg_capture::Progress;
+
+/// Requests in flight when the caller does not say: enough to hide the latency of one
+/// PUT of a ~100 KiB blob (measured on loopback: spec/s3-layout.md).
+pub const DEFAULT_PARALLEL: usize = 16;
+
+/// One restore point to send: what of it the bucket lacks.
+struct Plan {
+    point: Point,
+    /// Chunks not in the bucket and not sent earlier in this run, with their plaintext
+    /// length (from the index).
+    chunks: Vec<(Digest, u32)>,
+    indexes: Vec<Digest>,
+}
+
+pub fn replicate(
+    src: &Repository,
+    store: &S3Store,
+    opts: &ReplicateOptions,
+    progress: &dyn Progress,
+) -> Result<ShipReport> {
+    let started = Instant::now();
+    let remote = |what: &str| {
+        let what = what.to_string();
+        move |f: super::Failure| f.into_anyhow(&what)
+    };
+    let resume = "nothing incomplete is listed on the target: run the same command again to resume";
+    let with_resume = |e: anyhow::Error| -> anyhow::Error {
+        match e.downcast::<crate::RemoteError>() {
+            Ok(crate::RemoteError::Unreachable(m)) => {
+                crate::RemoteError::Unreachable(format!("{m}; {resume}")).into()
+            }
+            Ok(other) => other.into(),
+            Err(e) => e,
+        }
+    };
+
+    let present: HashSet<String> = store
+        .point_ids()
+        .map_err(remote("the restore points in the bucket"))
+        .map_err(with_resume)?
+        .into_iter()
+        .collect();
+    let wanted = wanted_points(src, opts, progress)?;
+    let mut report = ShipReport::default();
+    let mut to_send = Vec::new();
+    for p in wanted {
+        if present.contains(&p.manifest.id) {
+            report.points_present += 1;
+        } else {
+            to_send.push(p);
+        }
+    }
+    if to_send.is_empty() {
+        report.seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+
+    store
+        .load_chunk_listing()
+        .map_err(remote("the chunks in the bucket"))
+        .map_err(with_resume)?;
+    let have_indexes = store
+        .index_ids()
+        .map_err(remote("the indexes in the bucket"))
+        .map_err(with_resume)?;
+
+    // What each point lacks; a chunk shared by several is sent with the first.
+    let mut queued: HashSet<Digest> = HashSet::new();
+    let mut counted_present: HashSet<Digest> = HashSet::new();
+    let mut plans = Vec::new();
+    let mut total = 0u64;
+    let mut batch = Vec::new();
+    for point in to_send {
+        let mut plan = Plan {
+            point,
+            chunks: Vec::new(),
+            indexes: Vec::new(),
+        };
+        for (_, _, index) in plan.point.manifest.indexes() {
+            let Some(index) = index else { continue };
+            // Reading every entry checks the index against its digest.
+            let mut entries = src
+                .index(&index)
+                .with_context(|| format!("reading local volume index {index}"))?;
+            let h = *entries.header();
+            let mut entry = 0u64;
+            loop {
+                entries.next_batch(8192, &mut batch)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for d in &batch {
+                    let len = h.chunk_len(entry);
+                    entry += 1;
+                    if d.is_hole() || queued.contains(d) {
+                        continue;
+                    }
+                    if store
+                        .chunk_listed(d)
+                        .map_err(remote("the chunks in the bucket"))?
+                    {
+                        if counted_present.insert(*d) {
+                            report.chunks_present += 1;
+                        }
+                        continue;
+                    }
+                    queued.insert(*d);
+                    plan.chunks.push((*d, len));
+                    total += u64::from(len);
+                }
+            }
+            if !have_indexes.contains(&index) && !plan.indexes.contains(&index) {
+                plan.indexes.push(index);
+            }
+        }
+        plans.push(plan);
+    }
+    drop(counted_present);
+
+    progress.begin("upload", total);
+    let throttle = Throttle::new(opts.bandwidth);
+    let parallel = opts.parallel.unwrap_or(DEFAULT_PARALLEL).clamp(1, 256);
+    let bytes_sent = AtomicU64::new(0);
+    for plan in plans {
+        let id = plan.point.manifest.id.clone();
+        let sent = send_chunks(
+            src,
+            store,
+            &plan.chunks,
+            parallel,
+            &throttle,
+            &bytes_sent,
+            progress,
+        )
+        .map_err(with_resume)
+        .with_context(|| format!("sending the chunks of restore point {id}"))?;
+        report.chunks_sent += sent;
+        for index in &plan.indexes {
+            let mut input = src.store().open_index(index)?;
+            let n = store
+                .put_stream(&store.key_index(index), &mut input, 0, &|n| {
+                    throttle.take_blocking(n)
+                })
+                .map_err(remote(&format!("volume index {index}")))
+                .map_err(with_resume)?;
+            bytes_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        // The commit point: last, after the server acknowledged everything it names.
+        let manifest = src.store().read_manifest(&id)?;
+        throttle.take_blocking(manifest.len() as u64);
+        bytes_sent.fetch_add(manifest.len() as u64, Ordering::Relaxed);
+        store
+            .put(&store.key_point(&id), manifest)
+            .map_err(remote(&format!("restore point {id}")))
+            .map_err(with_resume)?;
+        progress.note(&format!("restore point {id} is on {}", store.url()));
+        report.points_sent.push(id);
+    }
+    report.bytes_sent = bytes_sent.load(Ordering::Relaxed);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The restore points asked for with their ancestors, each after its parent.
+fn wanted_points(
+    src: &Repository,
+    opts: &ReplicateOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<Point>> {
+    let mut roots = Vec::new();
+    if opts.ids.is_empty() {
+        let (good, bad) = src.points()?;
+        for (id, e) in bad {
+            progress.note(&format!(
+                "not shipping restore point {id}: {} (bkimg verify names the damage)",
+                e.full_message()
+            ));
+        }
+        roots = good;
+    } else {
+        for id in &opts.ids {
+            roots.push(src.resolve(id)?);
+        }
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for p in roots {
+        if seen.contains(&p.manifest.id) {
+            continue;
+        }
+        // Checks the digest chain: a broken chain is not shipped.
+        let ancestors = src
+            .ancestors(&p)
+            .with_context(|| format!("the ancestors of restore point {}", p.manifest.id))?;
+        for a in ancestors.into_iter().rev().chain(std::iter::once(p)) {
+            if seen.insert(a.manifest.id.clone()) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends `chunks` with `parallel` requests in flight; each blob is read and checked
+/// against its digest first. Memory: two buffers per sender. Returns the count sent.
+fn send_chunks(
+    src: &Repository,
+    store: &S3Store,
+    chunks: &[(Digest, u32)],
+    parallel: usize,
+    throttle: &Throttle,
+    bytes_sent: &AtomicU64,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let sent = AtomicU64::new(0);
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..parallel.min(chunks.len()) {
+            s.spawn(|| {
+                let (mut blob, mut plain) = (Vec::new(), Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(d, len)) = chunks.get(i) else {
+                        break;
+                    };
+                    let result = (|| -> Result<()> {
+                        src.store().read_chunk(&d, &mut blob)?;
+                        chunk::decode_into(&blob, &d, &mut plain).map_err(|e| {
+                            anyhow::Error::from(e).context(
+                                "the local repository is damaged: this chunk is not shipped \
+                                 (run bkimg verify on the repository)",
+                            )
+                        })?;
+                        if plain.len() != len as usize {
+                            return Err(FormatError::corrupt(
+                                format!("chunk {d}"),
+                                format!("{} bytes where the index needs {len}", plain.len()),
+                            )
+                            .into());
+                        }
+                        let n = blob.len() as u64;
+                        throttle.take_blocking(n);
+                        store
+                            .put_chunk_blob(&d, std::mem::take(&mut blob))
+                            .map_err(|f| f.into_anyhow(&format!("chunk {d}")))?;
+                        bytes_sent.fetch_add(n, Ordering::Relaxed);
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        progress.advance(u64::from(len));
+                        Ok(())
+                    })();
+                    if let Err(e) = result {
+                        stop.store(true, Ordering::Relaxed);
+                        let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(sent.load(Ordering::Relaxed)),
+    }
+}

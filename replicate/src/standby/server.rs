@@ -1,0 +1,950 @@
+//! The receiving side: `bkimg standby serve`. Nothing received is trusted: every chunk is
+//! decoded and checked against its digest before it is stored, every index is read whole
+//! (its entries digest checked) and every chunk it names found before it is stored, and a
+//! manifest is committed only after the whole point and its digest-chain link are checked.
+//! Writes go through [`LocalDir`], which is crash-safe: a broken session leaves only
+//! complete objects, which the next session skips.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bkimg_format::index::{self, EntryReader, IndexHeader};
+use bkimg_format::manifest::Manifest;
+use bkimg_format::repo::Repository;
+use bkimg_format::store::{LocalDir, StoreRead, StoreWrite};
+use bkimg_format::{chunk, Digest, FormatError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+use super::protocol::{self as p, Kind, PeerError};
+use super::replica::Replica;
+use super::tls::{self, Fingerprint, Identity, Seen};
+
+/// Chunks being checked and stored at once in a session.
+const CHUNK_WORKERS: usize = 4;
+
+pub struct ServeConfig {
+    pub listen: String,
+    pub repo: PathBuf,
+    pub replica: Option<PathBuf>,
+    pub identity: Identity,
+    pub allowed: BTreeSet<Fingerprint>,
+    /// A peer silent for this long is dropped.
+    pub timeout: Duration,
+}
+
+/// One line on stderr per event (a service manager adds the time).
+pub fn log(line: &str) {
+    eprintln!("bkimg standby: {line}");
+}
+
+struct Ctx {
+    cfg: ServeConfig,
+    allowed: Arc<BTreeSet<Fingerprint>>,
+    /// One session writes to the repository at a time.
+    writer: tokio::sync::Mutex<()>,
+    /// Wakes the replica thread after a commit.
+    applier: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+/// Runs until killed. With a replica, an apply interrupted earlier is finished first.
+pub fn serve(cfg: ServeConfig) -> Result<()> {
+    let repo = LocalDir::open_or_create(&cfg.repo, &new_id(), &now_rfc3339())?;
+    drop(repo);
+    let applier = match &cfg.replica {
+        Some(target) => {
+            let r = Replica::new(&cfg.repo, target);
+            // Before anything else: a replica left half-applied is finished.
+            if let Some(rep) = r.finish_interrupted()? {
+                log(&format!(
+                    "finished the interrupted apply: {}",
+                    rep.summary()
+                ));
+            }
+            let (tx, rx) = mpsc::channel::<()>();
+            let _ = tx.send(());
+            std::thread::Builder::new()
+                .name("replica".into())
+                .spawn(move || replica_loop(r, rx))
+                .context("starting the replica thread")?;
+            Some(tx)
+        }
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let ctx = Arc::new(Ctx {
+        allowed: Arc::new(cfg.allowed.clone()),
+        cfg,
+        writer: tokio::sync::Mutex::new(()),
+        applier: Mutex::new(applier),
+    });
+    rt.block_on(accept_loop(ctx))
+}
+
+fn replica_loop(r: Replica, rx: mpsc::Receiver<()>) {
+    let mut said_promoted = false;
+    loop {
+        // Woken by commits (and once at start); also every two seconds, only to notice a
+        // promotion: a failed apply is retried after the next commit, not in a loop.
+        let woken = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+        while rx.try_recv().is_ok() {}
+        if r.is_promoted() {
+            if !said_promoted {
+                log(&format!(
+                    "promoted: not applying restore points to {} any more",
+                    r.target().display()
+                ));
+                said_promoted = true;
+            }
+            continue;
+        }
+        if !woken {
+            continue;
+        }
+        match r.apply_latest() {
+            Ok(Some(rep)) => log(&format!(
+                "replica {}: {}",
+                r.target().display(),
+                rep.summary()
+            )),
+            Ok(None) => {}
+            Err(e) => log(&format!(
+                "replica {}: apply failed: {e:#} (retried after the next commit)",
+                r.target().display()
+            )),
+        }
+    }
+}
+
+async fn accept_loop(ctx: Arc<Ctx>) -> Result<()> {
+    let listener = TcpListener::bind(&ctx.cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", ctx.cfg.listen))?;
+    log(&format!(
+        "listening on {} for repository {}{}; certificate {}; {} client key(s) allowed",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        ctx.cfg.repo.display(),
+        ctx.cfg
+            .replica
+            .as_ref()
+            .map(|r| format!(", replica {}", r.display()))
+            .unwrap_or_default(),
+        ctx.cfg.identity.fingerprint(),
+        ctx.allowed.len()
+    ));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log(&format!("accept: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        tcp.set_nodelay(true).ok();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let seen = Seen::default();
+            let config =
+                match tls::server_config(&ctx.cfg.identity, ctx.allowed.clone(), seen.clone()) {
+                    Ok(c) => c,
+                    Err(e) => return log(&format!("{peer}: {e:#}")),
+                };
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let handshake = tokio::time::timeout(
+                Duration::from_secs(15),
+                acceptor.accept(tcp).into_fallible(),
+            )
+            .await;
+            let shown = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let shown_text = shown
+                .as_ref()
+                .map(|f| format!("presented certificate {f}"))
+                .unwrap_or_else(|| "presented no certificate".into());
+            let mut stream = match handshake {
+                Err(_) => {
+                    return log(&format!(
+                        "refused {peer}: no TLS handshake within 15 s ({shown_text})"
+                    ))
+                }
+                Ok(Err((e, tcp))) => {
+                    // The alert is sent; close gently (reading what the peer still sends)
+                    // so it is read before a reset could discard it.
+                    linger(tcp).await;
+                    let why = match shown {
+                        Some(_) => "certificate not allowed".to_string(),
+                        None => format!("handshake failed: {e}"),
+                    };
+                    return log(&format!("refused {peer}: {why} ({shown_text})"));
+                }
+                Ok(Ok(s)) => s,
+            };
+            let who = format!("{peer} ({})", shown.map(|f| f.0).unwrap_or_default());
+            let start = Instant::now();
+            let mut stats = Stats::default();
+            match session(&mut stream, &ctx, &mut stats).await {
+                Ok(()) => log(&format!(
+                    "session {who}: {} restore point(s) committed{}, {} chunks stored ({} bytes), {} already present, {:.1} s",
+                    stats.committed.len(),
+                    if stats.committed.is_empty() { String::new() } else { format!(" ({})", stats.committed.join(", ")) },
+                    stats.chunks_stored,
+                    stats.bytes_stored,
+                    stats.chunks_present,
+                    start.elapsed().as_secs_f64()
+                )),
+                Err(e) => {
+                    log(&format!(
+                        "session {who} ended: {e:#} (after {} restore point(s) committed, {} chunks stored; a rerun resumes)",
+                        stats.committed.len(),
+                        stats.chunks_stored
+                    ));
+                    let msg = p::ErrorMsg {
+                        code: error_code(&e).into(),
+                        message: format!("{e:#}"),
+                    };
+                    let t = Duration::from_secs(5);
+                    if p::write_json(&mut stream, Kind::Error, &msg, t).await.is_ok() {
+                        let _ = p::flush(&mut stream, t).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+fn error_code(e: &anyhow::Error) -> &'static str {
+    for c in e.chain() {
+        if let Some(f) = c.downcast_ref::<FormatError>() {
+            return match f {
+                FormatError::Corrupt { .. } => "damaged",
+                FormatError::Unsupported { .. } => "unsupported",
+                FormatError::Missing { .. } => "incomplete",
+                _ => "internal",
+            };
+        }
+        if let Some(pe) = c.downcast_ref::<PeerError>() {
+            return match pe {
+                PeerError::Reported { .. } => "internal",
+                PeerError::Violation(_) => "violation",
+            };
+        }
+        if c.downcast_ref::<Conflict>().is_some() {
+            return "conflict";
+        }
+    }
+    "internal"
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Conflict(String);
+
+#[derive(Default)]
+struct Stats {
+    committed: Vec<String>,
+    chunks_stored: u64,
+    bytes_stored: u64,
+    chunks_present: u64,
+}
+
+/// An index being received: scratch file and bytes so far.
+struct Incoming {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    ctx: &Ctx,
+    stats: &mut Stats,
+) -> Result<()> {
+    let t = ctx.cfg.timeout;
+    let hello: p::Hello = p::read_frame(s, t).await?.expect(Kind::Hello)?.json()?;
+    let version = hello
+        .versions
+        .iter()
+        .copied()
+        .filter(|v| p::VERSIONS.contains(v))
+        .max();
+    let Some(version) = version.filter(|_| hello.protocol == p::PROTOCOL) else {
+        return Err(FormatError::unsupported(
+            "standby protocol",
+            format!(
+                "client offers {} versions {:?}, this standby speaks {:?}: upgrade the older side",
+                hello.protocol,
+                hello.versions,
+                p::VERSIONS
+            ),
+        )
+        .into());
+    };
+    let _writer = ctx.writer.lock().await;
+    let root = ctx.cfg.repo.clone();
+    let (store, reader) =
+        blocking(|| -> Result<_> { Ok((LocalDir::open(&root)?, Repository::open(&root)?)) })?;
+    let points = blocking(|| -> Result<Vec<p::PointRef>> {
+        let mut out = Vec::new();
+        for id in store.list_manifests()? {
+            let bytes = store.read_manifest(&id)?;
+            out.push(p::PointRef {
+                id,
+                manifest_sha256: Digest::of_bytes(&bytes).to_hex(),
+            });
+        }
+        Ok(out)
+    })?;
+    let welcome = p::Welcome {
+        version,
+        software: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
+        points,
+    };
+    p::write_json(s, Kind::Welcome, &welcome, t).await?;
+    p::flush(s, t).await?;
+
+    let mut begun: Option<p::Begin> = None;
+    let mut incoming: HashMap<Digest, Incoming> = HashMap::new();
+    let mut batch_stored = (0u64, 0u64);
+    let store = Arc::new(store);
+    let permits = Arc::new(tokio::sync::Semaphore::new(CHUNK_WORKERS));
+    type Work = tokio::task::JoinHandle<std::result::Result<u64, FormatError>>;
+    let mut pending: Vec<Work> = Vec::new();
+    loop {
+        let f = p::read_frame(s, t).await?;
+        match f.kind {
+            Kind::Begin => {
+                let b: p::Begin = f.json()?;
+                if !bkimg_format::manifest::valid_id(&b.id) {
+                    return Err(PeerError::Violation(format!("invalid id {:?}", b.id)).into());
+                }
+                let mut missing = Vec::new();
+                for h in &b.indexes {
+                    let d = Digest::from_hex(h)
+                        .ok_or_else(|| PeerError::Violation(format!("bad index id {h:?}")))?;
+                    if !store.index_path(&d).exists() {
+                        missing.push(h.clone());
+                    }
+                }
+                p::write_json(
+                    s,
+                    Kind::Plan,
+                    &p::Plan {
+                        missing_indexes: missing,
+                    },
+                    t,
+                )
+                .await?;
+                p::flush(s, t).await?;
+                begun = Some(b);
+            }
+            Kind::Query => {
+                let ds = p::unpack_digests(&f.body)?;
+                let lacks = blocking(|| -> Result<Vec<u8>> {
+                    ds.iter()
+                        .map(|d| Ok(u8::from(!store.has_chunk(d)?)))
+                        .collect()
+                })?;
+                stats.chunks_present += lacks.iter().filter(|&&l| l == 0).count() as u64;
+                p::write_frame(s, Kind::Lacks, &[&lacks], t).await?;
+                p::flush(s, t).await?;
+            }
+            Kind::Chunk => {
+                let d = p::digest_at(&f.body, 0)?;
+                // Checked and stored by a blocking worker while the next frame is read;
+                // the permits bound the chunks held in memory.
+                let permit = permits.clone().acquire_owned().await.expect("never closed");
+                let store = store.clone();
+                let body = f.body;
+                pending.push(tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let blob = &body[32..];
+                    // Verified before it is stored: header, length, decompression, digest.
+                    let mut plain = Vec::new();
+                    chunk::decode_into(blob, &d, &mut plain)?;
+                    if !store.has_chunk(&d)? {
+                        store.put_chunk(&d, blob)?;
+                    }
+                    Ok(blob.len() as u64)
+                }));
+            }
+            Kind::BatchEnd => {
+                // The client reads only after the batch, so a bad blob is reported here.
+                let mut first_err: Option<FormatError> = None;
+                for h in pending.drain(..) {
+                    match h.await.context("chunk worker")? {
+                        Ok(n) => {
+                            stats.chunks_stored += 1;
+                            stats.bytes_stored += n;
+                            batch_stored.0 += 1;
+                            batch_stored.1 += n;
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+                if let Some(e) = first_err {
+                    return Err(e.into());
+                }
+                let ok = p::BatchOk {
+                    stored: batch_stored.0,
+                    bytes: batch_stored.1,
+                };
+                batch_stored = (0, 0);
+                p::write_json(s, Kind::BatchOk, &ok, t).await?;
+                p::flush(s, t).await?;
+            }
+            Kind::IndexPart => {
+                if f.body.len() < 40 {
+                    return Err(
+                        PeerError::Violation("IndexPart shorter than its head".into()).into(),
+                    );
+                }
+                let id = p::digest_at(&f.body, 0)?;
+                let offset = u64::from_le_bytes(f.body[32..40].try_into().expect("checked"));
+                let data = &f.body[40..];
+                if !begun
+                    .as_ref()
+                    .is_some_and(|b| b.indexes.contains(&id.to_hex()))
+                {
+                    return Err(PeerError::Violation(format!("index {id} not announced")).into());
+                }
+                let inc = match incoming.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let (file, path) = blocking(|| store.scratch_file())?;
+                        v.insert(Incoming { file, path, len: 0 })
+                    }
+                };
+                if offset != inc.len {
+                    return Err(PeerError::Violation(format!(
+                        "index {id} part at {offset}, expected {}",
+                        inc.len
+                    ))
+                    .into());
+                }
+                let max = index::HEADER_LEN as u64
+                    + (index::MAX_VOLUME_SIZE / u64::from(bkimg_format::MIN_CHUNK_SIZE))
+                        * index::ENTRY_LEN as u64;
+                if inc.len + data.len() as u64 > max {
+                    return Err(PeerError::Violation(format!("index {id} too large")).into());
+                }
+                blocking(|| inc.file.write_all_at(data, inc.len))
+                    .with_context(|| format!("writing {}", inc.path.display()))?;
+                inc.len += data.len() as u64;
+            }
+            Kind::IndexEnd => {
+                let id = p::digest_at(&f.body, 0)?;
+                let inc = incoming
+                    .remove(&id)
+                    .ok_or_else(|| PeerError::Violation(format!("index {id} ended unsent")))?;
+                blocking(|| store_index(&store, &id, inc))?;
+                p::write_frame(s, Kind::IndexOk, &[], t).await?;
+                p::flush(s, t).await?;
+            }
+            Kind::Commit => {
+                let b = begun
+                    .take()
+                    .ok_or_else(|| PeerError::Violation("commit without begin".into()))?;
+                blocking(|| check_and_commit(&store, &reader, &b, &f.body))?;
+                stats.committed.push(b.id.clone());
+                if let Some(tx) = ctx
+                    .applier
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    let _ = tx.send(());
+                }
+                p::write_json(s, Kind::Committed, &p::Committed { id: b.id }, t).await?;
+                p::flush(s, t).await?;
+            }
+            Kind::Bye => return Ok(()),
+            other => return Err(PeerError::Violation(format!("unexpected {other:?} frame")).into()),
+        }
+    }
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Checks a received index (header names it, entries match their digest, every chunk it
+/// names is stored) and moves it into the repository.
+fn store_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()> {
+    inc.file.sync_all().ok();
+    let mut r = BufReader::with_capacity(1 << 20, File::open(&inc.path)?);
+    let mut head = [0u8; index::HEADER_LEN];
+    r.read_exact(&mut head)
+        .map_err(|_| FormatError::corrupt(format!("volume index {id}"), "shorter than a header"))?;
+    let header = IndexHeader::parse(&head)?;
+    if header.id() != *id || header.object_len() != inc.len {
+        return Err(FormatError::corrupt(
+            format!("volume index {id}"),
+            "its header does not match its id or length",
+        )
+        .into());
+    }
+    let mut entries = EntryReader::new(r, header);
+    let mut batch = Vec::new();
+    loop {
+        entries.next_batch(8192, &mut batch)?;
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch.iter().filter(|d| !d.is_hole()) {
+            if !store.has_chunk(d)? {
+                return Err(FormatError::missing(format!(
+                    "chunk {d} named by volume index {id} (send chunks before their index)"
+                ))
+                .into());
+            }
+        }
+    }
+    store.put_index(id, &inc.path)?;
+    Ok(())
+}
+
+/// The commit point: the manifest is stored only when the point is complete and its link
+/// to the parent holds.
+fn check_and_commit(
+    store: &LocalDir,
+    reader: &Repository,
+    b: &p::Begin,
+    bytes: &[u8],
+) -> Result<()> {
+    let sha = Digest::of_bytes(bytes);
+    if sha.to_hex() != b.manifest_sha256 {
+        return Err(FormatError::corrupt(
+            format!("manifest of {}", b.id),
+            "its SHA-256 differs from the one announced",
+        )
+        .into());
+    }
+    let m = Manifest::decode(bytes)?;
+    if m.id != b.id {
+        return Err(PeerError::Violation(format!(
+            "manifest names itself {:?}, not {:?}",
+            m.id, b.id
+        ))
+        .into());
+    }
+    if let Ok(existing) = store.read_manifest(&m.id) {
+        if existing == bytes {
+            return Ok(());
+        }
+        return Err(Conflict(format!(
+            "a different restore point {} is already stored",
+            m.id
+        ))
+        .into());
+    }
+    if let Some(parent) = &m.parent {
+        let theirs = reader.point(&parent.id).map_err(|e| match e {
+            FormatError::Missing { .. } => FormatError::missing(format!(
+                "parent restore point {} of {} on the standby (send parents first)",
+                parent.id, m.id
+            )),
+            other => other,
+        })?;
+        if theirs.manifest_sha256.to_hex() != parent.manifest_sha256 {
+            return Err(FormatError::corrupt(
+                format!("restore point {}", m.id),
+                format!("its parent link does not match the standby's {}", parent.id),
+            )
+            .into());
+        }
+    }
+    let mut batch = Vec::new();
+    for (disk, vol, idx) in m.indexes() {
+        let Some(idx) = idx else { continue };
+        let mut entries = reader.index(&idx)?;
+        let h = *entries.header();
+        if h.volume_size != vol.size || h.chunk_size != m.chunk_size {
+            return Err(FormatError::corrupt(
+                format!("volume index {idx}"),
+                format!("does not fit {} {} of the manifest", disk.name, vol.name),
+            )
+            .into());
+        }
+        loop {
+            entries.next_batch(8192, &mut batch)?;
+            if batch.is_empty() {
+                break;
+            }
+            for d in batch.iter().filter(|d| !d.is_hole()) {
+                if !store.has_chunk(d)? {
+                    return Err(FormatError::missing(format!(
+                        "chunk {d} of restore point {}",
+                        m.id
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
+    store.commit_manifest(&m.id, bytes)?;
+    Ok(())
+}
+
+fn new_id() -> String {
+    let mut seed = Vec::new();
+    seed.extend_from_slice(
+        format!("{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes(),
+    );
+    let _ = File::open("/dev/urandom").and_then(|mut f| {
+        let mut b = [0u8; 16];
+        f.read_exact(&mut b).map(|_| seed.extend_from_slice(&b))
+    });
+    let h = Digest::of_bytes(&seed).to_hex();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Now as RFC 3339 UTC (civil-from-days, to avoid a time crate here).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bkimg_format::manifest::{
+        CompressionInfo, Content, Disk, ParentRef, PartitionTable, Volume, VolumeRole,
+    };
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    const CS: u32 = 4096;
+
+    /// A one-volume restore point of two chunks, as a client would send it.
+    struct Sent {
+        chunks: Vec<(Digest, Vec<u8>)>,
+        index_id: Digest,
+        index: Vec<u8>,
+        manifest: Vec<u8>,
+        id: String,
+    }
+
+    fn point(id: &str, seed: u8, parent: Option<&Sent>) -> Sent {
+        let plains = [
+            vec![seed; CS as usize],
+            vec![seed.wrapping_add(1); CS as usize],
+        ];
+        let chunks: Vec<(Digest, Vec<u8>)> = plains
+            .iter()
+            .map(|p| {
+                let d = Digest::of_chunk(p);
+                (d, chunk::encode(p, d, 3).unwrap())
+            })
+            .collect();
+        let digests: Vec<Digest> = chunks.iter().map(|c| c.0).collect();
+        let (h, index) = index::encode(2 * u64::from(CS), CS, &digests);
+        let m = Manifest {
+            id: id.into(),
+            created: "2026-11-21T12:00:00Z".into(),
+            host: "test".into(),
+            tool: "bkimg test".into(),
+            parent: parent.map(|p| ParentRef {
+                id: p.id.clone(),
+                manifest_sha256: Digest::of_bytes(&p.manifest).to_hex(),
+            }),
+            chunk_size: CS,
+            compression: CompressionInfo {
+                algorithm: "zstd".into(),
+                level: 3,
+            },
+            disks: vec![Disk {
+                name: "disk0".into(),
+                source: "test.img".into(),
+                size: 2 * u64::from(CS),
+                logical_sector_size: 512,
+                table: PartitionTable::None,
+                volumes: vec![Volume {
+                    name: "whole".into(),
+                    role: VolumeRole::Whole,
+                    partition: None,
+                    offset: 0,
+                    size: 2 * u64::from(CS),
+                    filesystem: None,
+                    content: Content::Data {
+                        index: h.id().to_hex(),
+                        mode: "raw".into(),
+                        bytes_read: 0,
+                        bytes_data: 0,
+                        bytes_stored_new: 0,
+                    },
+                }],
+                tracking: None,
+            }],
+        };
+        Sent {
+            chunks,
+            index_id: h.id(),
+            index,
+            manifest: m.encode(),
+            id: id.into(),
+        }
+    }
+
+    /// Runs a session against a fresh standby repository; the client side is `script`.
+    fn with_session<F, Fut>(script: F) -> (tempfile::TempDir, Result<()>)
+    where
+        F: FnOnce(tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        LocalDir::open_or_create(&repo, "test", "2026-11-21T12:00:00Z").unwrap();
+        tls::keygen(&dir.path().join("key")).unwrap();
+        let ctx = Ctx {
+            cfg: ServeConfig {
+                listen: String::new(),
+                repo,
+                replica: None,
+                identity: Identity::load(&dir.path().join("key")).unwrap(),
+                allowed: BTreeSet::new(),
+                timeout: Duration::from_secs(5),
+            },
+            allowed: Arc::new(BTreeSet::new()),
+            writer: tokio::sync::Mutex::new(()),
+            applier: Mutex::new(None),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = rt.block_on(async {
+            let (mut server_end, client_end) = tokio::io::duplex(1 << 20);
+            let ctx = &ctx;
+            // The server's end closes when its session ends, as a connection would.
+            let server = async move {
+                let mut stats = Stats::default();
+                session(&mut server_end, ctx, &mut stats).await
+            };
+            let (r, ()) = tokio::join!(server, script(client_end));
+            r
+        });
+        (dir, result)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    async fn hello(c: &mut tokio::io::DuplexStream) -> p::Welcome {
+        let h = p::Hello {
+            protocol: p::PROTOCOL.into(),
+            versions: vec![1],
+            software: "test".into(),
+        };
+        p::write_json(c, Kind::Hello, &h, T).await.unwrap();
+        p::read_frame(c, T).await.unwrap().json().unwrap()
+    }
+
+    async fn begin(c: &mut tokio::io::DuplexStream, s: &Sent) {
+        let b = p::Begin {
+            id: s.id.clone(),
+            manifest_sha256: Digest::of_bytes(&s.manifest).to_hex(),
+            indexes: vec![s.index_id.to_hex()],
+        };
+        p::write_json(c, Kind::Begin, &b, T).await.unwrap();
+        p::read_frame(c, T)
+            .await
+            .unwrap()
+            .expect(Kind::Plan)
+            .unwrap();
+    }
+
+    async fn send_index(c: &mut tokio::io::DuplexStream, s: &Sent) -> Result<Frame> {
+        let id = s.index_id.0;
+        p::write_frame(c, Kind::IndexPart, &[&id, &0u64.to_le_bytes(), &s.index], T)
+            .await
+            .unwrap();
+        p::write_frame(c, Kind::IndexEnd, &[&id], T).await?;
+        p::read_frame(c, T).await
+    }
+
+    async fn send_chunks(
+        c: &mut tokio::io::DuplexStream,
+        chunks: &[(Digest, Vec<u8>)],
+    ) -> Result<Frame> {
+        for (d, blob) in chunks {
+            p::write_frame(c, Kind::Chunk, &[&d.0, blob], T).await?;
+        }
+        p::write_frame(c, Kind::BatchEnd, &[], T).await?;
+        p::read_frame(c, T).await
+    }
+
+    use p::Frame;
+
+    #[test]
+    fn a_complete_point_is_committed() {
+        let a = point("a", 1, None);
+        let (dir, r) = with_session(|mut c| async move {
+            assert!(hello(&mut c).await.points.is_empty());
+            begin(&mut c, &a).await;
+            send_chunks(&mut c, &a.chunks)
+                .await
+                .unwrap()
+                .expect(Kind::BatchOk)
+                .unwrap();
+            send_index(&mut c, &a)
+                .await
+                .unwrap()
+                .expect(Kind::IndexOk)
+                .unwrap();
+            p::write_frame(&mut c, Kind::Commit, &[&a.manifest], T)
+                .await
+                .unwrap();
+            p::read_frame(&mut c, T)
+                .await
+                .unwrap()
+                .expect(Kind::Committed)
+                .unwrap();
+            p::write_frame(&mut c, Kind::Bye, &[], T).await.unwrap();
+        });
+        r.unwrap();
+        assert!(dir.path().join("repo/points/a").exists());
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_refused_and_not_stored() {
+        let a = point("a", 1, None);
+        let mut bad = a.chunks.clone();
+        let last = bad[1].1.len() - 1;
+        bad[1].1[last] ^= 1;
+        let d1 = bad[1].0;
+        let (dir, r) = with_session(|mut c| async move {
+            hello(&mut c).await;
+            begin(&mut c, &a).await;
+            // The server ends the session with the error; the test reads it as the
+            // client would, after the batch.
+            let _ = send_chunks(&mut c, &bad).await;
+        });
+        let e = r.unwrap_err();
+        assert_eq!(error_code(&e), "damaged", "{e:#}");
+        let store = LocalDir::open(&dir.path().join("repo")).unwrap();
+        assert!(!store.has_chunk(&d1).unwrap());
+    }
+
+    #[test]
+    fn an_index_naming_missing_chunks_is_refused() {
+        let a = point("a", 1, None);
+        let (dir, r) = with_session(|mut c| async move {
+            hello(&mut c).await;
+            begin(&mut c, &a).await;
+            send_chunks(&mut c, &a.chunks[..1])
+                .await
+                .unwrap()
+                .expect(Kind::BatchOk)
+                .unwrap();
+            let _ = send_index(&mut c, &a).await;
+        });
+        let e = r.unwrap_err();
+        assert_eq!(error_code(&e), "incomplete", "{e:#}");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("repo/indexes"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_point_whose_parent_is_missing_is_not_committed() {
+        let a = point("a", 1, None);
+        let b = point("b", 5, Some(&a));
+        let (dir, r) = with_session(|mut c| async move {
+            hello(&mut c).await;
+            begin(&mut c, &b).await;
+            send_chunks(&mut c, &b.chunks)
+                .await
+                .unwrap()
+                .expect(Kind::BatchOk)
+                .unwrap();
+            send_index(&mut c, &b)
+                .await
+                .unwrap()
+                .expect(Kind::IndexOk)
+                .unwrap();
+            p::write_frame(&mut c, Kind::Commit, &[&b.manifest], T)
+                .await
+                .unwrap();
+            let _ = p::read_frame(&mut c, T).await;
+        });
+        let e = r.unwrap_err();
+        assert_eq!(error_code(&e), "incomplete", "{e:#}");
+        assert!(!dir.path().join("repo/points/b").exists());
+    }
+
+    #[test]
+    fn an_oversized_frame_ends_the_session() {
+        let (_dir, r) = with_session(|mut c| async move {
+            hello(&mut c).await;
+            // An IndexEnd claiming 1 GiB.
+            let head = [0, 0, 0, 0x40, Kind::IndexEnd as u8];
+            tokio::io::AsyncWriteExt::write_all(&mut c, &head)
+                .await
+                .unwrap();
+        });
+        let e = r.unwrap_err();
+        assert_eq!(error_code(&e), "violation", "{e:#}");
+    }
+}

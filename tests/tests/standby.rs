@@ -1,0 +1,776 @@
+//! Replication to a standby host, end to end: the standby (`bkimg standby serve`) runs in a
+//! network namespace made by each test, reached from the root namespace over a veth pair;
+//! faults are real (nft packet loss, tc tbf bandwidth limit, the link set down, the
+//! standby killed with SIGKILL). Every case must converge to a replica byte-identical to
+//! the source disk, and a restore from the standby's repository byte-identical too.
+//!
+//! Needs root (namespaces, nft, tc). Helpers live in this file.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bkimg_tests::{
+    bkimg, bkimg_ok, bkimg_path, noise, p, require_root, sh, sha256_file, write_at, Run, TempDir,
+    CHUNK, MIB,
+};
+use serde_json::Value;
+
+const PORT: u16 = 7070;
+
+// ------------------------------------------------------------------------------------------
+// Network namespace with a veth pair, torn down on drop.
+
+struct Net {
+    ns: String,
+    host_if: String,
+    ns_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl Net {
+    /// A namespace and a /30 from 198.18.0.0/15 unique to this process and call.
+    fn new() -> Net {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{:x}{}", pid % 0xfffff, n);
+        let slot = ((pid % 2048) * 16 + n) % 32768;
+        let base = (198u32 << 24) | (18 << 16) | (slot * 4);
+        let ip = |x: u32| {
+            let a = base + x;
+            format!(
+                "{}.{}.{}.{}",
+                a >> 24,
+                (a >> 16) & 255,
+                (a >> 8) & 255,
+                a & 255
+            )
+        };
+        let net = Net {
+            ns: format!("bksb{tag}"),
+            host_if: format!("bkh{tag}"),
+            ns_if: format!("bkn{tag}"),
+            host_ip: ip(1),
+            ns_ip: ip(2),
+        };
+        sh("ip", &["netns", "add", &net.ns]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &net.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &net.ns_if,
+            ],
+        );
+        sh("ip", &["link", "set", &net.ns_if, "netns", &net.ns]);
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/30", net.host_ip),
+                "dev",
+                &net.host_if,
+            ],
+        );
+        sh("ip", &["link", "set", &net.host_if, "up"]);
+        net.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", net.ns_ip),
+            "dev",
+            &net.ns_if,
+        ]);
+        net.exec(&["ip", "link", "set", &net.ns_if, "up"]);
+        net.exec(&["ip", "link", "set", "lo", "up"]);
+        net
+    }
+
+    /// Runs a command inside the namespace; it must succeed.
+    fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.ns];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    fn url(&self) -> String {
+        format!("bkimg://{}:{PORT}", self.ns_ip)
+    }
+
+    /// Drops `percent` % of packets both ways inside the namespace (nft numgen).
+    fn loss(&self, percent: u32) {
+        let n = percent.to_string();
+        self.exec(&["nft", "add", "table", "inet", "bkloss"]);
+        for (chain, hook) in [("i", "input"), ("o", "output")] {
+            let spec = format!("{{ type filter hook {hook} priority 0 ; }}");
+            self.exec(&["nft", "add", "chain", "inet", "bkloss", chain, &spec]);
+            self.exec(&[
+                "nft", "add", "rule", "inet", "bkloss", chain, "numgen", "random", "mod", "100",
+                "<", &n, "counter", "drop",
+            ]);
+        }
+    }
+
+    /// Packets the loss rules dropped so far.
+    fn dropped(&self) -> u64 {
+        let out = self.exec(&["nft", "list", "table", "inet", "bkloss"]);
+        out.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Limits what the host sends to the standby (tc tbf on the host's end).
+    fn rate(&self, rate: &str) {
+        sh(
+            "tc",
+            &[
+                "qdisc",
+                "add",
+                "dev",
+                &self.host_if,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kbit",
+                "latency",
+                "500ms",
+            ],
+        );
+    }
+
+    /// Sets the standby's end of the link down or up. (Not the host's end: with it down,
+    /// the host would route the standby's address to its default gateway.)
+    fn link(&self, up: bool) {
+        self.exec(&[
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth, which deletes both ends.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Keys, the standby process, the client.
+
+struct Keys {
+    client: PathBuf,
+    server: PathBuf,
+    client_fp: String,
+    server_fp: String,
+}
+
+fn keys(dir: &Path) -> Keys {
+    let client = dir.join("client-key");
+    let server = dir.join("standby-key");
+    let client_fp = bkimg_ok(&["standby", "keygen", "--dir", p(&client)])
+        .stdout
+        .trim()
+        .to_string();
+    let server_fp = bkimg_ok(&["standby", "keygen", "--dir", p(&server)])
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(client_fp.len(), 64, "{client_fp}");
+    Keys {
+        client,
+        server,
+        client_fp,
+        server_fp,
+    }
+}
+
+/// `bkimg standby serve` inside the namespace, killed (SIGKILL) on drop.
+struct Standby {
+    child: Option<Child>,
+    log: PathBuf,
+    repo: PathBuf,
+    replica: PathBuf,
+}
+
+impl Standby {
+    fn start(net: &Net, k: &Keys, dir: &Path, env: &[(&str, &str)]) -> Standby {
+        let repo = dir.join("standby-repo");
+        let replica = dir.join("replica.img");
+        let log = dir.join("standby.log");
+        let seen = fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let listen = format!("{}:{PORT}", net.ns_ip);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &net.ns])
+            .arg(bkimg_path())
+            .args(["standby", "serve", "--listen", &listen, "--repo"])
+            .arg(&repo)
+            .arg("--replica")
+            .arg(&replica)
+            .arg("--key")
+            .arg(&k.server)
+            .args(["--allow", &k.client_fp, "--timeout", "10"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting the standby");
+        let s = Standby {
+            child: Some(child),
+            log,
+            repo,
+            replica,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !s
+            .log_text()
+            .get(seen..)
+            .unwrap_or("")
+            .contains("listening on")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "standby did not start:\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn status(&self) -> Value {
+        bkimg_ok(&["standby", "status", "--repo", p(&self.repo), "--json"]).json()
+    }
+
+    /// Waits until the replica holds `id` with no apply running.
+    fn wait_applied(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = self.status();
+            if s["applied"] == id && s["apply_state"] == "idle" {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica never reached {id}: {s}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn replicate_args<'a>(
+    repo: &'a str,
+    net_url: &'a str,
+    k: &'a Keys,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "replicate",
+        "--repo",
+        repo,
+        "--to",
+        net_url,
+        "--key",
+        p(&k.client),
+        "--server-fingerprint",
+        &k.server_fp,
+        "--json",
+        "--quiet",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn replicate(repo: &Path, net: &Net, k: &Keys, extra: &[&str]) -> Run {
+    let url = net.url();
+    bkimg(&replicate_args(p(repo), &url, k, extra))
+}
+
+fn replicate_ok(repo: &Path, net: &Net, k: &Keys, extra: &[&str]) -> Value {
+    let r = replicate(repo, net, k, extra);
+    assert_eq!(r.code, 0, "replicate failed:\n{}\n{}", r.stdout, r.stderr);
+    r.json()
+}
+
+/// Starts `bkimg replicate` without waiting for it.
+fn replicate_spawn(repo: &Path, net: &Net, k: &Keys, extra: &[&str]) -> Child {
+    let url = net.url();
+    Command::new(bkimg_path())
+        .args(replicate_args(p(repo), &url, k, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning bkimg replicate")
+}
+
+fn finish(child: Child) -> Run {
+    let out = child.wait_with_output().expect("waiting for bkimg");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Source disks.
+
+/// A GPT disk of incompressible data (two partitions, captured raw): `size` bytes.
+fn gpt_disk(path: &Path, size: u64, seed: u64) {
+    fs::write(path, noise(size as usize, seed)).unwrap();
+    sh(
+        "sgdisk",
+        &["-o", "-n", "1:2048:+12M", "-n", "2:0:0", p(path)],
+    );
+}
+
+fn capture(repo: &Path, disk: &Path, parent: bool) -> String {
+    let mut a = vec!["capture", "--json", "--quiet", "--repo", p(repo)];
+    if parent {
+        a.extend(["--parent", "latest"]);
+    }
+    a.push(p(disk));
+    let v = bkimg_ok(&a).json();
+    v["id"]
+        .as_str()
+        .or_else(|| v["point"]["id"].as_str())
+        .or_else(|| v["manifest"]["id"].as_str())
+        .unwrap_or_else(|| panic!("capture JSON without an id: {v}"))
+        .to_string()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (ma, mb) = (fs::metadata(a), fs::metadata(b));
+    if ma.map(|m| m.len()).ok() != mb.map(|m| m.len()).ok() {
+        return false;
+    }
+    sha256_file(a) == sha256_file(b)
+}
+
+fn assert_same(a: &Path, b: &Path, what: &str) {
+    assert!(
+        same_file(a, b),
+        "{what}: {} and {} differ",
+        a.display(),
+        b.display()
+    );
+}
+
+/// Restores `id` from `repo` to a new image and compares it with `expected`.
+fn assert_restores_to(repo: &Path, id: &str, expected: &Path, scratch: &Path) {
+    let out = scratch.join(format!("restore-{id}.img"));
+    let _ = fs::remove_file(&out);
+    bkimg_ok(&[
+        "restore",
+        "--repo",
+        p(repo),
+        id,
+        "--target",
+        p(&out),
+        "--quiet",
+    ]);
+    assert_same(
+        &out,
+        expected,
+        &format!("restore of {id} from {}", repo.display()),
+    );
+    fs::remove_file(&out).unwrap();
+}
+
+/// Changes `n` whole chunks (at distinct chunk indexes) of `disk`, inside partition 2.
+fn change_chunks(disk: &Path, first: u64, n: u64, seed: u64) {
+    for i in 0..n {
+        write_at(
+            disk,
+            (first + i * 3) * CHUNK,
+            &noise(CHUNK as usize, seed + i),
+        );
+    }
+}
+
+fn setup() -> Option<(TempDir, Net, Keys)> {
+    if !require_root() {
+        return None;
+    }
+    let dir = TempDir::new().unwrap();
+    let net = Net::new();
+    let k = keys(dir.path());
+    Some((dir, net, k))
+}
+
+// ------------------------------------------------------------------------------------------
+
+/// (a) + (b): full then incremental; the standby repository verifies, the replica and a
+/// restore from the standby equal the source, and the incremental writes to the replica
+/// only the chunks that changed.
+#[test]
+fn round_trip_full_and_incremental_writes_only_changed_chunks() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 40 * MIB, 1);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["points_sent"][0], full.as_str(), "{r}");
+    assert_eq!(r["target"], net.url());
+    assert!(r["chunks_sent"].as_u64().unwrap() >= 160, "{r}");
+    let s = sb.wait_applied(&full);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    assert_same(&sb.replica, &disk, "replica after the full");
+
+    // Incremental: 5 chunks change.
+    change_chunks(&disk, 60, 5, 100);
+    let inc = capture(&src, &disk, true);
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["points_sent"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["points_present"], 1, "{r}");
+    assert_eq!(r["chunks_sent"], 5, "only the new chunks travel: {r}");
+    let s = sb.wait_applied(&inc);
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_eq!(
+        s["last_apply"]["chunks_written"], 5,
+        "only the changed chunks are written to the replica: {s}"
+    );
+    assert_eq!(s["last_apply"]["from"], full.as_str());
+    assert!(
+        sb.log_text().contains("5 changed chunks written"),
+        "{}",
+        sb.log_text()
+    );
+    assert_same(&sb.replica, &disk, "replica after the incremental");
+
+    // Nothing left to send: a rerun sends nothing.
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["chunks_sent"], 0, "{r}");
+    assert_eq!(r["points_present"], 2, "{r}");
+
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+    assert_restores_to(&sb.repo, &inc, &disk, d);
+    assert_restores_to(&src, &inc, &sb.replica, d);
+}
+
+/// (c): 7 % packet loss both ways and a 60 Mbit/s link; then an incremental under
+/// --bwlimit takes at least as long as the limit implies.
+#[test]
+fn lossy_slow_link_converges() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 24 * MIB, 2);
+    capture(&src, &disk, false);
+    net.loss(7);
+    net.rate("60mbit");
+    let sb = Standby::start(&net, &k, d, &[]);
+    let r = replicate_ok(&src, &net, &k, &["--timeout", "20"]);
+    sb.wait_applied(r["points_sent"][0].as_str().unwrap());
+    assert_same(&sb.replica, &disk, "replica over a lossy link");
+    assert!(net.dropped() > 0, "the loss rules dropped nothing");
+
+    change_chunks(&disk, 50, 8, 200); // 2 MiB
+    let inc = capture(&src, &disk, true);
+    let t = Instant::now();
+    let r = replicate_ok(&src, &net, &k, &["--bwlimit", "1M", "--timeout", "20"]);
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(r["chunks_sent"], 8, "{r}");
+    assert!(secs >= 1.5, "2 MiB at 1 MiB/s took only {secs:.2} s");
+    sb.wait_applied(&inc);
+    assert_same(&sb.replica, &disk, "replica after the incremental");
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+}
+
+/// (d): the link goes down mid-transfer for longer than the client's timeout, then comes
+/// back: the client retries and finishes (or a rerun does).
+#[test]
+fn link_cut_mid_transfer_resumes() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 32 * MIB, 3);
+    let id = capture(&src, &disk, false);
+    net.rate("40mbit"); // ~7 s for 32 MiB
+    let sb = Standby::start(&net, &k, d, &[]);
+    let client = replicate_spawn(&src, &net, &k, &["--timeout", "3", "--retries", "6"]);
+    std::thread::sleep(Duration::from_secs(2));
+    net.link(false);
+    std::thread::sleep(Duration::from_secs(5));
+    net.link(true);
+    let r = finish(client);
+    if r.code != 0 {
+        assert_eq!(r.code, 9, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("run the same command again"),
+            "{}",
+            r.stderr
+        );
+        replicate_ok(&src, &net, &k, &[]);
+    } else {
+        assert!(
+            r.stderr.contains("retrying"),
+            "the cut went unnoticed:\n{}",
+            r.stderr
+        );
+    }
+    sb.wait_applied(&id);
+    assert_same(&sb.replica, &disk, "replica after the cut");
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+}
+
+/// (e): the standby is killed (SIGKILL) mid-transfer, then mid-apply; status reports the
+/// interrupted apply, a restart finishes it, and a rerun converges.
+#[test]
+fn standby_killed_mid_transfer_and_mid_apply() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 32 * MIB, 4);
+    let full = capture(&src, &disk, false);
+    net.rate("40mbit");
+    let mut sb = Standby::start(&net, &k, d, &[]);
+
+    // Mid-transfer: the client gives up (exit 9) and says how to resume.
+    let client = replicate_spawn(&src, &net, &k, &["--timeout", "2", "--retries", "1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    sb.kill();
+    let r = finish(client);
+    assert_eq!(r.code, 9, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("run the same command again"),
+        "{}",
+        r.stderr
+    );
+    let stored = sb.log_text();
+    drop(sb);
+
+    let sb = Standby::start(&net, &k, d, &[]);
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert!(
+        r["chunks_present"].as_u64().unwrap() > 0,
+        "what arrived before the kill is not sent again: {r}\n{stored}"
+    );
+    sb.wait_applied(&full);
+    assert_same(&sb.replica, &disk, "replica after the kill mid-transfer");
+    drop(sb);
+
+    // Mid-apply: the apply pauses after its first chunk; kill the standby there.
+    let mut sb = Standby::start(&net, &k, d, &[("BKIMG_TEST_APPLY_PAUSE_MS", "20000")]);
+    let before = d.join("before.img");
+    fs::copy(&disk, &before).unwrap();
+    change_chunks(&disk, 60, 6, 300);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = sb.status();
+        if s["apply_state"] == "in progress" && s["applying"]["id"] == inc.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "apply never started: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    sb.kill();
+    let s = sb.status();
+    assert_eq!(s["apply_state"], "interrupted", "{s}");
+    assert_eq!(s["applied"], full.as_str(), "{s}");
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(text.contains("apply interrupted"), "{text}");
+    assert!(
+        !same_file(&sb.replica, &disk) && !same_file(&sb.replica, &before),
+        "the replica should be half-applied"
+    );
+    drop(sb);
+
+    let sb = Standby::start(&net, &k, d, &[]);
+    // Finished before anything else: by the time it listens.
+    let s = sb.status();
+    assert_eq!(s["applied"], inc.as_str(), "{s}\n{}", sb.log_text());
+    assert_eq!(s["apply_state"], "idle", "{s}");
+    assert!(
+        sb.log_text().contains("finished the interrupted apply"),
+        "{}",
+        sb.log_text()
+    );
+    assert_same(&sb.replica, &disk, "replica after the interrupted apply");
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+}
+
+/// (f): a client with a key the standby does not allow, a plain TCP client sending
+/// garbage, and a client pinning the wrong server fingerprint are all refused.
+#[test]
+fn unauthenticated_peers_are_refused_and_logged() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 16 * MIB, 5);
+    capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+
+    // Wrong client key.
+    let stranger = d.join("stranger-key");
+    let stranger_fp = bkimg_ok(&["standby", "keygen", "--dir", p(&stranger)])
+        .stdout
+        .trim()
+        .to_string();
+    let url = net.url();
+    let r = bkimg(&[
+        "replicate",
+        "--repo",
+        p(&src),
+        "--to",
+        &url,
+        "--key",
+        p(&stranger),
+        "--server-fingerprint",
+        &k.server_fp,
+    ]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(r.stderr.contains("refused our key"), "{}", r.stderr);
+
+    // Plain TCP with garbage.
+    let mut tcp = TcpStream::connect((net.ns_ip.as_str(), PORT)).unwrap();
+    std::io::Write::write_all(&mut tcp, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let _ = tcp.read_to_end(&mut buf);
+    assert!(
+        !buf.windows(4).any(|w| w == b"HTTP"),
+        "answered in plain text"
+    );
+
+    // Wrong pinned fingerprint (the client's own, say).
+    let r = bkimg(&[
+        "replicate",
+        "--repo",
+        p(&src),
+        "--to",
+        &url,
+        "--key",
+        p(&k.client),
+        "--server-fingerprint",
+        &k.client_fp,
+    ]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(r.stderr.contains("not the pinned"), "{}", r.stderr);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let log = sb.log_text();
+    let host = &net.host_ip;
+    assert!(
+        log.lines().any(|l| l.contains("refused")
+            && l.contains(host.as_str())
+            && l.contains(&stranger_fp)),
+        "the refused key is not logged:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused") && l.contains("presented no certificate")),
+        "the garbage connection is not logged:\n{log}"
+    );
+    assert!(sb.status()["points"].as_array().unwrap().is_empty());
+    assert!(!sb.replica.exists());
+
+    // An authenticated client with a damaged chunk: the standby checks every blob and
+    // refuses it; the client reports damage (exit 3) and nothing is committed.
+    let chunk = fs::read_dir(src.join("chunks"))
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("a stored chunk");
+    let mut bytes = fs::read(&chunk).unwrap();
+    bytes[100] ^= 0x55;
+    fs::write(&chunk, &bytes).unwrap();
+    let r = replicate(&src, &net, &k, &[]);
+    assert_eq!(r.code, 3, "{}\n{}", r.stderr, sb.log_text());
+    assert!(r.stderr.contains("refused"), "{}", r.stderr);
+    assert!(sb.status()["points"].as_array().unwrap().is_empty());
+    assert!(!sb.replica.exists());
+}
+
+/// (g): after promote, new points are still received but not applied; the replica stays
+/// equal to the last applied point.
+#[test]
+fn promote_stops_applying() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 16 * MIB, 6);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    let kept = d.join("kept.img");
+    fs::copy(&disk, &kept).unwrap();
+
+    let s = bkimg_ok(&["standby", "promote", "--repo", p(&sb.repo), "--json"]).json();
+    assert_eq!(s["promoted"], true, "{s}");
+    assert_eq!(s["applied"], full.as_str(), "{s}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sb.log_text().contains("promoted: not applying") {
+        assert!(Instant::now() < deadline, "{}", sb.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    change_chunks(&disk, 40, 3, 400);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    let s = sb.status();
+    assert_eq!(s["latest"], inc.as_str(), "{s}");
+    assert_eq!(s["applied"], full.as_str(), "{s}");
+    assert_same(&sb.replica, &kept, "promoted replica");
+    assert_restores_to(&sb.repo, &full, &sb.replica, d);
+}
