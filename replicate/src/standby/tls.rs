@@ -198,14 +198,7 @@ impl ServerCertVerifier for PinnedServer {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let fp = Fingerprint::of(end_entity);
         let ok = fp == self.pin;
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
-        if ok {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        judge(&self.seen, fp, ok).map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -214,9 +207,7 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -231,6 +222,25 @@ impl ServerCertVerifier for PinnedServer {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         schemes()
     }
+}
+
+/// Records the fingerprint a peer presented (for the log line) and accepts it if `ok`.
+fn judge(seen: &Seen, fp: Fingerprint, ok: bool) -> Result<(), rustls::Error> {
+    *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
+    if ok {
+        Ok(())
+    } else {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+}
+
+/// Only TLS 1.3 is offered, so a TLS 1.2 signature is never right.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
 }
 
 /// Server side: the client must present a certificate whose fingerprint is allowed.
@@ -253,14 +263,7 @@ impl ClientCertVerifier for AllowedClients {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let fp = Fingerprint::of(end_entity);
         let ok = self.allowed.contains(&fp);
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
-        if ok {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        judge(&self.seen, fp, ok).map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -269,9 +272,7 @@ impl ClientCertVerifier for AllowedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
