@@ -244,9 +244,12 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Capture is CPU-bound (hash, compress): one worker per CPU.
+/// Capture workers read their own chunks (O_DIRECT) before hashing and compressing them:
+/// more workers than CPUs keep enough reads in flight (measured on the 5 GiB bench image,
+/// 2 CPUs: 8 workers against 2, full capture 5.9-7.3 s against 7.7-7.8 s, hash-diff
+/// incremental 2.0-2.7 s against 2.9-3.6 s).
 fn workers(threads: Option<usize>) -> usize {
-    threads.unwrap_or_else(cpus)
+    threads.unwrap_or_else(|| cpus() * 4)
 }
 
 /// Restore is bound by reading many chunk objects: more requests in flight than CPUs
