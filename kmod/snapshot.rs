@@ -431,19 +431,20 @@ impl SnapDev {
             let c = at >> self.chunk_shift;
             let in_chunk = at - (c << self.chunk_shift);
             let guard = self.image.read_lock();
-            let saved = {
+            // Where the chunk's old data is: in the store, or (None) still on the device.
+            let stored = {
                 let mut map = self.map.lock();
                 loop {
                     match map.get(&c).copied() {
                         Some(Saved::InFlight) if !self.shared.failed() => self.stored.wait(&mut map),
                         Some(Saved::InFlight) => return Err(EIO),
-                        other => break other,
+                        Some(Saved::Stored(loc)) => break Some(loc),
+                        None => break None,
                     }
                 }
             };
-            let span = match saved {
-                Some(Saved::InFlight) => return Err(EIO),
-                Some(Saved::Stored(loc)) => {
+            let span = match stored {
+                Some(loc) => {
                     let span = (chunk_sectors - in_chunk).min(sectors - done);
                     let ext = self.shared.extent(loc.extent);
                     bio.read_span(done, span, &ext.file, loc.sector + in_chunk)?;

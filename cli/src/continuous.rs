@@ -91,14 +91,18 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     let mut capture_failures = 0u32;
     let mut backoff = Duration::ZERO;
     let mut next_ship = Instant::now();
-    let mut shipped_through: Option<String> = None;
+    // The newest local point (read once; then from each capture's report) and the newest
+    // the target is known to hold: the repository is not re-read every cycle.
+    let mut newest = newest_point(&args.repo);
+    let mut shipped: Option<Captured> = None;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         cycle += 1;
-        match capture(&exe, args, live) {
-            Ok(id) => {
+        match capture(&exe, args, live, newest.is_some()) {
+            Ok(point) => {
                 capture_failures = 0;
-                log(&format!("cycle {cycle}: captured {id}"));
+                log(&format!("cycle {cycle}: captured {}", point.id));
+                newest = Some(point);
             }
             Err(e) => {
                 capture_failures += 1;
@@ -112,12 +116,11 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
         }
         if Instant::now() >= next_ship && !stop.load(Ordering::SeqCst) {
             match crate::replicate::ship(args, true) {
-                Ok(shipped) => {
-                    let report = shipped.report;
+                Ok(done) => {
                     backoff = Duration::ZERO;
-                    let (newest, lag) = lag_of(&args.repo, None)?;
-                    shipped_through = newest.clone();
-                    report_cycle(args, cycle, &report, newest.as_deref(), lag);
+                    // A ship sends every local point: the target now holds the newest.
+                    shipped = newest.clone();
+                    report_cycle(args, cycle, &done.report, shipped.as_ref());
                 }
                 Err(e) => {
                     let unreachable =
@@ -127,13 +130,10 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                     }
                     backoff = (backoff * 2).clamp(every, MAX_BACKOFF);
                     next_ship = Instant::now() + backoff;
-                    let (_, lag) = lag_of(&args.repo, shipped_through.as_deref())?;
-                    log(
-                        &format!(
-                            "cycle {cycle}: target unreachable ({e:#}); retrying in {backoff:?}, lag {}",
-                            lag.map_or("unknown".into(), |l| format!("{l:.1} s"))
-                        ),
-                    );
+                    log(&format!(
+                        "cycle {cycle}: target unreachable ({e:#}); retrying in {backoff:?}, lag {}",
+                        show_lag(shipped.as_ref().and_then(Captured::age))
+                    ));
                 }
             }
         }
@@ -149,15 +149,39 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     Ok(crate::exit::OK)
 }
 
-/// One capture of every source as a child `bkimg capture`; returns the new point's id.
-fn capture(exe: &Path, args: &ReplicateArgs, live: bool) -> Result<String> {
-    let repo = &args.repo;
+/// A restore point as continuous mode keeps track of it.
+#[derive(Clone)]
+struct Captured {
+    id: String,
+    /// RFC 3339, as in the manifest.
+    created: String,
+}
+
+impl Captured {
+    /// Seconds since the point was captured.
+    fn age(&self) -> Option<f64> {
+        let t = time::OffsetDateTime::parse(
+            &self.created,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        Some((time::OffsetDateTime::now_utc() - t).as_seconds_f64())
+    }
+}
+
+fn show_lag(lag: Option<f64>) -> String {
+    lag.map_or("unknown".into(), |l| format!("{l:.1} s"))
+}
+
+/// One capture of every source as a child `bkimg capture` (an incremental of the latest
+/// point when there is one); returns the new point.
+fn capture(exe: &Path, args: &ReplicateArgs, live: bool, has_parent: bool) -> Result<Captured> {
     let mut cmd = Command::new(exe);
     cmd.arg("capture")
         .arg("--repo")
-        .arg(repo)
+        .arg(&args.repo)
         .args(["--json", "--quiet"]);
-    if has_points(repo) {
+    if has_parent {
         cmd.args(["--parent", "latest"]);
     }
     if live {
@@ -178,51 +202,39 @@ fn capture(exe: &Path, args: &ReplicateArgs, live: bool) -> Result<String> {
     }
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("reading bkimg capture's JSON")?;
-    v["id"]
-        .as_str()
-        .map(str::to_string)
-        .context("bkimg capture printed no id")
+    let field = |name: &str| {
+        v[name]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("bkimg capture printed no {name}"))
+    };
+    Ok(Captured {
+        id: field("id")?,
+        created: field("created")?,
+    })
 }
 
-fn has_points(repo: &Path) -> bool {
-    Repository::open(repo)
-        .and_then(|r| r.points())
-        .is_ok_and(|(good, _)| !good.is_empty())
-}
-
-/// Restore point `id`, or the newest one when `id` is None (after a successful ship the
-/// target holds all of them), and its age in seconds.
-fn lag_of(repo: &Path, id: Option<&str>) -> Result<(Option<String>, Option<f64>)> {
-    let r = Repository::open(repo)?;
-    let (points, _) = r.points()?;
-    let point = match id {
-        Some(id) => points.iter().find(|p| p.manifest.id == id),
-        None => points.last(),
-    };
-    let Some(p) = point else {
-        return Ok((None, None));
-    };
-    let created = time::OffsetDateTime::parse(
-        &p.manifest.created,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .ok();
-    let age = created.map(|t| (time::OffsetDateTime::now_utc() - t).as_seconds_f64());
-    Ok((Some(p.manifest.id.clone()), age))
+/// The newest restore point already in the repository, if any.
+fn newest_point(repo: &Path) -> Option<Captured> {
+    let (points, _) = Repository::open(repo).and_then(|r| r.points()).ok()?;
+    points.last().map(|p| Captured {
+        id: p.manifest.id.clone(),
+        created: p.manifest.created.clone(),
+    })
 }
 
 fn report_cycle(
     args: &ReplicateArgs,
     cycle: u64,
     report: &bkimg_replicate::ShipReport,
-    newest: Option<&str>,
-    lag: Option<f64>,
+    newest: Option<&Captured>,
 ) {
+    let lag = newest.and_then(Captured::age);
     if args.common.json {
         let v = json!({
             "cycle": cycle,
             "target": args.to,
-            "newest_on_target": newest,
+            "newest_on_target": newest.map(|p| &p.id),
             "lag_seconds": lag,
             "points_sent": report.points_sent,
             "chunks_sent": report.chunks_sent,
@@ -237,7 +249,7 @@ fn report_cycle(
             report.chunks_sent,
             crate::human(report.bytes_sent),
             report.seconds,
-            lag.map_or("unknown".into(), |l| format!("{l:.1} s"))
+            show_lag(lag)
         );
     }
 }

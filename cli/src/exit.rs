@@ -71,15 +71,19 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
 pub fn remote(err: &anyhow::Error) -> Option<&bkimg_replicate::RemoteError> {
     use bkimg_replicate::RemoteError;
     err.chain().find_map(|cause| {
-        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
-            cause.downcast_ref::<FormatError>().and_then(|f| match f {
-                FormatError::Io { source, .. } => Some(source),
-                _ => None,
-            })
-        });
         cause
             .downcast_ref::<RemoteError>()
-            .or_else(|| io.and_then(|e| e.get_ref()?.downcast_ref::<RemoteError>()))
+            .or_else(|| io_error(cause)?.get_ref()?.downcast_ref::<RemoteError>())
+    })
+}
+
+/// The I/O error a cause is, or carries as a `FormatError::Io`.
+fn io_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    cause.downcast_ref::<std::io::Error>().or_else(|| {
+        cause.downcast_ref::<FormatError>().and_then(|f| match f {
+            FormatError::Io { source, .. } => Some(source),
+            _ => None,
+        })
     })
 }
 
@@ -122,13 +126,7 @@ pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
                 return Some("permission denied: run as root (the bksnap control device needs CAP_SYS_ADMIN)");
             }
         }
-        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
-            cause.downcast_ref::<FormatError>().and_then(|f| match f {
-                FormatError::Io { source, .. } => Some(source),
-                _ => None,
-            })
-        });
-        if let Some(io) = io {
+        if let Some(io) = io_error(cause) {
             if io.raw_os_error() == Some(nix::libc::ENOSPC) {
                 return Some(
                     "the disk is full; nothing was committed: free space (or use another --repo) and run the same command again, chunks already stored are reused",

@@ -3,9 +3,12 @@
 //! lists is always complete. Two kinds of target: S3-compatible object storage
 //! ([`s3`]) and a standby host running `bkimg standby serve` ([`standby`]).
 
+mod plan;
 pub mod s3;
 pub mod standby;
 pub mod throttle;
+
+pub use plan::points_to_ship;
 
 /// What a caller asks of one replication run, whatever the target.
 #[derive(Clone, Debug, Default)]

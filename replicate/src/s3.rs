@@ -28,6 +28,7 @@ use bkimg_format::chunk;
 use bkimg_format::manifest::valid_id;
 use bkimg_format::sealed;
 use bkimg_format::store::local::CONFIG_KIND;
+use bkimg_format::store::names;
 use bkimg_format::store::{StoreRead, StoreWrite};
 use bkimg_format::{Digest, FormatError};
 
@@ -261,20 +262,19 @@ impl S3Store {
     }
 
     pub(crate) fn key_config(&self) -> String {
-        format!("{}config", self.prefix)
+        format!("{}{}", self.prefix, names::CONFIG)
     }
 
     pub(crate) fn key_chunk(&self, d: &Digest) -> String {
-        let hex = d.to_hex();
-        format!("{}chunks/{}/{hex}", self.prefix, &hex[..2])
+        format!("{}{}", self.prefix, names::chunk(d))
     }
 
     pub(crate) fn key_index(&self, d: &Digest) -> String {
-        format!("{}indexes/{}", self.prefix, d.to_hex())
+        format!("{}{}", self.prefix, names::index(d))
     }
 
     pub(crate) fn key_point(&self, id: &str) -> String {
-        format!("{}points/{id}", self.prefix)
+        format!("{}{}", self.prefix, names::manifest(id))
     }
 
     fn classify<E>(&self, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Failure
@@ -532,7 +532,7 @@ impl S3Store {
     /// Restore points in the bucket (valid ids under points/).
     pub fn point_ids(&self) -> Res<Vec<String>> {
         let mut ids: Vec<String> = self
-            .list("points/")?
+            .list(&format!("{}/", names::POINTS))?
             .into_iter()
             .map(|(k, _)| k)
             .filter(|k| valid_id(k))
@@ -544,7 +544,7 @@ impl S3Store {
     /// Index ids in the bucket.
     pub fn index_ids(&self) -> Res<HashSet<Digest>> {
         Ok(self
-            .list("indexes/")?
+            .list(&format!("{}/", names::INDEXES))?
             .into_iter()
             .filter_map(|(k, size)| {
                 (size >= bkimg_format::index::HEADER_LEN as u64)
@@ -559,7 +559,7 @@ impl S3Store {
         let mut set = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         if set.is_none() {
             let mut found = HashSet::new();
-            for (k, size) in self.list("chunks/")? {
+            for (k, size) in self.list(&format!("{}/", names::CHUNKS))? {
                 // chunks/ab/<64 hex>; an object shorter than a header is not a chunk.
                 let Some((fan, hex)) = k.split_once('/') else {
                     continue;

@@ -27,6 +27,7 @@ use crate::error::{FormatError, IoContext, Result};
 use crate::magic;
 use crate::manifest::valid_id;
 use crate::sealed::{self, Features, Kind};
+use crate::store::names;
 
 pub const CONFIG_KIND: Kind = Kind {
     name: "repository config",
@@ -51,12 +52,12 @@ pub struct LocalDir {
 impl LocalDir {
     /// Whether `path` looks like a local repository.
     pub fn is_repository(path: &Path) -> bool {
-        path.join("config").is_file() && path.join("points").is_dir()
+        path.join(names::CONFIG).is_file() && path.join(names::POINTS).is_dir()
     }
 
     /// Opens an existing repository.
     pub fn open(root: &Path) -> Result<LocalDir> {
-        let config = root.join("config");
+        let config = root.join(names::CONFIG);
         let bytes = read_bounded(&config, crate::sealed::MAX_BODY_LEN + 64, || {
             format!("repository config {}", config.display())
         })
@@ -89,12 +90,12 @@ impl LocalDir {
                 )));
             }
         }
-        for sub in ["chunks", "indexes", "points", "tmp"] {
+        for sub in [names::CHUNKS, names::INDEXES, names::POINTS, "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         }
         for byte in 0..=255u8 {
-            let dir = root.join("chunks").join(hex::encode([byte]));
+            let dir = root.join(names::CHUNKS).join(hex::encode([byte]));
             fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         }
         let config = RepoConfig {
@@ -102,7 +103,7 @@ impl LocalDir {
             created: created.to_string(),
         };
         let bytes = sealed::seal(&CONFIG_KIND, Features::default(), &config);
-        write_durably(&root.join("config"), &bytes, &root.join("tmp"))?;
+        write_durably(&root.join(names::CONFIG), &bytes, &root.join("tmp"))?;
         Self::open(root)
     }
 
@@ -111,16 +112,15 @@ impl LocalDir {
     }
 
     pub fn chunk_path(&self, d: &Digest) -> PathBuf {
-        let hex = d.to_hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+        self.root.join(names::chunk(d))
     }
 
     pub fn index_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("indexes").join(d.to_hex())
+        self.root.join(names::index(d))
     }
 
     pub fn manifest_path(&self, id: &str) -> PathBuf {
-        self.root.join("points").join(id)
+        self.root.join(names::manifest(id))
     }
 
     fn scratch_dir(&self) -> Result<&PathBuf> {
@@ -175,7 +175,7 @@ impl StoreRead for LocalDir {
     }
 
     fn list_manifests(&self) -> Result<Vec<String>> {
-        let dir = self.root.join("points");
+        let dir = self.root.join(names::POINTS);
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
             let entry = entry.ctx(|| format!("listing {}", dir.display()))?;

@@ -11,6 +11,7 @@ use crate::error::Result;
 
 pub mod export;
 pub mod local;
+pub mod names;
 
 pub use export::ExportFile;
 pub use local::LocalDir;

@@ -58,7 +58,13 @@ pub fn replicate(
         .map_err(with_resume)?
         .into_iter()
         .collect();
-    let wanted = wanted_points(src, opts, progress)?;
+    let (wanted, damaged) = crate::points_to_ship(src, &opts.ids)?;
+    for (id, e) in damaged {
+        progress.note(&format!(
+            "not shipping restore point {id}: {} (bkimg verify names the damage)",
+            e.full_message()
+        ));
+    }
     let mut report = ShipReport::default();
     let mut to_send = Vec::new();
     for p in wanted {
@@ -177,46 +183,6 @@ pub fn replicate(
     report.bytes_sent = bytes_sent.load(Ordering::Relaxed);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// The restore points asked for with their ancestors, each after its parent.
-fn wanted_points(
-    src: &Repository,
-    opts: &ReplicateOptions,
-    progress: &dyn Progress,
-) -> Result<Vec<Point>> {
-    let mut roots = Vec::new();
-    if opts.ids.is_empty() {
-        let (good, bad) = src.points()?;
-        for (id, e) in bad {
-            progress.note(&format!(
-                "not shipping restore point {id}: {} (bkimg verify names the damage)",
-                e.full_message()
-            ));
-        }
-        roots = good;
-    } else {
-        for id in &opts.ids {
-            roots.push(src.resolve(id)?);
-        }
-    }
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut out = Vec::new();
-    for p in roots {
-        if seen.contains(&p.manifest.id) {
-            continue;
-        }
-        // Checks the digest chain: a broken chain is not shipped.
-        let ancestors = src
-            .ancestors(&p)
-            .with_context(|| format!("the ancestors of restore point {}", p.manifest.id))?;
-        for a in ancestors.into_iter().rev().chain(std::iter::once(p)) {
-            if seen.insert(a.manifest.id.clone()) {
-                out.push(a);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Sends `chunks` with `parallel` requests in flight; each blob is read and checked

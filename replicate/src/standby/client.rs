@@ -57,7 +57,13 @@ pub fn replicate(
     progress: &dyn Progress,
 ) -> Result<ShipReport> {
     let start = Instant::now();
-    let plan = plan(src, &opts.ids)?;
+    let (plan, damaged) = crate::points_to_ship(src, &opts.ids)?;
+    if let Some((id, e)) = damaged.into_iter().next() {
+        return Err(anyhow::Error::from(e).context(format!(
+            "restore point {id} of {} cannot be read",
+            src.location()
+        )));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -112,57 +118,6 @@ pub fn replicate(
         cfg.retries + 1
     ))
     .into())
-}
-
-/// The points to ship, parents before children.
-fn plan(src: &Repository, ids: &[String]) -> Result<Vec<Point>> {
-    let (points, bad) = src.points()?;
-    if let Some((id, e)) = bad.into_iter().next() {
-        return Err(anyhow::Error::from(e).context(format!(
-            "restore point {id} of {} cannot be read",
-            src.location()
-        )));
-    }
-    let chosen: Vec<Point> = if ids.is_empty() {
-        points
-    } else {
-        let mut want: Vec<Point> = Vec::new();
-        for spec in ids {
-            let p = src.resolve(spec)?;
-            let mut chain = src.ancestors(&p)?;
-            chain.reverse();
-            chain.push(p);
-            for q in chain {
-                if !want.iter().any(|w| w.manifest.id == q.manifest.id) {
-                    want.push(q);
-                }
-            }
-        }
-        want
-    };
-    // Order parents first (points() sorts by time; a parent is never newer, but be sure).
-    let mut out: Vec<Point> = Vec::new();
-    let by_id: HashMap<&str, &Point> = chosen.iter().map(|p| (p.manifest.id.as_str(), p)).collect();
-    fn visit<'a>(
-        p: &'a Point,
-        by_id: &HashMap<&str, &'a Point>,
-        out: &mut Vec<Point>,
-        depth: usize,
-    ) {
-        if out.iter().any(|o| o.manifest.id == p.manifest.id) || depth > 100_000 {
-            return;
-        }
-        if let Some(parent) = &p.manifest.parent {
-            if let Some(pp) = by_id.get(parent.id.as_str()) {
-                visit(pp, by_id, out, depth + 1);
-            }
-        }
-        out.push(p.clone());
-    }
-    for p in &chosen {
-        visit(p, &by_id, &mut out, 0);
-    }
-    Ok(out)
 }
 
 async fn connect(
