@@ -35,6 +35,23 @@ pub struct ContinuousArgs {
     pub cycles: Option<u64>,
     /// Sources to capture each cycle (block devices or image files), as for `capture`.
     pub sources: Vec<PathBuf>,
+    /// Difference store of each live capture (bksnap loaded), as `capture --store`:
+    /// created and removed by every capture [default: /var/tmp/bkimg-live-PID.store].
+    #[arg(long, value_name = "FILE", requires = "continuous")]
+    pub store: Option<PathBuf>,
+    /// As `capture --store-size` [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "continuous")]
+    pub store_size: Option<String>,
+    /// As `capture --max-store` [default: 4 x --store-size].
+    #[arg(long, value_name = "SIZE", requires = "continuous")]
+    pub max_store: Option<String>,
+    /// Retention (with --continuous): after a ship, prune the local repository and an
+    /// s3:// target with these --keep-* rules (a standby prunes its own repository).
+    #[command(flatten)]
+    pub keep: crate::prune::KeepArgs,
+    /// Time between prunes when --keep-* rules are given.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub prune_every: Duration,
 }
 
 /// "5s", "250ms", "2m", "1h" → a duration.
@@ -86,6 +103,9 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
             "hash-diff captures: the bksnap module is not loaded"
         }
     ));
+    if !live && (c.store.is_some() || c.store_size.is_some() || c.max_store.is_some()) {
+        log("--store, --store-size and --max-store are ignored: the captures are not live");
+    }
 
     let mut cycle = 0u64;
     let mut capture_failures = 0u32;
@@ -95,14 +115,21 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     // the target is known to hold: the repository is not re-read every cycle.
     let mut newest = newest_point(&args.repo);
     let mut shipped: Option<Captured> = None;
+    let mut last_prune: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         cycle += 1;
+        let mut captured = None;
         match capture(&exe, args, live, newest.is_some()) {
-            Ok(point) => {
+            Ok((point, summary)) => {
                 capture_failures = 0;
-                log(&format!("cycle {cycle}: captured {}", point.id));
+                log(&format!(
+                    "cycle {cycle}: captured {} ({})",
+                    point.id,
+                    describe(&summary)
+                ));
                 newest = Some(point);
+                captured = Some(summary);
             }
             Err(e) => {
                 capture_failures += 1;
@@ -120,11 +147,24 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                     backoff = Duration::ZERO;
                     // A ship sends every local point: the target now holds the newest.
                     shipped = newest.clone();
-                    report_cycle(args, cycle, &done.report, shipped.as_ref());
+                    report_cycle(
+                        args,
+                        cycle,
+                        &done.report,
+                        shipped.as_ref(),
+                        captured.as_ref(),
+                    );
+                    if !c.keep.is_empty() && last_prune.is_none_or(|t| t.elapsed() >= c.prune_every)
+                    {
+                        last_prune = Some(Instant::now());
+                        prune_both(args, cycle);
+                    }
                 }
                 Err(e) => {
+                    // A target that is down, or busy with a prune, is tried again later.
                     let unreachable =
-                        matches!(crate::exit::remote(&e), Some(RemoteError::Unreachable(_)));
+                        matches!(crate::exit::remote(&e), Some(RemoteError::Unreachable(_)))
+                            || crate::exit::code_for(&e) == crate::exit::BUSY;
                     if !unreachable {
                         return Err(e);
                     }
@@ -147,6 +187,30 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     }
     log(&format!("stopped after {cycle} cycle(s)"));
     Ok(crate::exit::OK)
+}
+
+/// Applies the retention rules to the local repository, then to an S3 target. A prune
+/// that cannot run now (the repository is busy, the target is down) is logged and tried
+/// again at the next prune time: nothing depends on it.
+fn prune_both(args: &ReplicateArgs, cycle: u64) {
+    let policy = args.continuous.keep.policy();
+    let mut places = vec![(args.repo.clone(), None)];
+    if args.to.starts_with("s3://") {
+        places.push((PathBuf::from(&args.to), args.endpoint.as_deref()));
+    }
+    for (place, endpoint) in places {
+        match crate::prune::prune_location(&place, endpoint, &policy, false, false) {
+            Ok((_, report)) => log(&format!(
+                "cycle {cycle}: pruned {}: {}",
+                place.display(),
+                crate::prune::summary(&report)
+            )),
+            Err(e) => log(&format!(
+                "cycle {cycle}: pruning {} failed, trying again later: {e:#}",
+                place.display()
+            )),
+        }
+    }
 }
 
 /// A restore point as continuous mode keeps track of it.
@@ -174,8 +238,13 @@ fn show_lag(lag: Option<f64>) -> String {
 }
 
 /// One capture of every source as a child `bkimg capture` (an incremental of the latest
-/// point when there is one); returns the new point.
-fn capture(exe: &Path, args: &ReplicateArgs, live: bool, has_parent: bool) -> Result<Captured> {
+/// point when there is one); returns the new point and what the capture did.
+fn capture(
+    exe: &Path,
+    args: &ReplicateArgs,
+    live: bool,
+    has_parent: bool,
+) -> Result<(Captured, serde_json::Value)> {
     let mut cmd = Command::new(exe);
     cmd.arg("capture")
         .arg("--repo")
@@ -186,6 +255,18 @@ fn capture(exe: &Path, args: &ReplicateArgs, live: bool, has_parent: bool) -> Re
     }
     if live {
         cmd.arg("--live");
+        let c = &args.continuous;
+        if let Some(store) = &c.store {
+            cmd.arg("--store").arg(store);
+        }
+        for (flag, value) in [
+            ("--store-size", &c.store_size),
+            ("--max-store", &c.max_store),
+        ] {
+            if let Some(v) = value {
+                cmd.args([flag, v]);
+            }
+        }
     }
     cmd.args(&args.continuous.sources);
     let out = cmd
@@ -208,10 +289,41 @@ fn capture(exe: &Path, args: &ReplicateArgs, live: bool, has_parent: bool) -> Re
             .map(str::to_string)
             .with_context(|| format!("bkimg capture printed no {name}"))
     };
-    Ok(Captured {
+    let point = Captured {
         id: field("id")?,
         created: field("created")?,
-    })
+    };
+    // How each disk was read: what the cycle's JSON reports of the capture.
+    let summary = json!({
+        "id": point.id,
+        "seconds": v["seconds"],
+        "bytes_read": v["bytes_read"],
+        "live": !v["live"].is_null(),
+        "disks": v["disks"],
+    });
+    Ok((point, summary))
+}
+
+/// "live, changed-blocks, 1.2 MiB read" for the log line of a capture.
+fn describe(summary: &serde_json::Value) -> String {
+    let mut modes: Vec<&str> = summary["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["mode"].as_str())
+        .collect();
+    modes.sort_unstable();
+    modes.dedup();
+    format!(
+        "{}{}, {} read",
+        if summary["live"] == true {
+            "live, "
+        } else {
+            ""
+        },
+        modes.join("/"),
+        crate::human(summary["bytes_read"].as_u64().unwrap_or(0))
+    )
 }
 
 /// The newest restore point already in the repository, if any.
@@ -228,6 +340,7 @@ fn report_cycle(
     cycle: u64,
     report: &bkimg_replicate::ShipReport,
     newest: Option<&Captured>,
+    captured: Option<&serde_json::Value>,
 ) {
     let lag = newest.and_then(Captured::age);
     if args.common.json {
@@ -240,6 +353,7 @@ fn report_cycle(
             "chunks_sent": report.chunks_sent,
             "bytes_sent": report.bytes_sent,
             "ship_seconds": report.seconds,
+            "capture": captured,
         });
         crate::out(&v.to_string());
     } else {

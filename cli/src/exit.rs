@@ -25,6 +25,9 @@ pub const DENIED: i32 = 8;
 /// A remote target could not be reached or the connection broke; nothing half-done is
 /// visible there: run the same command again to resume.
 pub const UNREACHABLE: i32 = 9;
+/// The repository is in use: a prune while others use it, or the other way round. Nothing
+/// was changed; run the command again later.
+pub const BUSY: i32 = 10;
 /// SIGINT or SIGTERM (the shell's code for a command killed by SIGINT).
 pub const INTERRUPTED: i32 = 130;
 
@@ -36,6 +39,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 FormatError::Corrupt { .. } => DAMAGED,
                 FormatError::Unsupported { .. } => UNSUPPORTED,
                 FormatError::Missing { .. } | FormatError::NotRepository(_) => NOT_FOUND,
+                FormatError::Busy(_) => BUSY,
                 FormatError::Io { .. } => remote(err).map_or(FAILURE, remote_code),
             };
         }

@@ -6,6 +6,7 @@ mod demo;
 mod exit;
 mod live;
 mod progress;
+mod prune;
 mod replicate;
 mod s3cmd;
 mod snapshot;
@@ -122,6 +123,9 @@ enum Command {
         repo: PathBuf,
         /// Restore points to verify (default: all).
         ids: Vec<String>,
+        /// Chunks read and checked at once (default: 4 per CPU; 32 for s3://).
+        #[arg(long)]
+        threads: Option<usize>,
         #[command(flatten)]
         common: Common,
     },
@@ -174,6 +178,9 @@ enum Command {
         /// Changed byte ranges, "START+LENGTH" (rounded out to whole blocks).
         ranges: Vec<String>,
     },
+    /// Delete restore points a retention policy no longer keeps, and the data only they
+    /// used (local or s3:// repositories).
+    Prune(prune::PruneArgs),
     /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
     /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
     Replicate(replicate::ReplicateArgs),
@@ -263,6 +270,7 @@ fn io_workers(threads: Option<usize>, repo: &Path) -> usize {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Replicate(args) => replicate::run(args),
+        Command::Prune(args) => prune::run(&args),
         Command::Standby(cmd) => standby::run(cmd),
         Command::Capture {
             repo,
@@ -423,10 +431,16 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Verify { repo, ids, common } => {
+        Command::Verify {
+            repo,
+            ids,
+            threads,
+            common,
+        } => {
+            let workers = io_workers(threads, &repo);
             let repo = open_repository(&repo)?;
             let bar = Bar::new(common.quiet || common.json);
-            let report = bkimg_restore::verify::verify(&repo, &ids, &bar);
+            let report = bkimg_restore::verify::verify(&repo, &ids, workers, &bar);
             bar.finish();
             let report = report?;
             if common.json {
@@ -465,8 +479,23 @@ fn run(cli: Cli) -> Result<i32> {
                     e.full_message()
                 );
             }
+            // A parent that is not listed was pruned (or is missing: verify says which).
+            let ids: std::collections::HashSet<&str> =
+                points.iter().map(|p| p.manifest.id.as_str()).collect();
+            let parent_gone = |m: &bkimg_format::manifest::Manifest| {
+                m.parent
+                    .as_ref()
+                    .is_some_and(|l| !ids.contains(l.id.as_str()))
+            };
             if common.json {
-                let arr: Vec<_> = points.iter().map(point_summary).collect();
+                let arr: Vec<_> = points
+                    .iter()
+                    .map(|p| {
+                        let mut v = point_summary(p);
+                        v["parent_pruned"] = serde_json::Value::Bool(parent_gone(&p.manifest));
+                        v
+                    })
+                    .collect();
                 out_json(&serde_json::Value::Array(arr));
             } else {
                 out(&format!(
@@ -478,7 +507,11 @@ fn run(cli: Cli) -> Result<i32> {
                     out(&format!(
                         "{:<24} {:<24} {:<22} {:>10}  {}",
                         m.id,
-                        m.parent.as_ref().map_or("-", |p| p.id.as_str()),
+                        match &m.parent {
+                            None => "-".to_string(),
+                            Some(l) if parent_gone(m) => format!("{} (pruned)", l.id),
+                            Some(l) => l.id.clone(),
+                        },
                         m.created,
                         human(m.disks.iter().map(|d| d.size).sum()),
                         m.disks

@@ -96,6 +96,12 @@ pub fn run(args: ReplicateArgs) -> Result<i32> {
     if !args.continuous.sources.is_empty() || args.continuous.every.is_some() {
         bail!("SOURCEs and --every go with --continuous (plain replicate ships what --repo holds)");
     }
+    if !args.continuous.keep.is_empty() {
+        bail!(
+            "--keep-* rules go with --continuous; to prune now, run `bkimg prune --repo DIR` \
+             (and `bkimg prune --repo s3://...` for the target) with the same rules"
+        );
+    }
     let Shipped {
         report,
         target,

@@ -50,7 +50,7 @@ pub enum StandbyCommand {
         common: Common,
     },
     /// Receive restore points from `bkimg replicate --to bkimg://HOST:PORT` (runs until
-    /// stopped); with --replica, keep a disk equal to the latest restore point.
+    /// stopped); with --replica, keep disks equal to the latest restore point.
     Serve {
         /// Address to listen on, e.g. 0.0.0.0:7070.
         #[arg(long)]
@@ -58,9 +58,11 @@ pub enum StandbyCommand {
         /// Repository directory for the received restore points (created if missing).
         #[arg(long)]
         repo: PathBuf,
-        /// Block device or image file kept equal to the latest restore point.
-        #[arg(long)]
-        replica: Option<PathBuf>,
+        /// Block device or image file kept equal to the latest restore point: TARGET for
+        /// single-disk points, or DISK=TARGET once per disk (disk0, disk1, ... as `bkimg
+        /// info` names them) for points of several disks.
+        #[arg(long, value_name = "[DISK=]TARGET")]
+        replica: Vec<String>,
         /// Key directory of this standby (made by `bkimg standby keygen`).
         #[arg(long, value_name = "DIR")]
         key: PathBuf,
@@ -79,11 +81,22 @@ pub enum StandbyCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Stop applying restore points to the replica for good, leaving it consistent and
-    /// ready to boot (an interrupted apply is finished first).
+    /// Stop applying restore points to the replicas, leaving them consistent and ready
+    /// to boot (an interrupted apply is finished first). Undone by `standby demote`.
     Promote {
         #[arg(long)]
         repo: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Undo `promote`: the standby applies restore points again, first restoring the
+    /// latest one whole to every replica (overwriting anything written to them since).
+    Demote {
+        #[arg(long)]
+        repo: PathBuf,
+        /// Do not ask before the replicas are overwritten.
+        #[arg(long)]
+        yes: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -126,7 +139,7 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             let cfg = ServeConfig {
                 listen,
                 repo,
-                replica,
+                replicas: replica::ReplicaSpec::parse_all(&replica)?,
                 identity: tls::Identity::load(&key)?,
                 allowed: tls::allowed_list(&allow)?,
                 timeout: Duration::from_secs(timeout.max(1)),
@@ -144,7 +157,58 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             print_status(&s, common.json, "promote");
             Ok(exit::OK)
         }
+        StandbyCommand::Demote { repo, yes, common } => {
+            let before = replica::status(&repo)?;
+            if !before.promoted {
+                eprintln!("bkimg: {} is not promoted: nothing to undo", repo.display());
+                print_status(&before, common.json, "demote");
+                return Ok(exit::OK);
+            }
+            confirm_demote(&before, yes)?;
+            replica::demote(&repo)?;
+            print_status(&replica::status(&repo)?, common.json, "demote");
+            Ok(exit::OK)
+        }
     }
+}
+
+/// Demoting gives the replicas back to the standby, which overwrites them: say so, and
+/// ask (or require --yes), as `restore` does before overwriting a device.
+fn confirm_demote(s: &replica::Status, yes: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let targets = s
+        .replica
+        .as_deref()
+        .unwrap_or("the replicas given to serve --replica");
+    let point = match (&s.latest, &s.not_applied) {
+        (Some(l), Some(n)) if &n.id == l => "the next restore point that matches them".into(),
+        (Some(l), _) => format!("the latest restore point ({l})"),
+        (None, _) => "the first restore point it receives".to_string(),
+    };
+    eprintln!(
+        "bkimg: warning: after demote, `standby serve` overwrites {targets} with {point}, a \
+         whole restore: anything written to them since promotion is lost"
+    );
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(exit::Refused(format!(
+            "not demoted: add --yes to let the standby overwrite {targets} (not asking: stdin \
+             is not a terminal)"
+        ))
+        .into());
+    }
+    eprint!("Resume applying restore points to {targets}? Type 'yes': ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        return Err(exit::Refused(format!(
+            "not confirmed: still promoted, {targets} untouched"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn print_status(s: &replica::Status, as_json: bool, what: &str) {
@@ -158,34 +222,85 @@ fn print_status(s: &replica::Status, as_json: bool, what: &str) {
         s.points.len(),
         s.latest.as_deref().unwrap_or("none")
     ));
-    match &s.replica {
-        None => crate::out("replica: none"),
-        Some(t) => {
+    match s.replicas.as_slice() {
+        [] => crate::out("replica: none"),
+        [r] if r.disk.is_none() => crate::out(&format!(
+            "replica: {} holds {}",
+            r.target,
+            r.holds.as_deref().unwrap_or("nothing yet")
+        )),
+        rs => {
             crate::out(&format!(
-                "replica: {t} holds {}",
-                s.applied.as_deref().unwrap_or("nothing yet")
+                "replicas: {} disks, all holding {}",
+                rs.len(),
+                s.applied.as_deref().unwrap_or("- (not the same point)")
             ));
-            if let Some(a) = &s.applying {
+            for r in rs {
                 crate::out(&format!(
-                    "apply {}: {} over {} (started {})",
-                    s.apply_state,
-                    a.id,
-                    a.from.as_deref().unwrap_or("nothing (whole restore)"),
-                    a.started
+                    "  {}: {} holds {}",
+                    r.disk.as_deref().unwrap_or("(only disk)"),
+                    r.target,
+                    r.holds.as_deref().unwrap_or("nothing yet")
                 ));
-            }
-            if let Some(l) = &s.last_apply {
-                crate::out(&format!("last apply: {}", l.summary()));
             }
         }
     }
-    if s.promoted {
-        crate::out(if what == "promote" {
-            "promoted: no more restore points are applied; the replica is ready to boot"
-        } else {
-            "promoted: not applying restore points"
-        });
+    if let Some(a) = &s.applying {
+        let done: Vec<&str> = a
+            .disks
+            .iter()
+            .filter(|d| d.done)
+            .map(|d| d.disk.as_deref().unwrap_or(&d.target))
+            .collect();
+        crate::out(&format!(
+            "apply {}: {} over {} (started {}){}",
+            s.apply_state,
+            a.id,
+            a.from.as_deref().unwrap_or("nothing (whole restore)"),
+            a.started,
+            if a.disks.len() > 1 {
+                format!(
+                    "; {} of {} disks done{}",
+                    done.len(),
+                    a.disks.len(),
+                    if done.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", done.join(", "))
+                    }
+                )
+            } else {
+                String::new()
+            }
+        ));
     }
+    if let Some(n) = &s.not_applied {
+        crate::out(&format!("not applied: {}", n.reason));
+    }
+    if let Some(l) = &s.last_apply {
+        crate::out(&format!("last apply: {}", l.summary()));
+    }
+    crate::out(&match (s.promoted, what) {
+        (true, "promote") => format!(
+            "promoted: yes; no more restore points are applied and {} ready to boot (undo: \
+             bkimg standby demote)",
+            if s.replicas.len() > 1 {
+                "the replicas are"
+            } else {
+                "the replica is"
+            }
+        ),
+        (true, _) => format!(
+            "promoted: yes, since {}; not applying restore points (undo: bkimg standby demote)",
+            s.promoted_at.as_deref().unwrap_or("?")
+        ),
+        (false, "demote") => {
+            "promoted: no; the standby applies restore points again (a running serve starts \
+             within seconds)"
+                .to_string()
+        }
+        (false, _) => "promoted: no".to_string(),
+    });
 }
 
 /// Ships to a standby host; returns the run's report.

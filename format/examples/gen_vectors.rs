@@ -20,6 +20,7 @@ use bkimg_format::manifest::{
     CompressionInfo, Content, Disk, Filesystem, GptPartition, GptTable, Manifest, MsdosPartition,
     MsdosTable, ParentRef, PartitionTable, Tracking, Volume, VolumeRole,
 };
+use bkimg_format::prune::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::sealed::{self, Features};
 use bkimg_format::store::export::{ExportWriter, ObjectKind};
@@ -1392,8 +1393,90 @@ fn manifests(p: &TinyPoint) -> Value {
                 "fields": serde_json::to_value(&config).unwrap(),
                 "bytes_hex": hex(&config_bytes),
             },
+            "prune_records": prune_records(p),
         }),
     )
+}
+
+/// Prune records (spec §7.5): the record standing for the full point once it is pruned,
+/// which the incremental's parent link must match, and damaged variants.
+fn prune_records(p: &TinyPoint) -> Value {
+    let record = PruneRecord {
+        id: p.parent.id.clone(),
+        manifest_sha256: Digest::of_bytes(&p.parent_bytes).to_hex(),
+        pruned: "2026-11-21T12:00:00Z".into(),
+    };
+    let bytes = record.encode();
+    let body_of = |f: &dyn Fn(&mut Value)| {
+        let mut v = serde_json::to_value(&record).unwrap();
+        f(&mut v);
+        let mut body = serde_json::to_vec_pretty(&v).unwrap();
+        body.push(b'\n');
+        body
+    };
+    let m = magic::PRUNE_RECORD;
+    let invalid = vec![
+        invalid_doc(
+            "wrong-magic",
+            "a manifest's magic on a prune record body",
+            "corrupt",
+            &seal_raw(magic::MANIFEST, 1, 0, 0, &bytes[64..]),
+        ),
+        invalid_doc(
+            "version-2",
+            "version 2: written by a newer bkimg",
+            "unsupported",
+            &seal_raw(m, 2, 0, 0, &bytes[64..]),
+        ),
+        invalid_doc(
+            "bad-id",
+            "id \"../x\" is not a valid id (digest and length made right)",
+            "corrupt",
+            &seal_raw(m, 1, 0, 0, &body_of(&|v| v["id"] = json!("../x"))),
+        ),
+        invalid_doc(
+            "bad-digest",
+            "manifest_sha256 is not 64 hex digits (digest and length made right)",
+            "corrupt",
+            &seal_raw(
+                m,
+                1,
+                0,
+                0,
+                &body_of(&|v| v["manifest_sha256"] = json!("abc")),
+            ),
+        ),
+        invalid_doc(
+            "body-flipped",
+            "one byte of the body changed: the body digest no longer matches",
+            "corrupt",
+            &{
+                let mut b = bytes.clone();
+                let at = b.len() - 4;
+                b[at] ^= 1;
+                b
+            },
+        ),
+    ];
+    for v in &invalid {
+        let b = hex::decode(v["bytes_hex"].as_str().unwrap()).unwrap();
+        assert!(PruneRecord::decode(&b).is_err(), "{v}");
+    }
+    json!({
+        "notes": "A valid record must decode to fields and re-encode to bytes_hex; its id and \
+                  manifest_sha256 equal the parent link of the valid manifest \"incremental\", \
+                  so a reader walking that chain with the full manifest absent and this \
+                  record present ends the walk here (spec §7.3). Invalid ones must be \
+                  refused with the stated class.",
+        "valid": [{
+            "name": "pruned-full",
+            "description": "the record for the full point, as a prune that removed it stores",
+            "header": sealed_fields(&bytes),
+            "fields": serde_json::to_value(&record).unwrap(),
+            "bytes_hex": hex(&bytes),
+        }],
+        "invalid": invalid,
+    })
 }
 
 // ---------------------------------------------------------------------------------------

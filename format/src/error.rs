@@ -24,6 +24,11 @@ pub enum FormatError {
     #[error("{0}")]
     NotRepository(String),
 
+    /// The repository is in use in a way that excludes this operation (a prune while
+    /// others read or write it, or the other way round).
+    #[error("{0}")]
+    Busy(String),
+
     /// `source` is printed by whoever prints the error chain, not by this message.
     #[error("{context}")]
     Io {

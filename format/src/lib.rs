@@ -13,6 +13,7 @@ pub mod error;
 pub mod index;
 pub mod magic;
 pub mod manifest;
+pub mod prune;
 pub mod repo;
 pub mod sealed;
 pub mod store;

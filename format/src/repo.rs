@@ -8,7 +8,8 @@ use crate::chunk;
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
 use crate::index::{self, EntryReader, IndexHeader};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ParentRef};
+use crate::prune::PruneRecord;
 use crate::store::export::{ExportWriter, ObjectKind};
 use crate::store::{ExportFile, LocalDir, StoreRead};
 
@@ -18,6 +19,13 @@ pub struct Repository {
 
 /// Restore points that could be read, and the ids of those that could not with why.
 pub type Listing = (Vec<Point>, Vec<(String, FormatError)>);
+
+/// A pruned parent standing at the end of a digest chain: its record, decoded and raw.
+#[derive(Clone, Debug)]
+pub struct PrunedLink {
+    pub record: PruneRecord,
+    pub bytes: Vec<u8>,
+}
 
 /// A restore point as listed: its manifest and the SHA-256 of the manifest file.
 #[derive(Clone, Debug)]
@@ -154,8 +162,15 @@ impl Repository {
     }
 
     /// Walks parent links from `point` up, checking each recorded manifest digest.
-    /// Returns the ancestors, nearest first.
+    /// Returns the ancestors, nearest first. The walk ends at a full restore point or at
+    /// a pruned one (spec/format.md §7.5).
     pub fn ancestors(&self, point: &Point) -> Result<Vec<Point>> {
+        Ok(self.chain(point)?.0)
+    }
+
+    /// The ancestors, nearest first, and the prune record that ends the chain, if it ends
+    /// at a pruned restore point rather than a full one.
+    pub fn chain(&self, point: &Point) -> Result<(Vec<Point>, Option<PrunedLink>)> {
         let mut out: Vec<Point> = Vec::new();
         let mut link = point.manifest.parent.clone();
         while let Some(parent) = link {
@@ -165,14 +180,20 @@ impl Repository {
                     format!("parent links loop at {}", parent.id),
                 ));
             }
-            let p = self.point(&parent.id).map_err(|e| match e {
-                FormatError::Missing { .. } => FormatError::missing(format!(
-                    "parent restore point {} (of {})",
-                    parent.id,
-                    out.last().map_or(&point.manifest.id, |c| &c.manifest.id)
-                )),
-                other => other,
-            })?;
+            let p = match self.point(&parent.id) {
+                Ok(p) => p,
+                Err(FormatError::Missing { .. }) => {
+                    if let Some(end) = self.pruned_link(&parent)? {
+                        return Ok((out, Some(end)));
+                    }
+                    return Err(FormatError::missing(format!(
+                        "parent restore point {} (of {})",
+                        parent.id,
+                        out.last().map_or(&point.manifest.id, |c| &c.manifest.id)
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
             if p.manifest_sha256.to_hex() != parent.manifest_sha256 {
                 return Err(FormatError::corrupt(
                     format!("restore point {}", parent.id),
@@ -182,7 +203,27 @@ impl Repository {
             link = p.manifest.parent.clone();
             out.push(p);
         }
-        Ok(out)
+        Ok((out, None))
+    }
+
+    /// The prune record standing for an absent parent, checked against the link to it.
+    pub fn pruned_link(&self, link: &ParentRef) -> Result<Option<PrunedLink>> {
+        let Some(bytes) = self.store.read_prune_record(&link.id)? else {
+            return Ok(None);
+        };
+        let what = || format!("prune record of {}", link.id);
+        let record = PruneRecord::decode(&bytes).map_err(|e| match e {
+            FormatError::Corrupt { detail, .. } => FormatError::corrupt(what(), detail),
+            FormatError::Unsupported { detail, .. } => FormatError::unsupported(what(), detail),
+            other => other,
+        })?;
+        if record.id != link.id || record.manifest_sha256 != link.manifest_sha256 {
+            return Err(FormatError::corrupt(
+                what(),
+                "it records another manifest than the child's parent link",
+            ));
+        }
+        Ok(Some(PrunedLink { record, bytes }))
     }
 
     /// Opens a volume index and checks its header against the id it was named by.
@@ -246,9 +287,14 @@ impl Repository {
             w.add_from(ObjectKind::Index, index, self.store.open_index(&index)?)
                 .map_err(io)?;
         }
-        for ancestor in self.ancestors(point)? {
+        let (ancestors, pruned) = self.chain(point)?;
+        for ancestor in ancestors {
             let bytes = self.store.read_manifest(&ancestor.manifest.id)?;
             w.add_manifest(ObjectKind::AncestorManifest, &ancestor.manifest.id, &bytes)
+                .map_err(io)?;
+        }
+        if let Some(end) = pruned {
+            w.add_manifest(ObjectKind::PruneRecord, &end.record.id, &end.bytes)
                 .map_err(io)?;
         }
         let bytes = self.store.read_manifest(&point.manifest.id)?;

@@ -9,11 +9,12 @@ use bkimg_format::changemap::ChangeMap;
 use bkimg_format::chunk::{self, ChunkHeader};
 use bkimg_format::index::{self, EntryReader, IndexHeader};
 use bkimg_format::manifest::{Content, Manifest, KIND as MANIFEST_KIND};
+use bkimg_format::prune::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::sealed;
 use bkimg_format::store::export::{ExportWriter, ObjectKind};
 use bkimg_format::store::local::{RepoConfig, CONFIG_KIND};
-use bkimg_format::store::{ExportFile, LocalDir};
+use bkimg_format::store::{ExportFile, LocalDir, StoreMaintain, StoreWrite};
 use bkimg_format::{Digest, FormatError};
 use serde_json::Value;
 
@@ -49,6 +50,7 @@ fn class(e: &FormatError) -> &'static str {
         FormatError::Unsupported { .. } => "unsupported",
         FormatError::Missing { .. } => "missing",
         FormatError::NotRepository(_) => "not-repository",
+        FormatError::Busy(_) => "busy",
         FormatError::Io { .. } => "io",
     }
 }
@@ -322,6 +324,62 @@ fn manifest_vectors() {
 }
 
 #[test]
+fn prune_record_vectors() {
+    let file = vectors("manifest.json");
+    let records = &file["prune_records"];
+    let by_name = |n: &str| list(&file["valid"]).iter().find(|v| name(v) == n).unwrap();
+    let incremental = by_name("incremental");
+    let v = &list(&records["valid"])[0];
+    let bytes = unhex(&v["bytes_hex"]);
+    check_sealed_header(v, &bytes);
+    let record = PruneRecord::decode(&bytes).unwrap();
+    assert_eq!(serde_json::to_value(&record).unwrap(), v["fields"]);
+    assert!(record.encode() == bytes, "re-encoding differs");
+    assert_eq!(
+        record.id,
+        incremental["fields"]["parent"]["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        record.manifest_sha256,
+        incremental["fields"]["parent"]["manifest_sha256"]
+            .as_str()
+            .unwrap()
+    );
+    for v in list(&records["invalid"]) {
+        expect_class(v, PruneRecord::decode(&unhex(&v["bytes_hex"])));
+    }
+
+    // The chain walk: the incremental alone is missing its parent; with the record it ends
+    // there; with a record for another manifest it is corrupt.
+    let child_bytes = unhex(&incremental["bytes_hex"]);
+    let child_id = incremental["fields"]["id"].as_str().unwrap();
+    let walk = |record: Option<&[u8]>| {
+        let (_dir, store, repo) = scratch_repo();
+        store.commit_manifest(child_id, &child_bytes).unwrap();
+        if let Some(r) = record {
+            store.put_prune_record(&record_id(r), r).unwrap();
+        }
+        let point = repo.point(child_id).unwrap();
+        repo.chain(&point)
+            .map(|(ancestors, end)| (ancestors.len(), end.is_some()))
+    };
+    fn record_id(bytes: &[u8]) -> String {
+        PruneRecord::decode(bytes).unwrap().id
+    }
+    assert!(matches!(walk(None), Err(FormatError::Missing { .. })));
+    assert_eq!(walk(Some(&bytes)).unwrap(), (0, true));
+    let other = PruneRecord {
+        manifest_sha256: Digest::of_bytes(b"another manifest").to_hex(),
+        ..record.clone()
+    }
+    .encode();
+    assert!(matches!(
+        walk(Some(&other)),
+        Err(FormatError::Corrupt { .. })
+    ));
+}
+
+#[test]
 fn changemap_vectors() {
     let file = vectors("changemap.json");
     for v in list(&file["valid"]) {
@@ -497,7 +555,8 @@ fn export_vectors() {
                                 == key
                     }));
                 }
-                ObjectKind::Chunk => {}
+                // The vectors hold no pruned chains.
+                ObjectKind::Chunk | ObjectKind::PruneRecord => {}
             }
             w.add(kind, digest(&o["key"]), obj).unwrap();
         }

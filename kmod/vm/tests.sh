@@ -461,6 +461,61 @@ t_store_hang() {
         || die "the device does not hold what was written"
 }
 
+t_continuous() {
+    # `replicate --continuous` with bksnap loaded, while a writer keeps writing the source:
+    # every capture after the first is live and reads only what changed-block tracking
+    # names, cycles keep to the interval, and after the writer stops one more cycle's point
+    # restores to exactly the device. The test kernel has no network stack (CONFIG_NET is
+    # off), so the standby on 127.0.0.1 cannot be reached: this also checks that captures
+    # go on while the target is down. Shipping to a standby: tests/tests/standby.rs.
+    pattern cont 128 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    rm -rf /repo/r-cont /repo/k-src /repo/k-sb /repo/cont.img /tmp/stop
+    bkimg standby keygen --dir /repo/k-src >/dev/null || die "keygen" || return 1
+    fp=$(bkimg standby keygen --dir /repo/k-sb) || die "keygen" || return 1
+    cont() { # CYCLES -> stderr lines of the service, each after the uptime it came at
+        bkimg replicate --continuous --every 2s --cycles "$1" --json --repo /repo/r-cont \
+            --to bkimg://127.0.0.1:7070 --key /repo/k-src --server-fingerprint "$fp" \
+            --retries 0 --store /repo/cont.store --store-size 32M /dev/vdb 2>&1 >>/tmp/cycles.json \
+            | while read -r line; do echo "$(cut -d' ' -f1 /proc/uptime) $line"; done
+    }
+    : >/tmp/cycles.json
+    writer /dev/vdb 256 4096 &
+    wpid=$!
+    sleep 2
+    cont 6 >/tmp/cont.log
+    touch /tmp/stop
+    wait $wpid
+    cont 1 >>/tmp/cont.log
+    grep 'captured\|unreachable\|stopped\|error' /tmp/cont.log | sed 's/^/    /'
+    [ "$(grep -c ': captured ' /tmp/cont.log)" = 7 ] || die "7 cycles should have captured 7 points" || return 1
+    grep -q 'target unreachable' /tmp/cont.log || die "the ships should have failed" || return 1
+    grep ': captured ' /tmp/cont.log | head -1 | grep -q '(live, full, ' \
+        || die "the first capture is not a live full one" || return 1
+    bad=0 prev=""
+    grep ': captured ' /tmp/cont.log | tail -n +2 >/tmp/incs
+    while read -r at line; do
+        case "$line" in
+            *"(live, changed-blocks, "*" bytes read)"*) ;;
+            *"(live, changed-blocks, "*" MiB read)"*)
+                mib=$(echo "$line" | sed -n 's/.*changed-blocks, \([0-9]*\)\.[0-9] MiB read.*/\1/p')
+                [ "$mib" -lt 16 ] || { log "read too much: $line"; bad=1; } ;;
+            *) log "not a live changed-blocks capture: $line"; bad=1 ;;
+        esac
+    done </tmp/incs
+    [ $bad = 0 ] || die "incremental cycles did not use changed-block tracking" || return 1
+    # The time between captures: the interval, plus a capture when it took longer.
+    grep ': captured ' /tmp/cont.log | head -6 | cut -d' ' -f1 | cut -d. -f1 >/tmp/at
+    gaps=$(awk 'NR > 1 { printf "%s%d", sep, $1 - prev; sep = " " } { prev = $1 }' /tmp/at)
+    log "seconds between captures: $gaps"
+    for g in $gaps; do [ "$g" -le 8 ] || die "a cycle took $g s (--every 2s)" || return 1; done
+    bkimg verify --repo /repo/r-cont >/tmp/v.log 2>&1 || { cat /tmp/v.log; die "verify"; return 1; }
+    bkimg restore --repo /repo/r-cont latest --target /repo/cont.img >/dev/null 2>&1 || die "restore" || return 1
+    cmp /repo/cont.img /dev/vdb || die "the newest point differs from the device" || return 1
+    [ ! -e /repo/cont.store ] || die "the store file was left behind" || return 1
+    rm -rf /repo/r-cont /repo/k-src /repo/k-sb /repo/cont.img
+    bkimg cbt detach /dev/vdb >/dev/null
+}
+
 t_unload_reload() {
     rmmod bksnap || die "rmmod with nothing attached failed" || return 1
     insmod /root/bksnap.ko || die "insmod again failed" || return 1
@@ -471,7 +526,7 @@ t_smoke() {
     sh /root/smoke.sh /dev/vdb /repo
 }
 
-ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload unload_busy stacked_loop nested_dm store_hang smoke unload_reload"
+ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload unload_busy stacked_loop nested_dm store_hang continuous smoke unload_reload"
 [ -f /root/tests-extra.sh ] && . /root/tests-extra.sh
 
 insmod /root/bksnap.ko || echo "bksnap-tests: insmod failed"

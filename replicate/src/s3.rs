@@ -34,8 +34,10 @@ use bkimg_format::{Digest, FormatError};
 
 use crate::RemoteError;
 
+mod maintain;
 mod ship;
 
+pub use maintain::{LockKind, S3Lock};
 pub use ship::replicate;
 
 /// Objects at least this large are uploaded in parts of this size (indexes of big
@@ -91,6 +93,14 @@ impl Failure {
 }
 
 type Res<T> = std::result::Result<T, Failure>;
+
+/// One object of a listing: its key relative to the store's prefix, size and
+/// last-modified time (Unix seconds).
+pub(crate) struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: i64,
+}
 
 /// `s3://BUCKET[/PREFIX]` → (bucket, prefix with a trailing '/' or empty).
 pub fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
@@ -369,6 +379,16 @@ impl S3Store {
 
     /// One PUT of a whole object.
     pub(crate) fn put(&self, key: &str, bytes: Vec<u8>) -> Res<()> {
+        self.put_object(key, bytes, self.retain_until())
+    }
+
+    /// One PUT without a retention, whatever the store's Object Lock setting (lock objects
+    /// are rewritten and deleted).
+    pub(crate) fn put_unretained(&self, key: &str, bytes: Vec<u8>) -> Res<()> {
+        self.put_object(key, bytes, None)
+    }
+
+    fn put_object(&self, key: &str, bytes: Vec<u8>, retain_until: Option<DateTime>) -> Res<()> {
         self.count();
         let mut req = self
             .client
@@ -376,15 +396,20 @@ impl S3Store {
             .bucket(&self.names.bucket)
             .key(key)
             .body(ByteStream::from(bytes));
-        if let Some(until) = self.retain_until() {
-            // S3 requires an integrity checksum on uploads with a retention.
-            req = req
-                .object_lock_mode(ObjectLockMode::Compliance)
-                .object_lock_retain_until_date(until)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32);
-        }
+        let Some(until) = retain_until else {
+            return self
+                .rt
+                .block_on(req.send())
+                .map(|_| ())
+                .map_err(|e| self.classify(e));
+        };
+        // S3 requires an integrity checksum on uploads with a retention.
+        req = req
+            .object_lock_mode(ObjectLockMode::Compliance)
+            .object_lock_retain_until_date(until)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32);
         self.rt
-            .block_on(req.send())
+            .block_on(req.customize().config_override(checksums_sent()).send())
             .map(|_| ())
             .map_err(|e| self.classify(e))
     }
@@ -436,7 +461,7 @@ impl S3Store {
                 let n = buf.len() as u64;
                 sent(n);
                 self.count();
-                let mut req = self
+                let req = self
                     .client
                     .upload_part()
                     .bucket(&self.names.bucket)
@@ -444,10 +469,14 @@ impl S3Store {
                     .upload_id(&upload_id)
                     .part_number(number)
                     .body(ByteStream::from(buf));
-                if self.lock.is_some() {
-                    req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                let out = if self.lock.is_some() {
+                    let req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                    self.rt
+                        .block_on(req.customize().config_override(checksums_sent()).send())
+                } else {
+                    self.rt.block_on(req.send())
                 }
-                let out = self.rt.block_on(req.send()).map_err(|e| self.classify(e))?;
+                .map_err(|e| self.classify(e))?;
                 let mut done = CompletedPart::builder()
                     .set_e_tag(out.e_tag().map(str::to_owned))
                     .part_number(number);
@@ -499,8 +528,31 @@ impl S3Store {
 
     /// Keys under `prefix` (relative to the store's prefix) with their sizes, all pages.
     pub(crate) fn list(&self, prefix: &str) -> Res<Vec<(String, u64)>> {
-        let full = format!("{}{prefix}", self.prefix);
         let mut out = Vec::new();
+        self.list_objects(prefix, &mut |page| {
+            out.extend(page.iter().map(|o| (o.key.clone(), o.size)));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Keys under `prefix` with their last-modified times (Unix seconds).
+    pub(crate) fn list_with_times(&self, prefix: &str) -> Res<Vec<(String, i64)>> {
+        let mut out = Vec::new();
+        self.list_objects(prefix, &mut |page| {
+            out.extend(page.iter().map(|o| (o.key.clone(), o.modified)));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Objects under `prefix`, one page at a time; `each` returns false to stop early.
+    pub(crate) fn list_objects(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(&[Listed]) -> bool,
+    ) -> Res<()> {
+        let full = format!("{}{prefix}", self.prefix);
         let mut token: Option<String> = None;
         loop {
             self.count();
@@ -516,17 +568,24 @@ impl S3Store {
                         .send(),
                 )
                 .map_err(|e| self.classify(e))?;
+            let mut out = Vec::with_capacity(page.contents().len());
             for o in page.contents() {
                 if let Some(k) = o.key().and_then(|k| k.strip_prefix(&full)) {
-                    out.push((k.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                    out.push(Listed {
+                        key: k.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().map_or(0, |t| t.secs()),
+                    });
                 }
+            }
+            if !each(&out) {
+                return Ok(());
             }
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        Ok(out)
     }
 
     /// Restore points in the bucket (valid ids under points/).
@@ -661,6 +720,15 @@ struct Names {
     /// `s3://BUCKET[/PREFIX]`
     url: String,
     endpoint: String,
+}
+
+/// The store computes request checksums only where an operation requires one (Garage and
+/// other servers reject some it would add otherwise). Uploads with a retention need one
+/// that S3 does not mark as required: with "when required" the SDK would send the
+/// algorithm header without the checksum, which AWS refuses. These requests override it.
+fn checksums_sent() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default()
+        .request_checksum_calculation(RequestChecksumCalculation::WhenSupported)
 }
 
 fn display_url(bucket: &str, prefix: &str) -> String {
@@ -897,6 +965,10 @@ impl StoreRead for S3Store {
         // A PUT is atomic: a listed key is a complete object.
         self.chunk_listed(digest)
             .map_err(|f| f.into_format(format!("the chunk list of {}", self.url())))
+    }
+
+    fn read_prune_record(&self, id: &str) -> bkimg_format::Result<Option<Vec<u8>>> {
+        self.read_prune_record_object(id)
     }
 }
 

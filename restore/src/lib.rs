@@ -169,7 +169,7 @@ fn restore_all(
     for (disk, plan, _) in &opened {
         for vp in &plan.volumes {
             let v = planned_volume(disk, vp);
-            preflight(repo, m.chunk_size, v).with_context(|| {
+            preflight(repo, m.chunk_size, v, req.workers).with_context(|| {
                 format!(
                     "restore point {} is not restorable ({} {})",
                     m.id, disk.name, v.name
@@ -245,7 +245,10 @@ pub fn check_targets(point: &Point, req: &RestoreRequest) -> Result<Vec<bool>> {
 }
 
 /// Reads the whole index (checking its digest) and checks each chunk is present.
-fn preflight(repo: &Repository, chunk_size: u32, v: &Volume) -> Result<()> {
+/// Checks that every chunk of `v` is present before the target is touched, `workers`
+/// checks at a time (each may wait for storage: cold metadata on a local disk, a listing on
+/// S3).
+fn preflight(repo: &Repository, chunk_size: u32, v: &Volume, workers: usize) -> Result<()> {
     let Content::Data { index, .. } = &v.content else {
         return Ok(());
     };
@@ -262,27 +265,51 @@ fn preflight(repo: &Repository, chunk_size: u32, v: &Volume) -> Result<()> {
     }
     let mut batch = Vec::new();
     let mut entry = 0u64;
+    let workers = workers.max(1);
     loop {
         entries.next_batch(8192, &mut batch)?;
         if batch.is_empty() {
             return Ok(());
         }
-        for d in batch.iter() {
-            if !d.is_hole() && !repo.store().has_chunk(d)? {
-                let at = format!(
-                    "volume {} at byte {}",
-                    v.name,
-                    entry * u64::from(chunk_size)
-                );
-                // Present but damaged is not the same as missing: read it for the reason.
-                let (mut blob, mut plain) = (Vec::new(), Vec::new());
-                return Err(match repo.chunk(d, &mut blob, &mut plain) {
-                    Err(e) => anyhow::Error::from(e).context(at),
-                    Ok(()) => FormatError::missing(format!("chunk {d} ({at})")).into(),
-                });
+        // The first entry (in volume order) whose chunk is absent, if any.
+        let share = batch.len().div_ceil(workers);
+        let first_absent = std::thread::scope(|s| -> Result<Option<usize>> {
+            let handles: Vec<_> = batch
+                .chunks(share)
+                .enumerate()
+                .map(|(n, part)| {
+                    s.spawn(move || -> Result<Option<usize>> {
+                        for (i, d) in part.iter().enumerate() {
+                            if !d.is_hole() && !repo.store().has_chunk(d)? {
+                                return Ok(Some(n * share + i));
+                            }
+                        }
+                        Ok(None)
+                    })
+                })
+                .collect();
+            let mut first = None;
+            for h in handles {
+                let found = h.join().map_err(|_| anyhow!("restore check panicked"))??;
+                first = first.or(found);
             }
-            entry += 1;
+            Ok(first)
+        })?;
+        if let Some(i) = first_absent {
+            let d = &batch[i];
+            let at = format!(
+                "volume {} at byte {}",
+                v.name,
+                (entry + i as u64) * u64::from(chunk_size)
+            );
+            // Present but damaged is not the same as missing: read it for the reason.
+            let (mut blob, mut plain) = (Vec::new(), Vec::new());
+            return Err(match repo.chunk(d, &mut blob, &mut plain) {
+                Err(e) => anyhow::Error::from(e).context(at),
+                Ok(()) => FormatError::missing(format!("chunk {d} ({at})")).into(),
+            });
         }
+        entry += batch.len() as u64;
     }
 }
 

@@ -253,6 +253,122 @@ fn corrupted_objects_are_reported_and_restore_writes_nothing() {
     checks.finish();
 }
 
+/// Several damaged chunks, three of them shared by two restore points: verify names every
+/// damaged entry of every point (point, offset, chunk, why), in walk order, and reports the
+/// same thing whatever the number of threads reading chunks.
+#[test]
+fn verify_reports_every_damaged_chunk() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    let mut data = noise_image(&img, 8 * MIB, 77); // 32 chunks, all different
+    let a = capture(&["--repo", p(&repo), "--raw", p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The second point changes the last two chunks and shares the other 30.
+    let tail = noise((2 * CHUNK) as usize, 78);
+    data[(30 * CHUNK) as usize..].copy_from_slice(&tail);
+    bkimg_tests::write_at(&img, 30 * CHUNK, &tail);
+    let b = capture(&["--repo", p(&repo), "--raw", "--parent", &a, p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let digest_at = |n: u64| hex_sha256(&data[(n * CHUNK) as usize..((n + 1) * CHUNK) as usize]);
+    let path_of = |d: &str| repo.join("chunks").join(&d[..2]).join(d);
+    // Shared chunks 3, 10 and 20 (flipped, deleted, truncated); chunk 31 of point b only.
+    let damaged = [
+        (3, Damage::Flip, "damaged"),
+        (10, Damage::Delete, "missing"),
+        (20, Damage::Truncate, "damaged"),
+        (31, Damage::Flip, "damaged"),
+    ];
+    for (n, how, _) in damaged {
+        damage(&path_of(&digest_at(n)), how);
+    }
+    let mut expected = Vec::new();
+    for (point, chunks) in [(&a, &[3u64, 10, 20][..]), (&b, &[3, 10, 20, 31][..])] {
+        for &n in chunks {
+            let why = damaged.iter().find(|d| d.0 == n).unwrap().2;
+            expected.push((point.clone(), n * CHUNK, digest_at(n), why));
+        }
+    }
+
+    let mut outputs = Vec::new();
+    for threads in [None, Some("1"), Some("3"), Some("64")] {
+        let mut args = vec!["verify", "--repo", p(&repo), "--json"];
+        if let Some(n) = threads {
+            args.extend(["--threads", n]);
+        }
+        let v = bkimg(&args);
+        assert_eq!(v.code, 3, "verify {threads:?}: {}", show(&v));
+        let j = v.json();
+        let problems = j["problems"].as_array().unwrap();
+        let got: Vec<_> = problems
+            .iter()
+            .map(|pr| {
+                assert!(
+                    pr["disk"] == "disk0" && pr["volume"] == "whole",
+                    "threads {threads:?}: {pr}"
+                );
+                (
+                    pr["point"].as_str().unwrap().to_string(),
+                    pr["offset"].as_u64().unwrap(),
+                    pr["chunk"].as_str().unwrap().to_string(),
+                    pr["error"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "threads {threads:?}: {problems:#?}"
+        );
+        for (g, (point, offset, chunk, why)) in got.iter().zip(&expected) {
+            assert!(
+                &g.0 == point && g.1 == *offset && &g.2 == chunk && g.3.contains(why),
+                "threads {threads:?}: expected {point} at byte {offset} chunk {chunk} ({why}), \
+                 got {g:?}; all: {problems:#?}"
+            );
+        }
+        // 34 different chunks, 4 of them damaged: each good one counted once.
+        assert_eq!(j["chunks_checked"], 30, "threads {threads:?}: {j}");
+        assert_eq!(j["bytes_checked"], 30 * CHUNK, "threads {threads:?}: {j}");
+        assert_eq!(j["points"], serde_json::json!([a, b]));
+        outputs.push(v.stdout);
+    }
+    assert!(
+        outputs.iter().all(|o| o == &outputs[0]),
+        "verify reports differ with the number of threads: {outputs:#?}"
+    );
+
+    // The text form: one DAMAGED line per entry, in the same order, and the totals.
+    let vt = bkimg(&["verify", "--repo", p(&repo), "--threads", "8"]);
+    assert_eq!(vt.code, 3, "{}", show(&vt));
+    let lines: Vec<&str> = vt
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("DAMAGED: "))
+        .collect();
+    let want: Vec<String> = expected
+        .iter()
+        .map(|(point, offset, _, _)| format!("DAMAGED: {point} disk0 whole at byte {offset}: "))
+        .collect();
+    assert_eq!(lines.len(), want.len(), "{}", vt.stderr);
+    for (l, w) in lines.iter().zip(&want) {
+        assert!(l.starts_with(w.as_str()), "{l:?} should start with {w:?}");
+    }
+    assert!(
+        vt.stderr
+            .contains("2 restore point(s), 30 chunks (7.5 MiB) checked, 7 problem(s)"),
+        "{}",
+        vt.stderr
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 
 #[test]

@@ -755,3 +755,202 @@ fn continuous_under_a_steady_writer() {
     ]);
     assert_eq!(sha256_file(&out), sha256_file(&image));
 }
+
+/// Retention on both ends: a point whose parent was pruned locally ships with its prune
+/// record; `prune --repo s3://...` frees exactly the chunks only removed points used and
+/// every kept point still restores from the bucket; a prune refuses a prefix a
+/// replication holds, and a replication refuses one a prune holds.
+#[test]
+fn prune_locally_and_in_the_bucket() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let s = Server::start();
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    let repo = t.path().join("repo");
+    let url = format!("s3://{BUCKET}/pruned");
+    make_image(&img, 7);
+    let mut ids = Vec::new();
+    let mut shas = Vec::new();
+    for i in 0..4u64 {
+        if i > 0 {
+            write_at(&img, i * 12 * MIB, &noise(MIB as usize, 500 + i));
+        }
+        let mut args = vec!["--repo", p(&repo), "--raw"];
+        if i > 0 {
+            args.extend(["--parent", "latest"]);
+        }
+        args.push(p(&img));
+        ids.push(capture(&args)["id"].as_str().unwrap().to_string());
+        shas.push(sha256_file(&img));
+        if i == 0 {
+            s.replicate(&repo, &url, &[]);
+        }
+    }
+    // Locally, points 1 and 2 go before they ever reach the bucket: point 3 ships with
+    // the record of its pruned parent.
+    let local = s
+        .ok(&[
+            "prune",
+            "--repo",
+            p(&repo),
+            "--keep-last",
+            "1",
+            "--keep",
+            &ids[0],
+            "--json",
+        ])
+        .json();
+    assert_eq!(local["removed"].as_array().unwrap().len(), 2, "{local:#}");
+    let r = s.replicate(&repo, &url, &[]);
+    assert_eq!(r["points_sent"], serde_json::json!([ids[3]]), "{r:#}");
+    assert!(s.dir("pruned/pruned").join(&ids[2]).is_file());
+    let v = s.ok(&["verify", "--repo", &url, "--json"]).json();
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
+
+    // In the bucket: keep only the newest.
+    let chunk_objects = || objects(&s.dir("pruned/chunks")).len() as u64;
+    let before = chunk_objects();
+    let pruned = s
+        .ok(&["prune", "--repo", &url, "--keep-last", "1", "--json"])
+        .json();
+    assert_eq!(pruned["removed"][0]["id"], ids[0].as_str(), "{pruned:#}");
+    // Point 0's chunks at the three rewritten MiB (4 chunks each) are used by no one else.
+    assert_eq!(u(&pruned["chunks_removed"]), 12, "{pruned:#}");
+    assert_eq!(chunk_objects(), before - 12);
+    let listed = s.list(&url);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], ids[3].as_str());
+    let out = t.path().join("from-bucket.img");
+    s.ok(&[
+        "restore",
+        "--repo",
+        &url,
+        &ids[3],
+        "--target",
+        p(&out),
+        "-q",
+    ]);
+    assert_eq!(sha256_file(&out), shas[3]);
+    let v = s.ok(&["verify", "--repo", &url, "--json"]).json();
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
+    assert!(
+        objects(&s.dir("pruned/locks")).is_empty(),
+        "locks are removed when their holders finish"
+    );
+
+    // A replication in progress (its lock object) keeps a prune out, and the other way
+    // round; a lock older than 15 minutes is a dead process's and is ignored.
+    let lock = s.dir("pruned/locks/ship-1-000000000000");
+    fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    fs::write(&lock, b"{}").unwrap();
+    let r = s.bkimg(&["prune", "--repo", &url, "--keep-last", "1"]);
+    assert_eq!(r.code, 10, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a replication is writing to it"),
+        "{}",
+        r.stderr
+    );
+    fs::remove_file(&lock).unwrap();
+    let lock = s.dir("pruned/locks/prune-1-000000000000");
+    fs::write(&lock, b"{}").unwrap();
+    let r = s.bkimg(&["replicate", "--repo", p(&repo), "--to", &url]);
+    assert_eq!(r.code, 10, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a prune is running on it"),
+        "{}",
+        r.stderr
+    );
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&lock)
+        .and_then(|f| f.set_modified(old))
+        .unwrap();
+    s.replicate(&repo, &url, &[]);
+}
+
+/// Continuous mode with retention: every cycle captures and ships, then prunes the local
+/// repository and the bucket with the same rules; at the end both hold the same newest
+/// points, nothing else, and the newest restores from the bucket as the source is.
+#[test]
+fn continuous_mode_prunes_both_ends() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let s = Server::start();
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    let repo = t.path().join("repo");
+    let url = format!("s3://{BUCKET}/cont-prune");
+    make_image(&img, 11);
+    // A writer busy for the first 2.5 s of six cycles a second apart: the last cycles
+    // start after it stopped.
+    let writer = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            for i in 0..5u64 {
+                write_at(&img, i * 4 * MIB, &noise(MIB as usize, 900 + i));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let out = s.ok(&[
+        "replicate",
+        "--continuous",
+        "--every",
+        "1s",
+        "--cycles",
+        "6",
+        "--keep-last",
+        "2",
+        "--prune-every",
+        "1ms",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--json",
+        "--quiet",
+        p(&img),
+    ]);
+    writer.join().unwrap();
+    assert_eq!(
+        out.stdout.lines().count(),
+        6,
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stderr.matches(": pruned ").count() >= 10,
+        "both ends pruned every cycle:\n{}",
+        out.stderr
+    );
+    let local: Vec<String> = bkimg_tests::list_json(&repo)
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    let remote: Vec<String> = s
+        .list(&url)
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(local.len(), 2, "{}", out.stderr);
+    assert_eq!(local, remote);
+    s.ok(&["verify", "--repo", &url]);
+    let newest = &remote[1];
+    let from_bucket = t.path().join("newest.img");
+    s.ok(&[
+        "restore",
+        "--repo",
+        &url,
+        newest,
+        "--target",
+        p(&from_bucket),
+        "-q",
+    ]);
+    assert_eq!(sha256_file(&from_bucket), sha256_file(&img));
+    bkimg_tests::bkimg_ok(&["verify", "--repo", p(&repo)]);
+}

@@ -214,13 +214,27 @@ struct Standby {
     child: Option<Child>,
     log: PathBuf,
     repo: PathBuf,
+    /// The first (or only) replica.
     replica: PathBuf,
 }
 
 impl Standby {
+    /// With one replica, `DIR/replica.img` (`--replica TARGET`).
     fn start(net: &Net, k: &Keys, dir: &Path, env: &[(&str, &str)]) -> Standby {
+        Standby::start_with(net, k, dir, env, &[("", "replica.img")])
+    }
+
+    /// With `--replica DISK=DIR/FILE` for each (DISK, FILE); DISK "" gives `--replica
+    /// DIR/FILE`.
+    fn start_with(
+        net: &Net,
+        k: &Keys,
+        dir: &Path,
+        env: &[(&str, &str)],
+        replicas: &[(&str, &str)],
+    ) -> Standby {
         let repo = dir.join("standby-repo");
-        let replica = dir.join("replica.img");
+        let replica = dir.join(replicas[0].1);
         let log = dir.join("standby.log");
         let seen = fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
         let logf = fs::OpenOptions::new()
@@ -233,10 +247,16 @@ impl Standby {
         cmd.args(["netns", "exec", &net.ns])
             .arg(bkimg_path())
             .args(["standby", "serve", "--listen", &listen, "--repo"])
-            .arg(&repo)
-            .arg("--replica")
-            .arg(&replica)
-            .arg("--key")
+            .arg(&repo);
+        for (disk, file) in replicas {
+            let target = dir.join(file);
+            cmd.arg("--replica").arg(if disk.is_empty() {
+                target.into_os_string()
+            } else {
+                format!("{disk}={}", target.display()).into()
+            });
+        }
+        cmd.arg("--key")
             .arg(&k.server)
             .args(["--allow", &k.client_fp, "--timeout", "10"])
             .stdin(Stdio::null())
@@ -376,11 +396,16 @@ fn gpt_disk(path: &Path, size: u64, seed: u64) {
 }
 
 fn capture(repo: &Path, disk: &Path, parent: bool) -> String {
+    capture_disks(repo, &[disk], parent)
+}
+
+/// One restore point of several disks (disk0, disk1, ... in this order).
+fn capture_disks(repo: &Path, disks: &[&Path], parent: bool) -> String {
     let mut a = vec!["capture", "--json", "--quiet", "--repo", p(repo)];
     if parent {
         a.extend(["--parent", "latest"]);
     }
-    a.push(p(disk));
+    a.extend(disks.iter().map(|d| p(d)));
     let v = bkimg_ok(&a).json();
     v["id"]
         .as_str()
@@ -388,6 +413,10 @@ fn capture(repo: &Path, disk: &Path, parent: bool) -> String {
         .or_else(|| v["manifest"]["id"].as_str())
         .unwrap_or_else(|| panic!("capture JSON without an id: {v}"))
         .to_string()
+}
+
+fn mtime(path: &Path) -> std::time::SystemTime {
+    fs::metadata(path).unwrap().modified().unwrap()
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -773,4 +802,275 @@ fn promote_stops_applying() {
     assert_eq!(s["applied"], full.as_str(), "{s}");
     assert_same(&sb.replica, &kept, "promoted replica");
     assert_restores_to(&sb.repo, &full, &sb.replica, d);
+}
+
+/// (h): a restore point of two disks goes to two replicas, one per disk
+/// (`--replica disk0=... --replica disk1=...`): the first apply restores both whole; an
+/// incremental that changed one disk writes that disk's changed chunks and leaves the
+/// other replica unwritten; a point of one disk only is reported and not applied (not
+/// half-applied either); the next point of both disks is applied again.
+#[test]
+fn two_disks_to_two_replicas() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk0, disk1, src) = (d.join("disk0.img"), d.join("disk1.img"), d.join("src-repo"));
+    gpt_disk(&disk0, 32 * MIB, 21);
+    gpt_disk(&disk1, 24 * MIB, 22);
+    let full = capture_disks(&src, &[&disk0, &disk1], false);
+    let sb = Standby::start_with(
+        &net,
+        &k,
+        d,
+        &[],
+        &[("disk0", "replica0.img"), ("disk1", "replica1.img")],
+    );
+    let (r0, r1) = (d.join("replica0.img"), d.join("replica1.img"));
+    let s = sb.status();
+    assert_eq!(s["replicas"].as_array().unwrap().len(), 2, "{s}");
+    assert_eq!(s["replicas"][1]["disk"], "disk1", "{s}");
+    assert_eq!(s["replicas"][1]["target"], p(&r1), "{s}");
+
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&full);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    assert_eq!(s["last_apply"]["disks"].as_array().unwrap().len(), 2, "{s}");
+    for i in 0..2 {
+        assert_eq!(s["replicas"][i]["holds"], full.as_str(), "{s}");
+    }
+    assert_same(&r0, &disk0, "replica of disk0 after the full");
+    assert_same(&r1, &disk1, "replica of disk1 after the full");
+
+    // Incremental: 4 chunks of disk0 change, disk1 does not.
+    let r1_written = mtime(&r1);
+    change_chunks(&disk0, 60, 4, 500);
+    let inc = capture_disks(&src, &[&disk0, &disk1], true);
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["chunks_sent"], 4, "{r}");
+    let s = sb.wait_applied(&inc);
+    let last = &s["last_apply"];
+    assert_eq!(last["mode"], "changed-chunks", "{s}");
+    assert_eq!(last["chunks_written"], 4, "{s}");
+    assert_eq!(last["bytes_written"], 4 * CHUNK, "{s}");
+    assert_eq!(last["disks"][0]["disk"], "disk0", "{s}");
+    assert_eq!(last["disks"][0]["chunks_written"], 4, "{s}");
+    assert_eq!(last["disks"][1]["disk"], "disk1", "{s}");
+    assert_eq!(last["disks"][1]["chunks_written"], 0, "{s}");
+    assert_eq!(
+        mtime(&r1),
+        r1_written,
+        "the replica of the unchanged disk was written"
+    );
+    assert!(
+        sb.log_text().contains(&format!("applied {inc} to 2 disks")),
+        "{}",
+        sb.log_text()
+    );
+    assert_same(&r0, &disk0, "replica of disk0 after the incremental");
+    assert_same(&r1, &disk1, "replica of disk1 after the incremental");
+
+    // A point of disk0 only: reported, nothing written.
+    let kept0 = d.join("kept0.img");
+    fs::copy(&disk0, &kept0).unwrap();
+    change_chunks(&disk0, 90, 2, 600);
+    let only0 = capture_disks(&src, &[&disk0], true);
+    replicate_ok(&src, &net, &k, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = sb.status();
+        if s["not_applied"]["id"] == only0.as_str() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "mismatch never reported: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["applied"], inc.as_str(), "{s}");
+    assert_eq!(s["apply_state"], "idle", "{s}");
+    assert_eq!(
+        s["not_applied"]["disks"],
+        serde_json::json!(["disk0"]),
+        "{s}"
+    );
+    let reason = s["not_applied"]["reason"].as_str().unwrap();
+    assert!(reason.contains("disk0, disk1"), "{reason}");
+    assert!(sb.log_text().contains("not applied"), "{}", sb.log_text());
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(text.contains("not applied: restore point"), "{text}");
+    assert_same(&r0, &kept0, "replica of disk0 after a point of disk0 only");
+    assert_same(&r1, &disk1, "replica of disk1 after a point of disk0 only");
+
+    // The next point of both disks is applied (from what the replicas hold).
+    change_chunks(&disk1, 60, 3, 700);
+    let both = capture_disks(&src, &[&disk0, &disk1], true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&both);
+    assert!(s["not_applied"].is_null(), "{s}");
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_eq!(s["last_apply"]["disks"][0]["chunks_written"], 2, "{s}");
+    assert_eq!(s["last_apply"]["disks"][1]["chunks_written"], 3, "{s}");
+    assert_same(&r0, &disk0, "replica of disk0 after the last point");
+    assert_same(&r1, &disk1, "replica of disk1 after the last point");
+
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+    let (out0, out1) = (d.join("restore0.img"), d.join("restore1.img"));
+    bkimg_ok(&[
+        "restore",
+        "--repo",
+        p(&sb.repo),
+        &both,
+        "--target",
+        &format!("disk0={}", out0.display()),
+        "--target",
+        &format!("disk1={}", out1.display()),
+        "--quiet",
+    ]);
+    assert_same(&out0, &disk0, "disk0 restored from the standby");
+    assert_same(&out1, &disk1, "disk1 restored from the standby");
+}
+
+/// (i): promote, write to the promoted replica (as booting it would), undo with
+/// `standby demote`: refused without --yes when not asked on a terminal; with --yes the
+/// running standby restores the latest point whole over the replica, then applies the
+/// next point as usual.
+#[test]
+fn promote_undo_resumes_applying() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 16 * MIB, 23);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(text.contains("promoted: no"), "{text}");
+
+    bkimg_ok(&["standby", "promote", "--repo", p(&sb.repo)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sb.log_text().contains("promoted: not applying") {
+        assert!(Instant::now() < deadline, "{}", sb.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(text.contains("promoted: yes, since "), "{text}");
+    write_at(&sb.replica, 20 * CHUNK, &noise(CHUNK as usize, 800));
+    assert!(!same_file(&sb.replica, &disk));
+
+    // Not confirmed (stdin is not a terminal): refused, still promoted.
+    let r = bkimg(&["standby", "demote", "--repo", p(&sb.repo)]);
+    assert_eq!(r.code, 5, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("add --yes"), "{}", r.stderr);
+    assert!(r.stderr.contains("overwrites"), "{}", r.stderr);
+    assert_eq!(sb.status()["promoted"], true);
+
+    let s = bkimg_ok(&[
+        "standby",
+        "demote",
+        "--repo",
+        p(&sb.repo),
+        "--yes",
+        "--json",
+    ])
+    .json();
+    assert_eq!(s["promoted"], false, "{s}");
+    assert!(
+        s["applied"].is_null(),
+        "the replica is not trusted any more: {s}"
+    );
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(text.contains("promoted: no"), "{text}");
+    let s = sb.wait_applied(&full);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    assert!(
+        sb.log_text().contains("promotion undone"),
+        "{}",
+        sb.log_text()
+    );
+    assert_same(&sb.replica, &disk, "replica after demote");
+
+    change_chunks(&disk, 40, 3, 900);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&inc);
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_eq!(s["last_apply"]["chunks_written"], 3, "{s}");
+    assert_same(&sb.replica, &disk, "replica after the next point");
+
+    // Demoting what is not promoted changes nothing.
+    let r = bkimg_ok(&["standby", "demote", "--repo", p(&sb.repo)]);
+    assert!(r.stderr.contains("not promoted"), "{}", r.stderr);
+    assert_eq!(sb.status()["applied"], inc.as_str());
+}
+
+/// Retention on both ends: a point whose parent was pruned at the source before it was
+/// ever shipped arrives with that parent's prune record (the standby stores it and commits
+/// the point); the replica is brought from the point it held by changed chunks only; then
+/// `bkimg prune` on the standby's repository (between sessions) keeps the point the
+/// replica holds, and everything still verifies and restores.
+#[test]
+fn pruned_parents_travel_as_records_and_the_standby_prunes_itself() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 40 * MIB, 3);
+    let p1 = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&p1);
+
+    change_chunks(&disk, 60, 2, 300);
+    let p2 = capture(&src, &disk, true);
+    change_chunks(&disk, 90, 3, 400);
+    let p3 = capture(&src, &disk, true);
+    // p2 goes before it is shipped; p3 names it as parent.
+    let pruned = bkimg_ok(&[
+        "prune",
+        "--repo",
+        p(&src),
+        "--keep-last",
+        "1",
+        "--keep",
+        &p1,
+        "--json",
+    ])
+    .json();
+    assert_eq!(pruned["removed"][0]["id"], p2.as_str(), "{pruned}");
+
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["points_sent"], serde_json::json!([p3]), "{r}");
+    assert_eq!(r["chunks_sent"], 5, "{r}");
+    assert!(sb.repo.join("pruned").join(&p2).is_file());
+    let s = sb.wait_applied(&p3);
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_eq!(s["last_apply"]["from"], p1.as_str(), "{s}");
+    assert_eq!(s["last_apply"]["chunks_written"], 5, "{s}");
+    assert_same(&sb.replica, &disk, "replica after the pruned chain");
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+
+    // Both ends keep the newest only (a point pruned only on the standby would be shipped
+    // again: the source ships whatever the target lacks). The replica holds the newest, so
+    // nothing it needs goes.
+    bkimg_ok(&["prune", "--repo", p(&src), "--keep-last", "1"]);
+    let there = bkimg_ok(&[
+        "prune",
+        "--repo",
+        p(&sb.repo),
+        "--keep-last",
+        "1",
+        "--wait",
+        "--json",
+    ])
+    .json();
+    assert_eq!(there["removed"][0]["id"], p1.as_str(), "{there}");
+    assert_eq!(there["kept"][0]["id"], p3.as_str(), "{there}");
+    bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
+    assert_restores_to(&sb.repo, &p3, &disk, d);
+
+    // The next point is still applied by changed chunks (from p3, which stayed).
+    change_chunks(&disk, 120, 1, 500);
+    let p4 = capture(&src, &disk, true);
+    let r = replicate_ok(&src, &net, &k, &[]);
+    assert_eq!(r["points_sent"], serde_json::json!([p4]), "{r}");
+    let s = sb.wait_applied(&p4);
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_same(&sb.replica, &disk, "replica after pruning on the standby");
 }

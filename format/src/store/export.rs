@@ -37,6 +37,8 @@ pub enum ObjectKind {
     Manifest = 3,
     /// Manifests of its ancestors, kept so the digest chain can be checked.
     AncestorManifest = 4,
+    /// The prune record that ends the digest chain, when the oldest ancestor was pruned.
+    PruneRecord = 5,
 }
 
 impl ObjectKind {
@@ -46,6 +48,7 @@ impl ObjectKind {
             2 => ObjectKind::Index,
             3 => ObjectKind::Manifest,
             4 => ObjectKind::AncestorManifest,
+            5 => ObjectKind::PruneRecord,
             _ => return None,
         })
     }
@@ -308,6 +311,21 @@ impl StoreRead for ExportFile {
 
     fn has_chunk(&self, digest: &Digest) -> Result<bool> {
         Ok(self.find(ObjectKind::Chunk, digest)?.is_some())
+    }
+
+    fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let Some(e) = self.find(ObjectKind::PruneRecord, &manifest_key(id))? else {
+            return Ok(None);
+        };
+        if e.len > crate::sealed::MAX_BODY_LEN + 64 {
+            return Err(FormatError::corrupt(
+                format!("prune record of {id}"),
+                "larger than any prune record may be",
+            ));
+        }
+        let mut buf = Vec::new();
+        self.read_entry(&e, &mut buf)?;
+        Ok(Some(buf))
     }
 }
 

@@ -5,6 +5,8 @@
 //! DIR/chunks/ab/abcd...(64)    chunk blobs, fanned out by the first byte of the digest
 //! DIR/indexes/<64 hex>         volume indexes
 //! DIR/points/<id>              manifests: one per restore point, written last
+//! DIR/pruned/<id>              records of pruned parents of remaining restore points
+//! DIR/lock                     advisory lock: shared by every user, exclusive for prune
 //! DIR/tmp/<pid>-<n>/           scratch space of running writers
 //! ```
 //! Chunks and indexes are written to scratch files and renamed into place, so a name in
@@ -17,10 +19,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::{Deserialize, Serialize};
 
-use super::{StoreRead, StoreWrite};
+use super::{StoreMaintain, StoreRead, StoreWrite};
 use crate::chunk::{self, ChunkHeader};
 use crate::digest::Digest;
 use crate::error::{FormatError, IoContext, Result};
@@ -47,7 +53,12 @@ pub struct LocalDir {
     /// This process's scratch directory, made on first use.
     scratch: OnceLock<PathBuf>,
     scratch_seq: AtomicU64,
+    /// Held while this value lives; `None` on read-only media without a lock file.
+    _lock: Option<Flock<File>>,
 }
+
+/// How long opening a repository waits for a running prune to finish.
+const SHARED_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 impl LocalDir {
     /// Whether `path` looks like a local repository.
@@ -55,8 +66,19 @@ impl LocalDir {
         path.join(names::CONFIG).is_file() && path.join(names::POINTS).is_dir()
     }
 
-    /// Opens an existing repository.
+    /// Opens an existing repository, sharing it with other readers and writers (waits
+    /// for a running prune to finish).
     pub fn open(root: &Path) -> Result<LocalDir> {
+        Self::open_locked(root, Lock::Shared)
+    }
+
+    /// Opens an existing repository for pruning: no other process may use it meanwhile.
+    /// Without `wait`, a repository in use is refused at once ([`FormatError::Busy`]).
+    pub fn open_exclusive(root: &Path, wait: bool) -> Result<LocalDir> {
+        Self::open_locked(root, Lock::Exclusive { wait })
+    }
+
+    fn open_locked(root: &Path, lock: Lock) -> Result<LocalDir> {
         let config = root.join(names::CONFIG);
         let bytes = read_bounded(&config, crate::sealed::MAX_BODY_LEN + 64, || {
             format!("repository config {}", config.display())
@@ -69,10 +91,12 @@ impl LocalDir {
             other => other,
         })?;
         let _: (RepoConfig, Features) = sealed::open(&CONFIG_KIND, &bytes)?;
+        let lock = take_lock(root, lock)?;
         Ok(LocalDir {
             root: root.to_path_buf(),
             scratch: OnceLock::new(),
             scratch_seq: AtomicU64::new(0),
+            _lock: lock,
         })
     }
 
@@ -123,6 +147,10 @@ impl LocalDir {
         self.root.join(names::manifest(id))
     }
 
+    pub fn prune_record_path(&self, id: &str) -> PathBuf {
+        self.root.join(names::prune_record(id))
+    }
+
     fn scratch_dir(&self) -> Result<&PathBuf> {
         if let Some(dir) = self.scratch.get() {
             return Ok(dir);
@@ -150,6 +178,81 @@ impl Drop for LocalDir {
     fn drop(&mut self) {
         if let Some(dir) = self.scratch.get() {
             let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Lock {
+    Shared,
+    Exclusive { wait: bool },
+}
+
+/// Takes the repository's advisory lock (flock: released by the kernel when the process
+/// dies, so a killed prune never leaves the repository locked).
+fn take_lock(root: &Path, lock: Lock) -> Result<Option<Flock<File>>> {
+    let path = root.join(names::LOCK);
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => match (lock, File::open(&path)) {
+            (_, Ok(f)) => f,
+            // Read-only media without a lock file: nobody can prune there.
+            (Lock::Shared, Err(_)) => return Ok(None),
+            (Lock::Exclusive { .. }, Err(_)) => {
+                return Err(FormatError::io(format!("opening {}", path.display()), e))
+            }
+        },
+    };
+    let busy = |msg: String| FormatError::Busy(msg);
+    match lock {
+        Lock::Exclusive { wait: false } => match Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        {
+            Ok(l) => Ok(Some(l)),
+            Err((_, Errno::EWOULDBLOCK)) => Err(busy(format!(
+                "{} is in use (a capture, restore, replication or standby session is open on \
+                 it): run prune again when it has finished, or add --wait",
+                root.display()
+            ))),
+            Err((_, e)) => Err(FormatError::io(
+                format!("locking {}", path.display()),
+                e.into(),
+            )),
+        },
+        Lock::Exclusive { wait: true } => Flock::lock(file, FlockArg::LockExclusive)
+            .map(Some)
+            .map_err(|(_, e)| FormatError::io(format!("locking {}", path.display()), e.into())),
+        Lock::Shared => {
+            let deadline = Instant::now() + SHARED_LOCK_WAIT;
+            let mut file = file;
+            loop {
+                match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                    Ok(l) => return Ok(Some(l)),
+                    Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                        file = f;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err((_, Errno::EWOULDBLOCK)) => {
+                        return Err(busy(format!(
+                            "{} is being pruned and the prune did not finish within {} s: run \
+                             the command again when it has",
+                            root.display(),
+                            SHARED_LOCK_WAIT.as_secs()
+                        )))
+                    }
+                    Err((_, e)) => {
+                        return Err(FormatError::io(
+                            format!("locking {}", path.display()),
+                            e.into(),
+                        ))
+                    }
+                }
+            }
         }
     }
 }
@@ -243,6 +346,21 @@ impl StoreRead for LocalDir {
         }
         Ok(ChunkHeader::parse(&head).is_ok_and(|h| h.digest == *digest && h.blob_len() == len))
     }
+
+    fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        match read_bounded(
+            &self.prune_record_path(id),
+            crate::sealed::MAX_BODY_LEN + 64,
+            || format!("prune record of {id}"),
+        ) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(FormatError::Missing { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl StoreWrite for LocalDir {
@@ -332,4 +450,112 @@ fn read_bounded(path: &Path, max: u64, what: impl Fn() -> String) -> Result<Vec<
         ));
     }
     Ok(out)
+}
+
+impl StoreMaintain for LocalDir {
+    fn list_indexes(&self) -> Result<Vec<Digest>> {
+        let dir = self.root.join(names::INDEXES);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            if let Some(d) = entry.file_name().to_str().and_then(Digest::from_hex) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn scan_chunks(&self, each: &mut super::ChunkBatchFn<'_>) -> Result<()> {
+        let mut batch = Vec::new();
+        for byte in 0..=255u8 {
+            let dir = self.root.join(names::CHUNKS).join(hex::encode([byte]));
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(FormatError::io(format!("listing {}", dir.display()), e)),
+            };
+            batch.clear();
+            for entry in entries {
+                let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+                let Some(d) = entry.file_name().to_str().and_then(Digest::from_hex) else {
+                    continue;
+                };
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                batch.push((d, len));
+            }
+            each(&batch)?;
+        }
+        Ok(())
+    }
+
+    fn list_prune_records(&self) -> Result<Vec<String>> {
+        let dir = self.root.join(names::PRUNED);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(FormatError::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            if let Some(name) = entry.file_name().to_str().filter(|n| valid_id(n)) {
+                ids.push(name.to_string());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn put_prune_record(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        assert!(valid_id(id), "prune records are named by valid ids");
+        let dir = self.root.join(names::PRUNED);
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+            sync_dir(&self.root)?;
+        }
+        write_durably(&self.prune_record_path(id), bytes, self.scratch_dir()?)
+    }
+
+    fn delete_manifest(&self, id: &str) -> Result<()> {
+        remove_durably(&self.manifest_path(id))
+    }
+
+    fn delete_index(&self, id: &Digest) -> Result<()> {
+        remove(&self.index_path(id))
+    }
+
+    fn delete_chunks(&self, digests: &[Digest]) -> Result<()> {
+        for d in digests {
+            remove(&self.chunk_path(d))?;
+        }
+        Ok(())
+    }
+
+    fn delete_prune_record(&self, id: &str) -> Result<()> {
+        remove(&self.prune_record_path(id))
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FormatError::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Removes a file and syncs its directory: a manifest deleted by prune must stay deleted
+/// after a crash, because the data only it used is deleted next.
+fn remove_durably(path: &Path) -> Result<()> {
+    remove(path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("syncing {}", dir.display()))
 }

@@ -29,6 +29,8 @@ pub trait StoreRead: Send + Sync {
     fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> Result<()>;
     /// Whether a complete blob for `digest` is stored.
     fn has_chunk(&self, digest: &Digest) -> Result<bool>;
+    /// The prune record of restore point `id` (spec/format.md §7.5), if the store has one.
+    fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>>;
 }
 
 pub trait StoreWrite: StoreRead {
@@ -41,4 +43,52 @@ pub trait StoreWrite: StoreRead {
     /// Makes everything written so far durable, then writes the manifest: the commit point
     /// of a restore point. Refuses to replace an existing manifest.
     fn commit_manifest(&self, id: &str, bytes: &[u8]) -> Result<()>;
+}
+
+/// Called with each batch of (chunk digest, stored size) a listing yields.
+pub type ChunkBatchFn<'a> = dyn FnMut(&[(Digest, u64)]) -> Result<()> + 'a;
+
+/// What pruning needs beyond writing: listing and deleting. Deleting an object that is
+/// already gone is not an error (a prune interrupted and run again).
+pub trait StoreMaintain: StoreWrite {
+    /// Ids of every stored volume index.
+    fn list_indexes(&self) -> Result<Vec<Digest>>;
+    /// Every stored chunk with its stored size, a batch at a time (memory stays bounded).
+    fn scan_chunks(&self, each: &mut ChunkBatchFn<'_>) -> Result<()>;
+    /// Ids of every stored prune record.
+    fn list_prune_records(&self) -> Result<Vec<String>>;
+    /// Stores a prune record; durable when this returns.
+    fn put_prune_record(&self, id: &str, bytes: &[u8]) -> Result<()>;
+    fn delete_manifest(&self, id: &str) -> Result<()>;
+    fn delete_index(&self, id: &Digest) -> Result<()>;
+    fn delete_chunks(&self, digests: &[Digest]) -> Result<()>;
+    fn delete_prune_record(&self, id: &str) -> Result<()>;
+}
+
+/// A shared store (e.g. one opened with an exclusive lock) read through a [`Repository`]
+/// while the same handle deletes.
+///
+/// [`Repository`]: crate::repo::Repository
+impl<T: StoreRead + ?Sized> StoreRead for std::sync::Arc<T> {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn list_manifests(&self) -> Result<Vec<String>> {
+        (**self).list_manifests()
+    }
+    fn read_manifest(&self, id: &str) -> Result<Vec<u8>> {
+        (**self).read_manifest(id)
+    }
+    fn open_index(&self, id: &Digest) -> Result<Box<dyn Read + Send>> {
+        (**self).open_index(id)
+    }
+    fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> Result<()> {
+        (**self).read_chunk(digest, out)
+    }
+    fn has_chunk(&self, digest: &Digest) -> Result<bool> {
+        (**self).has_chunk(digest)
+    }
+    fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        (**self).read_prune_record(id)
+    }
 }

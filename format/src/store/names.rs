@@ -7,6 +7,10 @@ pub const CONFIG: &str = "config";
 pub const CHUNKS: &str = "chunks";
 pub const INDEXES: &str = "indexes";
 pub const POINTS: &str = "points";
+/// Records of pruned restore points that a remaining point names as its parent.
+pub const PRUNED: &str = "pruned";
+/// Advisory lock file of a local repository (shared by every user, exclusive for prune).
+pub const LOCK: &str = "lock";
 
 /// `chunks/ab/ab…`: fanned out by the digest's first byte.
 pub fn chunk(d: &Digest) -> String {
@@ -20,4 +24,8 @@ pub fn index(d: &Digest) -> String {
 
 pub fn manifest(id: &str) -> String {
     format!("{POINTS}/{id}")
+}
+
+pub fn prune_record(id: &str) -> String {
+    format!("{PRUNED}/{id}")
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::StoreMaintain;
 use bkimg_format::{chunk, Digest, FormatError};
 
 use super::S3Store;
@@ -52,6 +53,8 @@ pub fn replicate(
         }
     };
 
+    // Keeps a prune of the bucket from deleting chunks this run counts on.
+    let _lock = store.lock(super::LockKind::Ship, false)?;
     let present: HashSet<String> = store
         .point_ids()
         .map_err(remote("the restore points in the bucket"))
@@ -145,6 +148,7 @@ pub fn replicate(
     let throttle = Throttle::new(opts.bandwidth);
     let parallel = opts.parallel.unwrap_or(DEFAULT_PARALLEL).clamp(1, 256);
     let bytes_sent = AtomicU64::new(0);
+    let mut shipped: HashSet<String> = HashSet::new();
     for plan in plans {
         let id = plan.point.manifest.id.clone();
         let sent = send_chunks(
@@ -169,6 +173,17 @@ pub fn replicate(
                 .map_err(with_resume)?;
             bytes_sent.fetch_add(n, Ordering::Relaxed);
         }
+        // A parent pruned here and absent there: its record ends the chain there too.
+        if let Some(link) = &plan.point.manifest.parent {
+            if !present.contains(&link.id) && !shipped.contains(&link.id) {
+                if let Some(end) = src.pruned_link(link)? {
+                    store
+                        .put_prune_record(&link.id, &end.bytes)
+                        .map_err(anyhow::Error::from)
+                        .map_err(with_resume)?;
+                }
+            }
+        }
         // The commit point: last, after the server acknowledged everything it names.
         let manifest = src.store().read_manifest(&id)?;
         throttle.take_blocking(manifest.len() as u64);
@@ -178,6 +193,7 @@ pub fn replicate(
             .map_err(remote(&format!("restore point {id}")))
             .map_err(with_resume)?;
         progress.note(&format!("restore point {id} is on {}", store.url()));
+        shipped.insert(id.clone());
         report.points_sent.push(id);
     }
     report.bytes_sent = bytes_sent.load(Ordering::Relaxed);

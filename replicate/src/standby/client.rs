@@ -241,10 +241,15 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
         }
         v
     };
+    let parent_pruned = match &m.parent {
+        Some(link) => src.pruned_link(link)?.map(|end| hex::encode(end.bytes)),
+        None => None,
+    };
     let begin = p::Begin {
         id: m.id.clone(),
         manifest_sha256: point.manifest_sha256.to_hex(),
         indexes: indexes.iter().map(|d| d.to_hex()).collect(),
+        parent_pruned,
     };
     p::write_json(s, Kind::Begin, &begin, t).await?;
     p::flush(s, t).await?;

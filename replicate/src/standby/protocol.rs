@@ -116,6 +116,10 @@ pub struct Begin {
     pub id: String,
     pub manifest_sha256: String,
     pub indexes: Vec<String>,
+    /// The prune record (hex of its bytes) of the point's parent, when the sender pruned
+    /// that parent: the standby stores it if it lacks the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_pruned: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bkimg_format::index::{self, EntryReader, IndexHeader};
 use bkimg_format::manifest::Manifest;
+use bkimg_format::prune::PruneRecord;
 use bkimg_format::repo::Repository;
-use bkimg_format::store::{LocalDir, StoreRead, StoreWrite};
+use bkimg_format::store::{LocalDir, StoreMaintain, StoreRead, StoreWrite};
 use bkimg_format::{chunk, Digest, FormatError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::protocol::{self as p, Kind, PeerError};
-use super::replica::Replica;
+use super::replica::{Outcome, Replica, ReplicaSpec};
 use super::tls::{self, Fingerprint, Identity, Seen};
 
 /// Chunks being checked and stored at once in a session.
@@ -33,7 +34,8 @@ const CHUNK_WORKERS: usize = 4;
 pub struct ServeConfig {
     pub listen: String,
     pub repo: PathBuf,
-    pub replica: Option<PathBuf>,
+    /// Replicas kept equal to the latest point, one per disk (empty: none).
+    pub replicas: Vec<ReplicaSpec>,
     pub identity: Identity,
     pub allowed: BTreeSet<Fingerprint>,
     /// A peer silent for this long is dropped.
@@ -58,25 +60,24 @@ struct Ctx {
 pub fn serve(cfg: ServeConfig) -> Result<()> {
     let repo = LocalDir::open_or_create(&cfg.repo, &new_id(), &now_rfc3339())?;
     drop(repo);
-    let applier = match &cfg.replica {
-        Some(target) => {
-            let r = Replica::new(&cfg.repo, target);
-            // Before anything else: a replica left half-applied is finished.
-            if let Some(rep) = r.finish_interrupted()? {
-                log(&format!(
-                    "finished the interrupted apply: {}",
-                    rep.summary()
-                ));
-            }
-            let (tx, rx) = mpsc::channel::<()>();
-            let _ = tx.send(());
-            std::thread::Builder::new()
-                .name("replica".into())
-                .spawn(move || replica_loop(r, rx))
-                .context("starting the replica thread")?;
-            Some(tx)
+    let applier = if cfg.replicas.is_empty() {
+        None
+    } else {
+        let r = Replica::new(&cfg.repo, cfg.replicas.clone())?;
+        // Before anything else: a replica left half-applied is finished.
+        if let Some(rep) = r.finish_interrupted()? {
+            log(&format!(
+                "finished the interrupted apply: {}",
+                rep.summary()
+            ));
         }
-        None => None,
+        let (tx, rx) = mpsc::channel::<()>();
+        let _ = tx.send(());
+        std::thread::Builder::new()
+            .name("replica".into())
+            .spawn(move || replica_loop(r, rx))
+            .context("starting the replica thread")?;
+        Some(tx)
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -95,32 +96,40 @@ fn replica_loop(r: Replica, rx: mpsc::Receiver<()>) {
     let mut said_promoted = false;
     loop {
         // Woken by commits (and once at start); also every two seconds, only to notice a
-        // promotion: a failed apply is retried after the next commit, not in a loop.
-        let woken = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+        // promotion or its undoing: a failed apply is retried after the next commit, not
+        // in a loop.
+        let mut woken = rx.recv_timeout(Duration::from_secs(2)).is_ok();
         while rx.try_recv().is_ok() {}
         if r.is_promoted() {
             if !said_promoted {
                 log(&format!(
                     "promoted: not applying restore points to {} any more",
-                    r.target().display()
+                    r.describe()
                 ));
                 said_promoted = true;
             }
             continue;
         }
+        if said_promoted {
+            log(&format!(
+                "promotion undone: applying restore points to {} again (whole restore first)",
+                r.describe()
+            ));
+            said_promoted = false;
+            woken = true;
+        }
         if !woken {
             continue;
         }
         match r.apply_latest() {
-            Ok(Some(rep)) => log(&format!(
-                "replica {}: {}",
-                r.target().display(),
-                rep.summary()
-            )),
-            Ok(None) => {}
+            Ok(Outcome::Applied(rep)) => {
+                log(&format!("replica {}: {}", r.describe(), rep.summary()))
+            }
+            Ok(Outcome::NotApplied(n)) => log(&format!("replica {}: {}", r.describe(), n.reason)),
+            Ok(Outcome::UpToDate | Outcome::Promoted) => {}
             Err(e) => log(&format!(
                 "replica {}: apply failed: {e:#} (retried after the next commit)",
-                r.target().display()
+                r.describe()
             )),
         }
     }
@@ -137,11 +146,10 @@ async fn accept_loop(ctx: Arc<Ctx>) -> Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_default(),
         ctx.cfg.repo.display(),
-        ctx.cfg
-            .replica
-            .as_ref()
-            .map(|r| format!(", replica {}", r.display()))
-            .unwrap_or_default(),
+        match Replica::new(&ctx.cfg.repo, ctx.cfg.replicas.clone()) {
+            Ok(r) => format!(", replica {}", r.describe()),
+            Err(_) => String::new(),
+        },
         ctx.cfg.identity.fingerprint(),
         ctx.allowed.len()
     ));
@@ -528,6 +536,40 @@ fn store_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()> {
     Ok(())
 }
 
+/// A parent the standby lacks is acceptable only as a pruned one: a prune record it holds,
+/// or one the client sent with the point (stored now, after checking it fits the link).
+fn accept_pruned_parent(
+    store: &LocalDir,
+    reader: &Repository,
+    parent: &bkimg_format::manifest::ParentRef,
+    b: &p::Begin,
+) -> Result<()> {
+    if reader.pruned_link(parent)?.is_some() {
+        return Ok(());
+    }
+    let missing = || {
+        FormatError::missing(format!(
+            "parent restore point {} of {} on the standby (send parents first)",
+            parent.id, b.id
+        ))
+    };
+    let Some(hex_record) = &b.parent_pruned else {
+        return Err(missing().into());
+    };
+    let bytes = hex::decode(hex_record)
+        .map_err(|_| PeerError::Violation("parent_pruned is not hex".into()))?;
+    let record = PruneRecord::decode(&bytes)?;
+    if record.id != parent.id || record.manifest_sha256 != parent.manifest_sha256 {
+        return Err(FormatError::corrupt(
+            format!("prune record of {}", parent.id),
+            "it records another manifest than the point's parent link",
+        )
+        .into());
+    }
+    store.put_prune_record(&parent.id, &bytes)?;
+    Ok(())
+}
+
 /// The commit point: the manifest is stored only when the point is complete and its link
 /// to the parent holds.
 fn check_and_commit(
@@ -563,14 +605,15 @@ fn check_and_commit(
         .into());
     }
     if let Some(parent) = &m.parent {
-        let theirs = reader.point(&parent.id).map_err(|e| match e {
-            FormatError::Missing { .. } => FormatError::missing(format!(
-                "parent restore point {} of {} on the standby (send parents first)",
-                parent.id, m.id
-            )),
-            other => other,
-        })?;
-        if theirs.manifest_sha256.to_hex() != parent.manifest_sha256 {
+        let theirs = match reader.point(&parent.id) {
+            Ok(p) => Some(p),
+            Err(FormatError::Missing { .. }) => {
+                accept_pruned_parent(store, reader, parent, b)?;
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if theirs.is_some_and(|t| t.manifest_sha256.to_hex() != parent.manifest_sha256) {
             return Err(FormatError::corrupt(
                 format!("restore point {}", m.id),
                 format!("its parent link does not match the standby's {}", parent.id),
@@ -758,7 +801,7 @@ mod tests {
             cfg: ServeConfig {
                 listen: String::new(),
                 repo,
-                replica: None,
+                replicas: Vec::new(),
                 identity: Identity::load(&dir.path().join("key")).unwrap(),
                 allowed: BTreeSet::new(),
                 timeout: Duration::from_secs(5),
@@ -803,6 +846,7 @@ mod tests {
             id: s.id.clone(),
             manifest_sha256: Digest::of_bytes(&s.manifest).to_hex(),
             indexes: vec![s.index_id.to_hex()],
+            parent_pruned: None,
         };
         p::write_json(c, Kind::Begin, &b, T).await.unwrap();
         p::read_frame(c, T)
