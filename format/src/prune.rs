@@ -112,10 +112,11 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
     }
     let mut out = Vec::new();
     for (_, mut group) in groups {
-        // Newest first; ids break ties the same way every time.
+        // Newest first (to the nanosecond: several points can share a second); ids break
+        // ties the same way every time.
         group.sort_by(|a, b| {
-            let ka = (epoch_seconds(&a.manifest.created), &a.manifest.id);
-            let kb = (epoch_seconds(&b.manifest.created), &b.manifest.id);
+            let ka = (instant(&a.manifest.created), &a.manifest.id);
+            let kb = (instant(&b.manifest.created), &b.manifest.id);
             kb.cmp(&ka)
         });
         let mut buckets: [(usize, &str, HashSet<i64>); 4] = [
@@ -160,7 +161,7 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
             });
         }
     }
-    out.sort_by(|a, b| (epoch_seconds(&b.created), &b.id).cmp(&(epoch_seconds(&a.created), &a.id)));
+    out.sort_by(|a, b| (instant(&b.created), &b.id).cmp(&(instant(&a.created), &a.id)));
     out
 }
 
@@ -181,6 +182,11 @@ fn bucket(t: i64, kind: usize) -> i64 {
 
 /// Seconds since 1970 of an RFC 3339 time ("2026-11-21T12:00:05.5Z", offsets allowed).
 pub fn epoch_seconds(text: &str) -> Option<i64> {
+    instant(text).map(|(secs, _)| secs)
+}
+
+/// An RFC 3339 time as (seconds since 1970, nanoseconds).
+fn instant(text: &str) -> Option<(i64, u32)> {
     let b = text.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
@@ -192,8 +198,10 @@ pub fn epoch_seconds(text: &str) -> Option<i64> {
         return None;
     }
     let mut rest = &text[19..];
+    let mut nanos = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        nanos = format!("{:0<9}", &frac[..digits.min(9)]).parse().ok()?;
         rest = &frac[digits..];
     }
     let offset = match rest {
@@ -206,7 +214,8 @@ pub fn epoch_seconds(text: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset)
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset;
+    Some((secs, nanos))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -554,6 +563,21 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(kept(&decide(&points, &monthly, now)), ["d21h18"]);
+    }
+
+    #[test]
+    fn points_within_one_second_are_ordered_by_their_fraction() {
+        // The id suffix is random: "x-b" sorts after "x-a" but was captured first.
+        let points = vec![
+            point("x-b", "2026-11-21T18:37:30.43Z", "h"),
+            point("x-a", "2026-11-21T18:37:30.98Z", "h"),
+        ];
+        let last = Policy {
+            last: 1,
+            ..Policy::default()
+        };
+        assert_eq!(kept(&decide(&points, &last, 0)), ["x-a"]);
+        assert_eq!(instant("2026-11-21T18:37:30.5Z").unwrap().1, 500_000_000);
     }
 
     #[test]
