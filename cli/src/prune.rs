@@ -170,13 +170,26 @@ fn apply<S: StoreMaintain + 'static>(
     dry_run: bool,
 ) -> Result<(Vec<Decision>, PruneReport)> {
     let repo = Repository::new(Box::new(store.clone()));
-    let (points, _) = repo.points()?;
-    // Pinned ids may be prefixes: resolve them against this repository.
+    let listing = repo.points()?;
+    let points = &listing.0;
+    // Pinned ids may be prefixes: resolve them against the listing (the repository is
+    // asked only for what the listing cannot settle, so that its message names why).
     let mut policy = policy.clone();
     policy.pinned = policy
         .pinned
         .iter()
-        .map(|id| Ok(repo.resolve(id)?.manifest.id))
+        .map(|id| {
+            let found: Vec<&str> = points
+                .iter()
+                .map(|p| p.manifest.id.as_str())
+                .filter(|p| p.starts_with(id.as_str()))
+                .collect();
+            match found.as_slice() {
+                [one] => Ok(one.to_string()),
+                _ if found.contains(&id.as_str()) => Ok(id.clone()),
+                _ => Ok(repo.resolve(id)?.manifest.id),
+            }
+        })
         .collect::<Result<_>>()?;
     policy.pinned.extend(
         held.iter()
@@ -184,14 +197,14 @@ fn apply<S: StoreMaintain + 'static>(
             .cloned(),
     );
     let now = time::OffsetDateTime::now_utc();
-    let decisions = prune::decide(&points, &policy, now.unix_timestamp());
+    let decisions = prune::decide(points, &policy, now.unix_timestamp());
     let remove: HashSet<String> = decisions
         .iter()
         .filter(|d| !d.keep)
         .map(|d| d.id.clone())
         .collect();
     let stamp = now.format(&time::format_description::well_known::Rfc3339)?;
-    let report = prune::prune(&repo, store.as_ref(), &remove, dry_run, &stamp)?;
+    let report = prune::prune(&repo, store.as_ref(), &listing, &remove, dry_run, &stamp)?;
     Ok((decisions, report))
 }
 

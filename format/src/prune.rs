@@ -14,9 +14,10 @@ use crate::digest::Digest;
 use crate::error::{FormatError, Result};
 use crate::magic;
 use crate::manifest::valid_id;
-use crate::repo::{Point, Repository};
+use crate::repo::{Listing, Point, Repository};
 use crate::sealed::{self, Features, Kind};
 use crate::store::StoreMaintain;
+use crate::time::{civil_from_days, epoch_seconds, instant};
 
 pub const RECORD_KIND: Kind = Kind {
     name: "prune record",
@@ -180,67 +181,6 @@ fn bucket(t: i64, kind: usize) -> i64 {
     }
 }
 
-/// Seconds since 1970 of an RFC 3339 time ("2026-11-21T12:00:05.5Z", offsets allowed).
-pub fn epoch_seconds(text: &str) -> Option<i64> {
-    instant(text).map(|(secs, _)| secs)
-}
-
-/// An RFC 3339 time as (seconds since 1970, nanoseconds).
-fn instant(text: &str) -> Option<(i64, u32)> {
-    let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { text.get(r)?.parse().ok() };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut nanos = 0u32;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        nanos = format!("{:0<9}", &frac[..digits.min(9)]).parse().ok()?;
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (oh * 3600 + om * 60)
-        }
-        _ => return None,
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset;
-    Some((secs, nanos))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// What a prune did (or, with `dry_run`, would do).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PruneReport {
@@ -258,16 +198,18 @@ pub struct PruneReport {
 
 /// Deletes the restore points `remove` names (ids of points in `repo`) and everything
 /// only they used. `store` is the same store `repo` reads, opened so that nobody else
-/// writes meanwhile. `now` (RFC 3339) dates the prune records.
+/// writes meanwhile; `listing` is `repo.points()`, read under that lock. `now` (RFC 3339)
+/// dates the prune records.
 pub fn prune(
     repo: &Repository,
     store: &dyn StoreMaintain,
+    listing: &Listing,
     remove: &HashSet<String>,
     dry_run: bool,
     now: &str,
 ) -> Result<PruneReport> {
-    let (points, damaged) = repo.points()?;
-    if let Some((id, e)) = damaged.into_iter().next() {
+    let (points, damaged) = listing;
+    if let Some((id, e)) = damaged.first() {
         // Its manifest cannot say which data it uses: deleting anything could destroy it.
         return Err(FormatError::corrupt(
             format!("restore point {id}"),
@@ -474,22 +416,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_times() {
-        assert_eq!(epoch_seconds("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(epoch_seconds("2026-11-21T12:00:05.5Z"), Some(1_795_262_405));
-        assert_eq!(
-            epoch_seconds("2026-11-21T13:00:05+01:00"),
-            epoch_seconds("2026-11-21T12:00:05Z")
-        );
-        assert_eq!(epoch_seconds("2026-11-21"), None);
-        assert_eq!(epoch_seconds("2026-13-21T12:00:05Z"), None);
-        for days in [-1000, 0, 59, 365, 20_000, 30_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
-    }
-
-    #[test]
     fn weeks_start_on_monday() {
         let mon = epoch_seconds("2026-11-16T00:00:00Z").unwrap();
         let sun = epoch_seconds("2026-11-22T23:59:59Z").unwrap();
@@ -577,7 +503,6 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(kept(&decide(&points, &last, 0)), ["x-a"]);
-        assert_eq!(instant("2026-11-21T18:37:30.5Z").unwrap().1, 500_000_000);
     }
 
     #[test]

@@ -209,12 +209,11 @@ fn take_lock(root: &Path, lock: Lock) -> Result<Option<Flock<File>>> {
             }
         },
     };
-    let busy = |msg: String| FormatError::Busy(msg);
     match lock {
         Lock::Exclusive { wait: false } => match Flock::lock(file, FlockArg::LockExclusiveNonblock)
         {
             Ok(l) => Ok(Some(l)),
-            Err((_, Errno::EWOULDBLOCK)) => Err(busy(format!(
+            Err((_, Errno::EWOULDBLOCK)) => Err(FormatError::Busy(format!(
                 "{} is in use (a capture, restore, replication or standby session is open on \
                  it): run prune again when it has finished, or add --wait",
                 root.display()
@@ -238,7 +237,7 @@ fn take_lock(root: &Path, lock: Lock) -> Result<Option<Flock<File>>> {
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     Err((_, Errno::EWOULDBLOCK)) => {
-                        return Err(busy(format!(
+                        return Err(FormatError::Busy(format!(
                             "{} is being pruned and the prune did not finish within {} s: run \
                              the command again when it has",
                             root.display(),
