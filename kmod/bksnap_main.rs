@@ -13,7 +13,7 @@ mod sys;
 mod tracker;
 mod uapi;
 
-use snapshot::{SnapDev, Shared};
+use snapshot::{Shared, SnapDev};
 use tracker::{Saved, Tracker};
 
 module! {
@@ -44,7 +44,11 @@ impl kernel::Module for Bksnap {
             GFP_KERNEL,
         )?;
         sys::init(&state)?;
-        pr_info!("bksnap: loaded (uapi {}.{})\n", uapi::VERSION_MAJOR, uapi::VERSION_MINOR);
+        pr_info!(
+            "bksnap: loaded (uapi {}.{})\n",
+            uapi::VERSION_MAJOR,
+            uapi::VERSION_MINOR
+        );
         Ok(Bksnap { _state: state })
     }
 }
@@ -116,7 +120,10 @@ impl Events {
                 return Ok(ev);
             }
             if left == 0 {
-                return Ok(uapi::EventArg { kind: uapi::EVENT_NONE, ..Default::default() });
+                return Ok(uapi::EventArg {
+                    kind: uapi::EVENT_NONE,
+                    ..Default::default()
+                });
             }
             match self.cv.wait_interruptible_timeout(&mut q, left) {
                 kernel::sync::CondVarTimeoutResult::Signal { .. } => return Err(EINTR),
@@ -134,7 +141,8 @@ impl EventQueue {
         let ev = self.items[(self.head + pos) % EVENT_SLOTS];
         // Close the gap: later events move up one place.
         for i in pos..self.len - 1 {
-            self.items[(self.head + i) % EVENT_SLOTS] = self.items[(self.head + i + 1) % EVENT_SLOTS];
+            self.items[(self.head + i) % EVENT_SLOTS] =
+                self.items[(self.head + i + 1) % EVENT_SLOTS];
         }
         self.len -= 1;
         Some(ev)
@@ -154,7 +162,10 @@ struct Inner {
 
 impl Inner {
     fn tracker(&self, major: u32, minor: u32) -> Option<Arc<Tracker>> {
-        self.trackers.iter().find(|t| t.major == major && t.minor == minor).cloned()
+        self.trackers
+            .iter()
+            .find(|t| t.major == major && t.minor == minor)
+            .cloned()
     }
 
     fn snapshot(&self, id: u64) -> Option<&Snapshot> {
@@ -173,11 +184,15 @@ pub(crate) struct State {
 }
 
 fn read<T: kernel::types::FromBytes>(arg: usize) -> Result<T> {
-    UserSlice::new(arg as UserPtr, core::mem::size_of::<T>()).reader().read::<T>()
+    UserSlice::new(arg as UserPtr, core::mem::size_of::<T>())
+        .reader()
+        .read::<T>()
 }
 
 fn write<T: kernel::types::AsBytes>(arg: usize, value: &T) -> Result {
-    UserSlice::new(arg as UserPtr, core::mem::size_of::<T>()).writer().write(value)
+    UserSlice::new(arg as UserPtr, core::mem::size_of::<T>())
+        .writer()
+        .write(value)
 }
 
 /// Reads `count` structures from a user array.
@@ -217,7 +232,11 @@ fn remove_at<T>(v: &mut KVec<T>, pos: usize) -> Result<T> {
 }
 
 /// Fills the output fields; returns the table if asked for.
-fn tracker_info(t: &Tracker, out: &mut uapi::TrackerArg, with_table: bool) -> Result<Option<KVVec<u8>>> {
+fn tracker_info(
+    t: &Tracker,
+    out: &mut uapi::TrackerArg,
+    with_table: bool,
+) -> Result<Option<KVVec<u8>>> {
     let (generation, sequence, table) = t.state(with_table)?;
     out.block_size = t.block_size();
     out.device_sectors = t.sectors;
@@ -281,7 +300,11 @@ impl State {
                 .reader()
                 .read_slice(&mut buf)?;
             table = buf;
-            Some(Saved { generation: a.generation, sequence: a.sequence, table: &table })
+            Some(Saved {
+                generation: a.generation,
+                sequence: a.sequence,
+                table: &table,
+            })
         } else {
             None
         };
@@ -357,7 +380,11 @@ impl State {
         let size = core::mem::size_of::<uapi::TrackerArg>();
         let mut w = UserSlice::new(l.ptr as UserPtr, n * size).writer();
         for t in trackers.iter().take(n) {
-            let mut a = uapi::TrackerArg { major: t.major, minor: t.minor, ..Default::default() };
+            let mut a = uapi::TrackerArg {
+                major: t.major,
+                minor: t.minor,
+                ..Default::default()
+            };
             tracker_info(t, &mut a, false)?;
             w.write(&a)?;
         }
@@ -398,14 +425,21 @@ impl State {
         };
         let devs: KVVec<uapi::DevNum> = read_array(c.devs_ptr, c.dev_count)?;
         for (i, a) in devs.iter().enumerate() {
-            if devs[i + 1..].iter().any(|b| a.major == b.major && a.minor == b.minor) {
+            if devs[i + 1..]
+                .iter()
+                .any(|b| a.major == b.major && a.minor == b.minor)
+            {
                 return Err(EINVAL);
             }
         }
         let extents: KVVec<uapi::Extent> = read_array(c.store_ptr, c.store_count)?;
         let store = snapshot::open_extents(&extents)?;
         let total: u64 = extents.iter().map(|e| e.sectors).sum();
-        let low_water = if c.low_water_sectors == 0 { total / 4 } else { c.low_water_sectors };
+        let low_water = if c.low_water_sectors == 0 {
+            total / 4
+        } else {
+            c.low_water_sectors
+        };
 
         let _create = self.create.lock();
         // Devices not tracked yet are attached now (a new generation starts with them).
@@ -443,12 +477,19 @@ impl State {
         )?;
         let mut snapdevs = KVec::with_capacity(trackers.len(), GFP_KERNEL)?;
         for (i, t) in trackers.iter().enumerate() {
-            snapdevs.push(SnapDev::new(shared.clone(), t.clone(), i as u32)?, GFP_KERNEL)?;
+            snapdevs.push(
+                SnapDev::new(shared.clone(), t.clone(), i as u32)?,
+                GFP_KERNEL,
+            )?;
         }
 
         // The instant: filesystems frozen, writes held back and drained, then every device
         // starts copying on write at once.
-        let frozen = if c.flags & uapi::CREATE_NO_FREEZE == 0 { &trackers[..] } else { &[] };
+        let frozen = if c.flags & uapi::CREATE_NO_FREEZE == 0 {
+            &trackers[..]
+        } else {
+            &[]
+        };
         for (i, t) in frozen.iter().enumerate() {
             if let Err(e) = t.file.freeze() {
                 frozen[..i].iter().for_each(|t| t.file.thaw());
@@ -465,9 +506,19 @@ impl State {
                 return Err(e);
             }
         }
-        self.inner.lock().snapshots.push(Snapshot { shared, devs: snapdevs }, GFP_KERNEL)?;
+        self.inner.lock().snapshots.push(
+            Snapshot {
+                shared,
+                devs: snapdevs,
+            },
+            GFP_KERNEL,
+        )?;
         c.id = id;
-        pr_info!("bksnap: snapshot {} of {} device(s) taken\n", id, trackers.len());
+        pr_info!(
+            "bksnap: snapshot {} of {} device(s) taken\n",
+            id,
+            trackers.len()
+        );
         write(arg, &c)
     }
 
@@ -479,7 +530,11 @@ impl State {
         let _create = self.create.lock();
         let snap = {
             let mut inner = self.inner.lock();
-            let pos = inner.snapshots.iter().position(|s| s.shared.id == a.id).ok_or(ENOENT)?;
+            let pos = inner
+                .snapshots
+                .iter()
+                .position(|s| s.shared.id == a.id)
+                .ok_or(ENOENT)?;
             remove_at(&mut inner.snapshots, pos)?
         };
         deactivate(&snap.devs);
@@ -547,7 +602,13 @@ impl State {
         }
         let extents: KVVec<uapi::Extent> = read_array(a.store_ptr, a.store_count)?;
         let store = snapshot::open_extents(&extents)?;
-        let shared = self.inner.lock().snapshot(a.id).ok_or(ENOENT)?.shared.clone();
+        let shared = self
+            .inner
+            .lock()
+            .snapshot(a.id)
+            .ok_or(ENOENT)?
+            .shared
+            .clone();
         shared.add_extents(store, &extents)
     }
 }

@@ -80,12 +80,21 @@ impl Store {
                 continue;
             }
             let n = room.min(chunks);
-            let loc = Loc { extent: self.extent, sector: ext.sector + self.offset };
+            let loc = Loc {
+                extent: self.extent,
+                sector: ext.sector + self.offset,
+            };
             self.offset += n * chunk_sectors;
             self.used += n * chunk_sectors;
             return (loc, n);
         }
-        (Loc { extent: 0, sector: 0 }, 0)
+        (
+            Loc {
+                extent: 0,
+                sector: 0,
+            },
+            0,
+        )
     }
 }
 
@@ -155,7 +164,8 @@ impl Shared {
             self.id,
             err
         );
-        self.events.push(uapi::EVENT_FAILED, self.id, err.to_errno(), total, used);
+        self.events
+            .push(uapi::EVENT_FAILED, self.id, err.to_errno(), total, used);
     }
 
     pub(crate) fn space(&self) -> (u64, u64) {
@@ -177,7 +187,11 @@ impl Shared {
 
     /// Adds store space (extents that overlap none already in the store); re-arms the
     /// low-space event.
-    pub(crate) fn add_extents(&self, extents: KVec<Arc<StoreExtent>>, list: &[uapi::Extent]) -> Result {
+    pub(crate) fn add_extents(
+        &self,
+        extents: KVec<Arc<StoreExtent>>,
+        list: &[uapi::Extent],
+    ) -> Result {
         if self.failed() {
             return Err(EIO);
         }
@@ -209,10 +223,15 @@ impl Shared {
             store.low_reported = true;
         }
         let (total, used) = (store.total, store.used);
-        let ext = if n > 0 { Some(store.extents[loc.extent].clone()) } else { None };
+        let ext = if n > 0 {
+            Some(store.extents[loc.extent].clone())
+        } else {
+            None
+        };
         drop(store);
         if low {
-            self.events.push(uapi::EVENT_LOW_SPACE, self.id, 0, total, used);
+            self.events
+                .push(uapi::EVENT_LOW_SPACE, self.id, 0, total, used);
         }
         ext.map(|e| (loc, n, e))
     }
@@ -230,12 +249,21 @@ pub(crate) fn open_extents(list: &[uapi::Extent]) -> Result<KVec<Arc<StoreExtent
             return Err(EINVAL);
         }
         let file = BdevFile::open(e.major, e.minor, true)?;
-        if e.sector.checked_add(e.sectors).map_or(true, |end| end > file.sectors()) {
+        if e.sector
+            .checked_add(e.sectors)
+            .map_or(true, |end| end > file.sectors())
+        {
             return Err(EINVAL);
         }
         out.push(
             Arc::new(
-                StoreExtent { major: e.major, minor: e.minor, file, sector: e.sector, sectors: e.sectors },
+                StoreExtent {
+                    major: e.major,
+                    minor: e.minor,
+                    file,
+                    sector: e.sector,
+                    sectors: e.sectors,
+                },
                 GFP_KERNEL,
             )?,
             GFP_KERNEL,
@@ -283,7 +311,11 @@ pub(crate) struct SnapDev {
 }
 
 impl SnapDev {
-    pub(crate) fn new(shared: Arc<Shared>, tracker: Arc<Tracker>, index: u32) -> Result<Arc<SnapDev>> {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        tracker: Arc<Tracker>,
+        index: u32,
+    ) -> Result<Arc<SnapDev>> {
         let sectors = tracker.sectors;
         let chunk_shift = shared.chunk_sectors.trailing_zeros();
         // The image (its lock) exists before activation: copy-on-write needs it from the
@@ -310,7 +342,9 @@ impl SnapDev {
 
     /// Creates the read-only image disk; returns its device number.
     pub(crate) fn add_image(&self) -> Result<(u32, u32)> {
-        let (major, minor) = self.image.add_disk(self, &self.tracker.file, self.shared.id, self.index)?;
+        let (major, minor) =
+            self.image
+                .add_disk(self, &self.tracker.file, self.shared.id, self.index)?;
         *self.image_dev.lock() = (major, minor);
         Ok((major, minor))
     }
@@ -379,12 +413,27 @@ impl SnapDev {
         let sectors = ((c + n) << this.chunk_shift).min(this.sectors) - start;
         let len = (sectors * 512) as u32;
         let mut buf = IoBuffer::new(len)?;
-        this.tracker.file.rw(start, &mut buf, len, false, IO_TIMEOUT_MS)?;
+        this.tracker
+            .file
+            .rw(start, &mut buf, len, false, IO_TIMEOUT_MS)?;
         this.shared.copied.fetch_add(n, Ordering::Relaxed);
-        let item = CowWrite { dev: this.clone(), c, n, loc, ext, buf, len };
-        let held = this.shared.in_flight.fetch_add(u64::from(len), Ordering::Relaxed);
+        let item = CowWrite {
+            dev: this.clone(),
+            c,
+            n,
+            loc,
+            ext,
+            buf,
+            len,
+        };
+        let held = this
+            .shared
+            .in_flight
+            .fetch_add(u64::from(len), Ordering::Relaxed);
         if held + u64::from(len) > MAX_IN_FLIGHT_BYTES {
-            this.shared.in_flight.fetch_sub(u64::from(len), Ordering::Relaxed);
+            this.shared
+                .in_flight
+                .fetch_sub(u64::from(len), Ordering::Relaxed);
             return item.store();
         }
         let queued = (|| -> Result<KBox<CowWrite>> {
@@ -403,7 +452,9 @@ impl SnapDev {
                 Ok(())
             }
             Err(e) => {
-                this.shared.in_flight.fetch_sub(u64::from(len), Ordering::Relaxed);
+                this.shared
+                    .in_flight
+                    .fetch_sub(u64::from(len), Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -418,7 +469,10 @@ impl SnapDev {
 
     /// Serves a read of the image: copied chunks from the store, the rest from the device.
     pub(crate) fn image_read(&self, bio: &Bio, sector: u64, sectors: u64) -> Result {
-        if sector.checked_add(sectors).map_or(true, |e| e > self.sectors) {
+        if sector
+            .checked_add(sectors)
+            .map_or(true, |e| e > self.sectors)
+        {
             return Err(EIO);
         }
         let chunk_sectors = u64::from(self.shared.chunk_sectors);
@@ -436,7 +490,9 @@ impl SnapDev {
                 let mut map = self.map.lock();
                 loop {
                     match map.get(&c).copied() {
-                        Some(Saved::InFlight) if !self.shared.failed() => self.stored.wait(&mut map),
+                        Some(Saved::InFlight) if !self.shared.failed() => {
+                            self.stored.wait(&mut map)
+                        }
                         Some(Saved::InFlight) => return Err(EIO),
                         Some(Saved::Stored(loc)) => break Some(loc),
                         None => break None,
@@ -455,9 +511,11 @@ impl SnapDev {
                     let mut end = ((c + 1) << self.chunk_shift).min(sector + sectors);
                     {
                         let map = self.map.lock();
-                        while end < sector + sectors && map.get(&(end >> self.chunk_shift)).is_none()
+                        while end < sector + sectors
+                            && map.get(&(end >> self.chunk_shift)).is_none()
                         {
-                            end = (((end >> self.chunk_shift) + 1) << self.chunk_shift).min(sector + sectors);
+                            end = (((end >> self.chunk_shift) + 1) << self.chunk_shift)
+                                .min(sector + sectors);
                         }
                     }
                     let span = end - at;
@@ -503,11 +561,20 @@ impl CowWrite {
     fn store(mut self) -> Result {
         let chunk_sectors = u64::from(self.dev.shared.chunk_sectors);
         let sectors = u64::from(self.len) / 512;
-        self.ext.file.rw(self.loc.sector, &mut self.buf, self.len, true, IO_TIMEOUT_MS)?;
+        self.ext.file.rw(
+            self.loc.sector,
+            &mut self.buf,
+            self.len,
+            true,
+            IO_TIMEOUT_MS,
+        )?;
         self.ext.file.mark_written(self.loc.sector, sectors);
         let mut map = self.dev.map.lock();
         for i in 0..self.n {
-            let at = Loc { extent: self.loc.extent, sector: self.loc.sector + i * chunk_sectors };
+            let at = Loc {
+                extent: self.loc.extent,
+                sector: self.loc.sector + i * chunk_sectors,
+            };
             map.try_create_and_insert(self.c + i, Saved::Stored(at), GFP_KERNEL)?;
         }
         Ok(())

@@ -239,7 +239,11 @@ impl IoBuffer {
         if ptr.is_null() {
             return Err(ENOMEM);
         }
-        Ok(IoBuffer { ptr, len, leak: false })
+        Ok(IoBuffer {
+            ptr,
+            len,
+            leak: false,
+        })
     }
 }
 
@@ -329,7 +333,15 @@ impl Image {
         // SAFETY: `self.0` has no disk yet (called once); `rs` outlives the disk (above);
         // out pointers valid.
         errno(unsafe {
-            bksnap_c_image_add_disk(self.0, rs.cast(), origin.raw(), id, index, &mut major, &mut minor)
+            bksnap_c_image_add_disk(
+                self.0,
+                rs.cast(),
+                origin.raw(),
+                id,
+                index,
+                &mut major,
+                &mut minor,
+            )
         })?;
         Ok((major, minor))
     }
@@ -374,14 +386,25 @@ pub(crate) struct Bio(*mut c_void);
 
 impl Bio {
     /// Fills `sectors` sectors of the bio, from `offset` sectors into it, from `file`.
-    pub(crate) fn read_span(&self, offset: u64, sectors: u64, file: &BdevFile, sector: u64) -> Result {
+    pub(crate) fn read_span(
+        &self,
+        offset: u64,
+        sectors: u64,
+        file: &BdevFile,
+        sector: u64,
+    ) -> Result {
         // SAFETY: the bio is live while its image read runs; `file` is open.
         errno(unsafe { bksnap_c_bio_read_span(self.0, offset, sectors, file.raw(), sector) })
     }
 }
 
 #[no_mangle]
-extern "C" fn bksnap_rs_write(tracker: *const c_void, sector: u64, sectors: u64, may_block: bool) -> i32 {
+extern "C" fn bksnap_rs_write(
+    tracker: *const c_void,
+    sector: u64,
+    sectors: u64,
+    may_block: bool,
+) -> i32 {
     // SAFETY: the shim only calls this for a registered slot, inside an SRCU section that
     // slot removal waits for; the tracker outlives its slot.
     let tracker = unsafe { &*tracker.cast::<Tracker>() };
@@ -406,7 +429,12 @@ extern "C" fn bksnap_rs_ioctl(state: *const c_void, cmd: u32, arg: usize) -> isi
 }
 
 #[no_mangle]
-extern "C" fn bksnap_rs_image_read(image: *const c_void, bio: *mut c_void, sector: u64, sectors: u64) -> i32 {
+extern "C" fn bksnap_rs_image_read(
+    image: *const c_void,
+    bio: *mut c_void,
+    sector: u64,
+    sectors: u64,
+) -> i32 {
     // SAFETY: images are destroyed (waiting for their reads) before their `SnapDev`.
     let dev = unsafe { &*image.cast::<SnapDev>() };
     match dev.image_read(&Bio(bio), sector, sectors) {

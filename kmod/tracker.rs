@@ -211,7 +211,11 @@ impl Tracker {
     /// through the block layer).
     pub(crate) fn mark_ranges(&self, ranges: &[(u64, u64)]) -> Result {
         for (sector, sectors) in ranges {
-            if *sectors == 0 || sector.checked_add(*sectors).map_or(true, |e| e > self.sectors) {
+            if *sectors == 0
+                || sector
+                    .checked_add(*sectors)
+                    .map_or(true, |e| e > self.sectors)
+            {
                 return Err(EINVAL);
             }
         }
@@ -261,7 +265,6 @@ impl Tracker {
         }
         Ok((*generation, sequence, table))
     }
-
 }
 
 fn new_generation(generation: &mut [u8; 16]) {
