@@ -116,6 +116,8 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     let mut newest = newest_point(&args.repo);
     let mut shipped: Option<Captured> = None;
     let mut last_prune: Option<Instant> = None;
+    // Whether a point was captured since the last successful ship: a stop ships it first.
+    let mut unshipped = false;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         cycle += 1;
@@ -130,6 +132,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                 ));
                 newest = Some(point);
                 captured = Some(summary);
+                unshipped = true;
             }
             Err(e) => {
                 capture_failures += 1;
@@ -147,6 +150,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                     backoff = Duration::ZERO;
                     // A ship sends every local point: the target now holds the newest.
                     shipped = newest.clone();
+                    unshipped = false;
                     report_cycle(
                         args,
                         cycle,
@@ -183,6 +187,26 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
         // Sleep out the rest of the interval, waking for a signal.
         while !stop.load(Ordering::SeqCst) && started.elapsed() < every {
             std::thread::sleep(Duration::from_millis(50).min(every));
+        }
+    }
+    // A stop (or the last of --cycles) may come between a capture and its ship, or while
+    // the target is down: one more attempt, so that what was captured is not left behind
+    // on this machine alone without a word.
+    if unshipped {
+        log("shipping the points captured since the last ship before stopping");
+        match crate::replicate::ship(args, true) {
+            Ok(done) => {
+                report_cycle(args, cycle, &done.report, newest.as_ref(), None);
+            }
+            Err(e) => {
+                log(&format!(
+                    "stopped after {cycle} cycle(s) with restore points not shipped to {} \
+                     ({e:#}): they are in {} and the next run ships them",
+                    args.to,
+                    args.repo.display()
+                ));
+                return Ok(crate::exit::code_for(&e));
+            }
         }
     }
     log(&format!("stopped after {cycle} cycle(s)"));

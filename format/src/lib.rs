@@ -17,6 +17,7 @@ pub mod prune;
 pub mod repo;
 pub mod sealed;
 pub mod store;
+pub mod testhook;
 pub mod time;
 
 pub use digest::Digest;

@@ -282,12 +282,7 @@ pub fn prune(
             store.delete_manifest(&p.manifest.id)?;
         }
         // Tests kill a prune here, between the manifests and the data.
-        if let Some(ms) = std::env::var("BKIMG_TEST_PRUNE_PAUSE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
+        crate::testhook::pause("prune-manifests-deleted");
     }
 
     // Mark: what the kept points use.

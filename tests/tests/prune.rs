@@ -3,8 +3,9 @@
 //! ends at a prune record), refuses a repository in use, and survives being killed.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bkimg_tests::{
@@ -180,24 +181,65 @@ fn refuses_a_repository_in_use_and_a_damaged_manifest() {
     let (ids, _, _) = five_points(dir.path());
     let chunks = chunk_files(&repo);
 
-    // A capture, restore or replication holds the repository's lock shared.
+    // A capture, restore or replication holds the repository's lock shared: here a
+    // holder that keeps it until its standard input closes, and says when it has it.
     let mut holder = Command::new("flock")
-        .args(["-s", p(&repo.join("lock")), "sleep", "3"])
+        .args(["-s", p(&repo.join("lock")), "sh", "-c", "echo held; cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "held\n");
     let r = bkimg(&["prune", "--repo", p(&repo), "--keep-last", "1"]);
     assert_eq!(r.code, 10, "{}", r.stderr);
     assert!(r.stderr.contains("is in use"), "{}", r.stderr);
     assert!(r.stderr.contains("--wait"), "{}", r.stderr);
     assert_eq!(list_json(&repo).len(), 5);
     assert_eq!(chunk_files(&repo), chunks);
-    // With --wait it runs once the holder is done.
-    let t = Instant::now();
-    let waited = prune(&repo, &["--keep-last", "4", "--wait"]);
-    assert!(t.elapsed() > Duration::from_secs(1), "did not wait");
-    assert_eq!(ids_of(&waited, "removed"), vec![ids[0].clone()]);
+    // With --wait it blocks on the lock (the kernel lists it as a waiter), and runs once
+    // the holder is done.
+    let waiting = Command::new(bkimg_path())
+        .args([
+            "prune",
+            "--repo",
+            p(&repo),
+            "--json",
+            "--keep-last",
+            "4",
+            "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pid = waiting.id().to_string();
+    while !fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("->") && l.split_whitespace().nth(5) == Some(pid.as_str()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "prune --wait never waited for the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(list_json(&repo).len(), 5, "pruned while the lock was held");
+    drop(holder.stdin.take());
     holder.wait().unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let waited: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids_of(&waited, "removed"), vec![ids[0].clone()]);
 
     // An unreadable manifest: its data cannot be known, so nothing is deleted.
     let m = repo.join("points").join(&ids[2]);
@@ -219,21 +261,35 @@ fn a_killed_prune_leaves_a_consistent_repository_and_the_next_one_finishes() {
     let repo = dir.path().join("repo");
     let (ids, states, _) = five_points(dir.path());
     let chunks = chunk_files(&repo);
-    // Killed after the manifests went, before any data did.
+    // Killed after the manifests went, before any data did: the prune waits there (a
+    // test hook) and says so by creating `paused`.
+    let paused = dir.path().join("paused");
     let mut child = Command::new(bkimg_path())
         .args(["prune", "--repo", p(&repo), "--keep-last", "2", "--quiet"])
-        .env("BKIMG_TEST_PRUNE_PAUSE_MS", "20000")
+        .env(
+            "BKIMG_TEST_PAUSE",
+            format!("prune-manifests-deleted:{}", paused.display()),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count_files(&repo.join("points")) > 2 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !paused.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "prune ended before its pause point (built without --features bkimg/test-hooks?)"
+        );
         assert!(
             Instant::now() < deadline,
-            "prune did not remove the manifests"
+            "prune never reached its pause point"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(
+        count_files(&repo.join("points")),
+        2,
+        "the manifests go first"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(chunk_files(&repo), chunks, "no data deleted yet");

@@ -633,23 +633,31 @@ fn standby_killed_mid_transfer_and_mid_apply() {
     assert_same(&sb.replica, &disk, "replica after the kill mid-transfer");
     drop(sb);
 
-    // Mid-apply: the apply pauses after its first chunk; kill the standby there.
-    let mut sb = Standby::start(&net, &k, d, &[("BKIMG_TEST_APPLY_PAUSE_MS", "20000")]);
+    // Mid-apply: the apply pauses after its first chunk (a test hook that creates
+    // `paused` there); kill the standby there.
+    let paused = d.join("paused");
+    let hook = format!("apply-first-chunk:{}", paused.display());
+    let mut sb = Standby::start(&net, &k, d, &[("BKIMG_TEST_PAUSE", hook.as_str())]);
     let before = d.join("before.img");
     fs::copy(&disk, &before).unwrap();
     change_chunks(&disk, 60, 6, 300);
     let inc = capture(&src, &disk, true);
     replicate_ok(&src, &net, &k, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = sb.status();
-        if s["apply_state"] == "in progress" && s["applying"]["id"] == inc.as_str() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "apply never started: {s}");
-        std::thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !paused.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the apply never reached its pause point (built without --features \
+             bkimg/test-hooks?)\n{}",
+            sb.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    let s = sb.status();
+    assert!(
+        s["apply_state"] == "in progress" && s["applying"]["id"] == inc.as_str(),
+        "{s}"
+    );
     sb.kill();
     let s = sb.status();
     assert_eq!(s["apply_state"], "interrupted", "{s}");

@@ -471,7 +471,7 @@ mod tests {
         let created = run_unchecked("pvcreate", &["-q", &dev]).status.success();
         run("losetup", &["-d", &dev]);
         if !created {
-            eprintln!("skipping: pvcreate failed");
+            skip("pvcreate failed");
             return;
         }
         let info = detect_file(img.path()).expect("PV detected");

@@ -344,10 +344,11 @@ pub(crate) mod testutil {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 
-    /// True when every tool is installed and we are root; otherwise says why the test skips.
+    /// True when every tool is installed and we are root; otherwise says why the test
+    /// skips, or, in CI (CI set), fails: CI must run every filesystem test.
     pub fn tools_available(tools: &[&str]) -> bool {
         if !is_root() {
-            eprintln!("skipping: needs root");
+            skip("needs root");
             return false;
         }
         for tool in tools {
@@ -357,11 +358,20 @@ pub(crate) mod testutil {
                 .map(|o| o.status.success())
                 .unwrap_or(false);
             if !found {
-                eprintln!("skipping: {tool} is not installed");
+                skip(&format!("{tool} is not installed"));
                 return false;
             }
         }
         true
+    }
+
+    /// Skips a test outside CI; fails it in CI.
+    pub fn skip(why: &str) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{why}: CI must run this test (.ci/test installs the tools and runs as root)"
+        );
+        eprintln!("skipping: {why}");
     }
 
     fn is_root() -> bool {

@@ -771,7 +771,8 @@ fn apply_changed(
                 report.chunks_written += 1;
                 report.bytes_written += u64::from(len);
                 if report.chunks_written == 1 {
-                    test_pause();
+                    // Tests stop the standby here, half-way through an apply.
+                    bkimg_format::testhook::pause("apply-first-chunk");
                 }
             }
         }
@@ -780,17 +781,6 @@ fn apply_changed(
     file.sync_all()
         .with_context(|| format!("flushing {}", target.display()))?;
     Ok(report)
-}
-
-/// End-to-end tests stop the standby half-way through an apply: this widens the window
-/// (after the first changed chunk is written) when BKIMG_TEST_APPLY_PAUSE_MS is set.
-fn test_pause() {
-    if let Some(ms) = std::env::var("BKIMG_TEST_APPLY_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
 }
 
 /// Rewrites a GPT the way restore does (backup at the target's end), so a replica larger

@@ -1,0 +1,33 @@
+//! Pauses at named points for the end-to-end tests that kill a process there (a prune
+//! between its manifests and its data, a standby half-way through an apply). Compiled in
+//! only with the `test-hooks` feature: release binaries carry none of it.
+//!
+//! With the feature, `BKIMG_TEST_PAUSE=NAME:FILE` makes the process create FILE (holding
+//! its pid) when it reaches the point NAME, then wait there until FILE is removed or the
+//! process is killed: a test waits for the file, not for a time.
+
+/// Waits at the point `name` when the test environment asks for it.
+#[cfg(feature = "test-hooks")]
+pub fn pause(name: &str) {
+    let Some(spec) = std::env::var_os("BKIMG_TEST_PAUSE") else {
+        return;
+    };
+    let spec = spec.to_string_lossy();
+    let Some((point, file)) = spec.split_once(':') else {
+        return;
+    };
+    if point != name {
+        return;
+    }
+    if std::fs::write(file, std::process::id().to_string()).is_err() {
+        return;
+    }
+    while std::path::Path::new(file).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn pause(_name: &str) {}
