@@ -9,7 +9,6 @@
 pub mod fs;
 pub mod layout;
 pub mod pipeline;
-pub mod progress;
 pub mod ranges;
 pub mod region;
 pub mod source;
@@ -26,7 +25,7 @@ use bkimg_format::repo::{Point, Repository};
 use bkimg_format::store::StoreWrite;
 use bkimg_format::{Digest, FormatError};
 
-pub use progress::{Progress, Silent};
+pub use bkimg_format::progress::{Progress, Silent};
 
 use crate::layout::PlannedVolume;
 use crate::pipeline::{capture_volume, VolumeJob};

@@ -13,10 +13,10 @@ use bkimg_format::store::StoreWrite;
 use bkimg_format::{chunk, Digest};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::progress::Progress;
 use crate::ranges::RangeCursor;
 use crate::region::Region;
 use bkimg_format::buf::AlignedBuf;
+use bkimg_format::progress::Progress;
 
 /// How far ahead of the reader the kernel is asked to read.
 const PREFETCH: u64 = 16 << 20;

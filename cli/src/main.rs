@@ -624,11 +624,11 @@ fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Resul
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let bar = Bar::new(quiet);
-    bkimg_capture::Progress::begin(&bar, "export", 0);
+    bkimg_format::progress::Progress::begin(&bar, "export", 0);
     let result = (|| -> Result<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
         repo.export(point, &mut w, &mut |n| {
-            bkimg_capture::Progress::advance(&bar, n)
+            bkimg_format::progress::Progress::advance(&bar, n)
         })?;
         w.flush()?;
         drop(w);

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use bkimg_capture::Progress;
+use bkimg_format::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Bar {

@@ -20,7 +20,7 @@ use bkimg_format::manifest::{
     CompressionInfo, Content, Disk, Filesystem, GptPartition, GptTable, Manifest, MsdosPartition,
     MsdosTable, ParentRef, PartitionTable, Tracking, Volume, VolumeRole,
 };
-use bkimg_format::prune::PruneRecord;
+use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::sealed::{self, Features};
 use bkimg_format::store::export::{ExportWriter, ObjectKind};
@@ -1331,6 +1331,18 @@ fn manifests(p: &TinyPoint) -> Value {
                 0,
                 0,
                 &body_with(m, &|v| v["id"] = json!("../x")),
+            ),
+        ),
+        invalid_doc(
+            "invalid-created",
+            "a correctly sealed body whose capture time is February 30th (not a date)",
+            "corrupt",
+            &seal_raw(
+                magic::MANIFEST,
+                1,
+                0,
+                0,
+                &body_with(m, &|v| v["created"] = json!("2024-02-30T03:04:05Z")),
             ),
         ),
         invalid_doc(

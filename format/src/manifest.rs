@@ -197,6 +197,12 @@ impl Manifest {
         if !valid_id(&self.id) {
             return Err(bad(format!("invalid restore point id {:?}", self.id)));
         }
+        if crate::time::parse(&self.created).is_none() {
+            return Err(bad(format!(
+                "invalid capture time {:?} (not an RFC 3339 time)",
+                self.created
+            )));
+        }
         if let Some(p) = &self.parent {
             if !valid_id(&p.id) || Digest::from_hex(&p.manifest_sha256).is_none() {
                 return Err(bad(format!("invalid parent link {:?}", p.id)));

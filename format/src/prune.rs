@@ -8,54 +8,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
-use crate::magic;
-use crate::manifest::valid_id;
+use crate::record::PruneRecord;
 use crate::repo::{Listing, Point, Repository};
-use crate::sealed::{self, Features, Kind};
 use crate::store::StoreMaintain;
-use crate::time::{civil_from_days, epoch_seconds, instant};
-
-pub const RECORD_KIND: Kind = Kind {
-    name: "prune record",
-    magic: magic::PRUNE_RECORD,
-    version: 1,
-    known_incompat: 0,
-};
-
-/// Stands for a pruned restore point that a remaining point names as its parent, so
-/// that point's digest chain ends here instead of at a missing manifest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PruneRecord {
-    pub id: String,
-    /// SHA-256 of the pruned manifest file, as the child's parent link records it.
-    pub manifest_sha256: String,
-    /// When it was pruned (RFC 3339, UTC).
-    pub pruned: String,
-}
-
-impl PruneRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        sealed::seal(&RECORD_KIND, Features::default(), self)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<PruneRecord> {
-        let (record, _): (PruneRecord, Features) = sealed::open(&RECORD_KIND, bytes)?;
-        if !valid_id(&record.id) {
-            return Err(FormatError::corrupt("prune record", "its id is not valid"));
-        }
-        if Digest::from_hex(&record.manifest_sha256).is_none() {
-            return Err(FormatError::corrupt(
-                "prune record",
-                "manifest_sha256 is not a digest",
-            ));
-        }
-        Ok(record)
-    }
-}
+use crate::time::point_order;
 
 /// Which restore points to keep. Every rule adds to the kept set; the newest point of
 /// each machine is always kept (the next incremental capture names it as parent).
@@ -116,9 +76,12 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
         // Newest first (to the nanosecond: several points can share a second); ids break
         // ties the same way every time.
         group.sort_by(|a, b| {
-            let ka = (instant(&a.manifest.created), &a.manifest.id);
-            let kb = (instant(&b.manifest.created), &b.manifest.id);
-            kb.cmp(&ka)
+            point_order(
+                &b.manifest.created,
+                &b.manifest.id,
+                &a.manifest.created,
+                &a.manifest.id,
+            )
         });
         let mut buckets: [(usize, &str, HashSet<i64>); 4] = [
             (policy.hourly, "hourly", HashSet::new()),
@@ -128,7 +91,7 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
         ];
         for (rank, p) in group.iter().enumerate() {
             let mut reasons = Vec::new();
-            let when = epoch_seconds(&p.manifest.created);
+            let when = crate::time::parse(&p.manifest.created);
             if rank == 0 {
                 reasons.push("newest");
             }
@@ -142,7 +105,7 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
                 None => reasons.push("unknown time"),
                 Some(t) => {
                     if let Some(w) = policy.within_secs {
-                        if now.saturating_sub(t) <= w as i64 {
+                        if now.saturating_sub(t.unix_timestamp()) <= w as i64 {
                             reasons.push("within");
                         }
                     }
@@ -162,22 +125,18 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
             });
         }
     }
-    out.sort_by(|a, b| (instant(&b.created), &b.id).cmp(&(instant(&a.created), &a.id)));
+    out.sort_by(|a, b| point_order(&b.created, &b.id, &a.created, &a.id));
     out
 }
 
-/// The hour, day, week (Monday to Sunday) or month a time falls in, as a number.
-fn bucket(t: i64, kind: usize) -> i64 {
-    let days = t.div_euclid(86_400);
+/// The hour, day, week (Monday to Sunday) or month (UTC) a time falls in, as a number.
+fn bucket(at: time::OffsetDateTime, kind: usize) -> i64 {
+    let day = i64::from(at.date().to_julian_day());
     match kind {
-        0 => t.div_euclid(3600),
-        1 => days,
-        // 1970-01-01 was a Thursday: shift so weeks start on Monday.
-        2 => (days + 3).div_euclid(7),
-        _ => {
-            let (y, m, _) = civil_from_days(days);
-            y * 12 + m
-        }
+        0 => at.unix_timestamp().div_euclid(3600),
+        1 => day,
+        2 => day - i64::from(at.weekday().number_days_from_monday()),
+        _ => i64::from(at.year()) * 12 + i64::from(u8::from(at.month())),
     }
 }
 
@@ -412,14 +371,14 @@ mod tests {
 
     #[test]
     fn weeks_start_on_monday() {
-        let mon = epoch_seconds("2026-11-16T00:00:00Z").unwrap();
-        let sun = epoch_seconds("2026-11-22T23:59:59Z").unwrap();
-        let next = epoch_seconds("2026-11-23T00:00:00Z").unwrap();
+        let mon = crate::time::parse("2026-11-16T00:00:00Z").unwrap();
+        let sun = crate::time::parse("2026-11-22T23:59:59Z").unwrap();
+        let next = crate::time::parse("2026-11-23T00:00:00Z").unwrap();
         assert_eq!(bucket(mon, 2), bucket(sun, 2));
         assert_ne!(bucket(sun, 2), bucket(next, 2));
         assert_ne!(
-            bucket(epoch_seconds("2026-10-31T23:00:00Z").unwrap(), 3),
-            bucket(epoch_seconds("2026-11-01T00:00:00Z").unwrap(), 3)
+            bucket(crate::time::parse("2026-10-31T23:00:00Z").unwrap(), 3),
+            bucket(crate::time::parse("2026-11-01T00:00:00Z").unwrap(), 3)
         );
     }
 
@@ -456,7 +415,7 @@ mod tests {
                 points.push(point(&id, &format!("2026-11-{day}T{hour:02}:00:00Z"), "a"));
             }
         }
-        let now = epoch_seconds("2026-11-21T20:00:00Z").unwrap();
+        let now = crate::time::epoch_seconds("2026-11-21T20:00:00Z").unwrap();
         let daily = Policy {
             daily: 3,
             ..Policy::default()
@@ -536,23 +495,5 @@ mod tests {
             .filter(|i| f.contains(&Digest::of_bytes(&i.to_le_bytes())))
             .count();
         assert!(false_pos < 500, "{false_pos} false positives in 100000");
-    }
-
-    #[test]
-    fn records_round_trip_and_reject_damage() {
-        let r = PruneRecord {
-            id: "20261121T120000Z-abcdef".into(),
-            manifest_sha256: Digest::of_bytes(b"m").to_hex(),
-            pruned: "2026-11-21T12:00:00Z".into(),
-        };
-        let bytes = r.encode();
-        assert_eq!(PruneRecord::decode(&bytes).unwrap(), r);
-        let mut bad = bytes.clone();
-        let last = bad.len() - 3;
-        bad[last] ^= 1;
-        assert!(matches!(
-            PruneRecord::decode(&bad),
-            Err(FormatError::Corrupt { .. })
-        ));
     }
 }

@@ -9,7 +9,7 @@ use crate::digest::Digest;
 use crate::error::{FormatError, Result};
 use crate::index::{self, EntryReader, IndexHeader};
 use crate::manifest::{Manifest, ParentRef};
-use crate::prune::PruneRecord;
+use crate::record::PruneRecord;
 use crate::store::export::{ExportWriter, ObjectKind};
 use crate::store::{ExportFile, LocalDir, StoreRead};
 
@@ -103,8 +103,12 @@ impl Repository {
             }
         }
         good.sort_by(|a, b| {
-            (time_key(&a.manifest.created), a.manifest.id.as_str())
-                .cmp(&(time_key(&b.manifest.created), b.manifest.id.as_str()))
+            crate::time::point_order(
+                &a.manifest.created,
+                &a.manifest.id,
+                &b.manifest.created,
+                &b.manifest.id,
+            )
         });
         Ok((good, bad))
     }
@@ -302,26 +306,5 @@ impl Repository {
             .map_err(io)?;
         w.finish().map_err(io)?;
         Ok(())
-    }
-}
-
-/// Sort key for an RFC 3339 UTC time: the fraction of a second padded to nanoseconds, so
-/// "12:00:05Z" sorts before "12:00:05.5Z".
-fn time_key(created: &str) -> String {
-    let body = created.trim_end_matches('Z');
-    let (secs, frac) = body.split_once('.').unwrap_or((body, ""));
-    format!("{secs}.{frac:0<9}")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn times_sort_by_value() {
-        assert!(
-            super::time_key("2026-11-21T12:00:05Z") < super::time_key("2026-11-21T12:00:05.5Z")
-        );
-        assert!(
-            super::time_key("2026-11-21T12:00:05.5Z") < super::time_key("2026-11-21T12:00:06Z")
-        );
     }
 }

@@ -9,7 +9,7 @@ use bkimg_format::changemap::ChangeMap;
 use bkimg_format::chunk::{self, ChunkHeader};
 use bkimg_format::index::{self, EntryReader, IndexHeader};
 use bkimg_format::manifest::{Content, Manifest, KIND as MANIFEST_KIND};
-use bkimg_format::prune::PruneRecord;
+use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::sealed;
 use bkimg_format::store::export::{ExportWriter, ObjectKind};

@@ -13,9 +13,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bkimg_capture::Progress;
 use bkimg_format::buf::AlignedBuf;
 use bkimg_format::manifest::{Content, Disk, PartitionTable, Volume};
+use bkimg_format::progress::Progress;
 use bkimg_format::repo::{Point, Repository};
 use bkimg_format::{chunk, Digest, FormatError};
 use crossbeam_channel::bounded;

@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use bkimg_capture::Progress;
 use bkimg_format::manifest::Content;
+use bkimg_format::progress::Progress;
 use bkimg_format::repo::{Point, Repository};
 use bkimg_format::{Digest, FormatError};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};

@@ -88,12 +88,7 @@ impl S3Store {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown".into());
-        let name = format!(
-            "{}-{}-{}",
-            kind.name(),
-            std::process::id(),
-            &Digest::of_bytes(format!("{host} {:?}", SystemTime::now()).as_bytes()).to_hex()[..12]
-        );
+        let name = format!("{}-{}", kind.name(), uuid::Uuid::new_v4().simple());
         let key = format!("{}{LOCKS}/{name}", self.prefix);
         let body = serde_json::json!({
             "kind": kind.name(),

@@ -16,7 +16,7 @@ use bkimg_format::{chunk, Digest, FormatError};
 use super::S3Store;
 use crate::throttle::Throttle;
 use crate::{ReplicateOptions, ShipReport};
-use bkimg_capture::Progress;
+use bkimg_format::progress::Progress;
 
 /// Requests in flight when the caller does not say: enough to hide the latency of one
 /// PUT of a ~100 KiB blob (measured on loopback: spec/s3-layout.md).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use bkimg_capture::Progress;
+use bkimg_format::progress::Progress;
 use bkimg_format::repo::{Point, Repository};
 use bkimg_format::{Digest, FormatError};
 use rustls::pki_types::ServerName;

@@ -31,7 +31,7 @@ use bkimg_format::Digest;
 use bkimg_restore::{gpt, RestoreRequest};
 use serde::{Deserialize, Serialize};
 
-use super::server::now_rfc3339;
+use bkimg_format::time::now_rfc3339;
 
 /// Journal layout written by this version. Journals without `version` (one replica, a
 /// `target` field) are migrated when read.
@@ -674,15 +674,16 @@ fn apply_full(repo: &Repository, new: &Point, disk: &Disk, target: &Path) -> Res
         volume: None,
         workers: 2,
     };
-    let r = bkimg_restore::restore(repo, new, &req, &bkimg_capture::progress::Silent)
-        .with_context(|| {
+    let r = bkimg_restore::restore(repo, new, &req, &bkimg_format::progress::Silent).with_context(
+        || {
             format!(
                 "restoring {} of {} to the replica {}",
                 disk.name,
                 new.manifest.id,
                 target.display()
             )
-        })?;
+        },
+    )?;
     Ok(DiskReport {
         mode: "full".into(),
         chunks_written: r.chunks_verified,
@@ -985,7 +986,7 @@ mod tests {
                 &store,
                 parent.as_ref(),
                 &opts,
-                &bkimg_capture::progress::Silent,
+                &bkimg_format::progress::Silent,
             )
             .unwrap();
             format!("p{n}")

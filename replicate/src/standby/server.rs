@@ -5,6 +5,7 @@
 //! Writes go through [`LocalDir`], which is crash-safe: a broken session leaves only
 //! complete objects, which the next session skips.
 
+use bkimg_format::time::now_rfc3339;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bkimg_format::index::{self, EntryReader, IndexHeader};
 use bkimg_format::manifest::Manifest;
-use bkimg_format::prune::PruneRecord;
+use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::store::{LocalDir, StoreMaintain, StoreRead, StoreWrite};
 use bkimg_format::{chunk, Digest, FormatError};
@@ -653,27 +654,10 @@ fn check_and_commit(
     Ok(())
 }
 
+/// A new repository's id.
 fn new_id() -> String {
-    let mut seed = Vec::new();
-    seed.extend_from_slice(
-        format!("{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes(),
-    );
-    let _ = File::open("/dev/urandom").and_then(|mut f| {
-        let mut b = [0u8; 16];
-        f.read_exact(&mut b).map(|_| seed.extend_from_slice(&b))
-    });
-    let h = Digest::of_bytes(&seed).to_hex();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    uuid::Uuid::new_v4().to_string()
 }
-
-pub use bkimg_format::time::now_rfc3339;
 
 #[cfg(test)]
 mod tests {

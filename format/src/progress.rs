@@ -1,4 +1,6 @@
-//! Progress reporting, implemented by the CLI (bars on a terminal, log lines otherwise).
+//! Progress reporting of long operations (capture, restore, verify, replication), in the
+//! lowest crate so every stage can report; implemented by the CLI (bars on a terminal, log
+//! lines otherwise).
 
 /// Called from worker threads; implementations must be cheap and thread-safe.
 pub trait Progress: Sync {
