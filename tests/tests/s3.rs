@@ -73,7 +73,7 @@ impl Server {
             .spawn()
             .expect("starting s3s-fs");
         self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + Duration::from_secs(120);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < until, "s3s-fs did not start listening");
             std::thread::sleep(Duration::from_millis(50));
@@ -365,7 +365,7 @@ fn interrupted_upload_resumes() {
 
     let chunk_dir = s.dir("r/chunks");
     let wait_for_chunks = |n: usize, child: &mut Child| {
-        let until = Instant::now() + Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(300);
         while objects(&chunk_dir).len() < n {
             assert!(
                 child.try_wait().unwrap().is_none(),
@@ -678,7 +678,7 @@ fn continuous_under_a_steady_writer() {
     let wait_for = |n: usize, cycles: &mut Vec<Value>| {
         let want = cycles.len() + n;
         while cycles.len() < want {
-            match rx.recv_timeout(Duration::from_secs(90)) {
+            match rx.recv_timeout(Duration::from_secs(300)) {
                 Ok(v) => cycles.push(v),
                 Err(e) => panic!("no cycle report ({e}); service log:\n{}", service_log()),
             }

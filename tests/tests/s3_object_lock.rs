@@ -135,7 +135,7 @@ impl Moto {
             .spawn()
             .expect("starting moto_server");
         // moto imports a lot of Python before it listens: seconds, not milliseconds.
-        let until = Instant::now() + Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(300);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = child.try_wait().expect("moto_server") {
                 panic!(
