@@ -124,7 +124,7 @@ impl Shared {
         created_ns: u64,
     ) -> Result<Arc<Shared>> {
         let total = extents.iter().map(|e| e.sectors).sum();
-        Ok(Arc::pin_init(
+        Arc::pin_init(
             pin_init!(Shared {
                 id,
                 chunk_sectors,
@@ -145,7 +145,7 @@ impl Shared {
                 events,
             }),
             GFP_KERNEL,
-        )?)
+        )
     }
 
     pub(crate) fn failed(&self) -> bool {

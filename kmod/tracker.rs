@@ -75,7 +75,7 @@ impl Tracker {
             }
             shift
         } else {
-            if !block_size.is_power_of_two() || block_size < 512 || block_size > 1 << 30 {
+            if !block_size.is_power_of_two() || !(512..=1 << 30).contains(&block_size) {
                 return Err(EINVAL);
             }
             let shift = block_size.trailing_zeros() - 9;
