@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bkimg_format::repo::Repository;
 use bkimg_replicate::RemoteError;
 use clap::Args;
+use indicatif::HumanBytes;
 use serde_json::json;
 
 use crate::replicate::ReplicateArgs;
@@ -27,8 +28,8 @@ pub struct ContinuousArgs {
     /// Capture and ship repeatedly (a long-running service) instead of shipping once.
     #[arg(long, requires = "every")]
     pub continuous: bool,
-    /// Time between captures, e.g. 5s, 2m, 1h (with --continuous).
-    #[arg(long, value_parser = parse_duration)]
+    /// Time between captures, e.g. 30s, 5m, 1h 30m (with --continuous).
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::duration)]
     pub every: Option<Duration>,
     /// Stop after this many cycles (default: run until SIGINT/SIGTERM).
     #[arg(long)]
@@ -40,38 +41,18 @@ pub struct ContinuousArgs {
     #[arg(long, value_name = "FILE", requires = "continuous")]
     pub store: Option<PathBuf>,
     /// As `capture --store-size` [default: 1G].
-    #[arg(long, value_name = "SIZE", requires = "continuous")]
-    pub store_size: Option<String>,
+    #[arg(long, value_name = "SIZE", requires = "continuous", value_parser = crate::units::size)]
+    pub store_size: Option<u64>,
     /// As `capture --max-store` [default: 4 x --store-size].
-    #[arg(long, value_name = "SIZE", requires = "continuous")]
-    pub max_store: Option<String>,
+    #[arg(long, value_name = "SIZE", requires = "continuous", value_parser = crate::units::size)]
+    pub max_store: Option<u64>,
     /// Retention (with --continuous): after a ship, prune the local repository and an
     /// s3:// target with these --keep-* rules (a standby prunes its own repository).
     #[command(flatten)]
     pub keep: crate::prune::KeepArgs,
     /// Time between prunes when --keep-* rules are given.
-    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "1h")]
     pub prune_every: Duration,
-}
-
-/// "5s", "250ms", "2m", "1h" → a duration.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: give e.g. 5s, 2m or 1h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
-    };
-    if d.is_zero() {
-        return Err("the interval must be longer than zero".into());
-    }
-    Ok(d)
 }
 
 /// Longest pause between attempts to reach a target that is down.
@@ -89,14 +70,14 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the bkimg executable")?;
     let live = Path::new("/dev/bksnap").exists();
     log(&format!(
-        "replicating {} to {} every {:?} ({})",
+        "replicating {} to {} every {} ({})",
         c.sources
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(" "),
         args.to,
-        every,
+        humantime::format_duration(every),
         if live {
             "live captures with changed-block tracking"
         } else {
@@ -113,7 +94,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     let mut next_ship = Instant::now();
     // The newest local point (read once; then from each capture's report) and the newest
     // the target is known to hold: the repository is not re-read every cycle.
-    let mut newest = newest_point(&args.repo);
+    let mut newest = newest_point(args.repo.path());
     let mut shipped: Option<Captured> = None;
     let mut last_prune: Option<Instant> = None;
     // Whether a point was captured since the last successful ship: a stop ships it first.
@@ -172,10 +153,15 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                     if !unreachable {
                         return Err(e);
                     }
-                    backoff = (backoff * 2).clamp(every, MAX_BACKOFF);
+                    // From --every, doubling, up to MAX_BACKOFF (or --every when longer).
+                    backoff = backoff
+                        .saturating_mul(2)
+                        .max(every)
+                        .min(MAX_BACKOFF.max(every));
                     next_ship = Instant::now() + backoff;
                     log(&format!(
-                        "cycle {cycle}: target unreachable ({e:#}); retrying in {backoff:?}, lag {}",
+                        "cycle {cycle}: target unreachable ({e:#}); retrying in {}, lag {}",
+                        humantime::format_duration(backoff),
                         show_lag(shipped.as_ref().and_then(Captured::age))
                     ));
                 }
@@ -203,7 +189,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
                     "stopped after {cycle} cycle(s) with restore points not shipped to {} \
                      ({e:#}): they are in {} and the next run ships them",
                     args.to,
-                    args.repo.display()
+                    args.repo.path().display()
                 ));
                 return Ok(crate::exit::code_for(&e));
             }
@@ -218,12 +204,12 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
 /// again at the next prune time: nothing depends on it.
 fn prune_both(args: &ReplicateArgs, cycle: u64) {
     let policy = args.continuous.keep.policy();
-    let mut places = vec![(args.repo.clone(), None)];
+    let mut places = vec![args.repo.path().to_path_buf()];
     if args.to.starts_with("s3://") {
-        places.push((PathBuf::from(&args.to), args.endpoint.as_deref()));
+        places.push(PathBuf::from(&args.to));
     }
-    for (place, endpoint) in places {
-        match crate::prune::prune_location(&place, endpoint, &policy, false, false) {
+    for place in places {
+        match crate::prune::prune_location(&place, &args.s3_settings(), &policy, false, false) {
             Ok((_, report)) => log(&format!(
                 "cycle {cycle}: pruned {}: {}",
                 place.display(),
@@ -272,8 +258,12 @@ fn capture(
     let mut cmd = Command::new(exe);
     cmd.arg("capture")
         .arg("--repo")
-        .arg(&args.repo)
+        .arg(args.repo.path())
         .args(["--json", "--quiet"]);
+    // The same config file (threads) as this process, however it was named.
+    if let Some(file) = &args.config_file {
+        cmd.arg("--config").arg(file);
+    }
     if has_parent {
         cmd.args(["--parent", "latest"]);
     }
@@ -283,12 +273,9 @@ fn capture(
         if let Some(store) = &c.store {
             cmd.arg("--store").arg(store);
         }
-        for (flag, value) in [
-            ("--store-size", &c.store_size),
-            ("--max-store", &c.max_store),
-        ] {
+        for (flag, value) in [("--store-size", c.store_size), ("--max-store", c.max_store)] {
             if let Some(v) = value {
-                cmd.args([flag, v]);
+                cmd.args([flag, &v.to_string()]);
             }
         }
     }
@@ -346,7 +333,7 @@ fn describe(summary: &serde_json::Value) -> String {
             ""
         },
         modes.join("/"),
-        crate::human(summary["bytes_read"].as_u64().unwrap_or(0))
+        HumanBytes(summary["bytes_read"].as_u64().unwrap_or(0))
     )
 }
 
@@ -385,7 +372,7 @@ fn report_cycle(
             "bkimg: cycle {cycle}: shipped {} point(s), {} chunks, {} in {:.1} s; lag {}",
             report.points_sent.len(),
             report.chunks_sent,
-            crate::human(report.bytes_sent),
+            HumanBytes(report.bytes_sent),
             report.seconds,
             show_lag(lag)
         );

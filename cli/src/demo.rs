@@ -11,12 +11,22 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use bkimg_format::manifest::Content;
 use bkimg_format::repo::Repository;
+use serde_json::json;
 
 use crate::exit;
 
 const DISK_MIB: u64 = 256;
 
-pub fn run(dir: &Path) -> Result<i32> {
+/// With `json`, the running commentary goes to stderr and stdout gets one JSON object.
+pub fn run(dir: &Path, json: bool) -> Result<i32> {
+    let say = |text: &str| {
+        if json {
+            eprintln!("{text}");
+        } else {
+            crate::out(text);
+        }
+    };
+    let step = |text: &str| say(&format!("==> {text}"));
     for (tool, package) in [
         ("sgdisk", "gdisk"),
         ("mkfs.ext4", "e2fsprogs"),
@@ -42,7 +52,7 @@ pub fn run(dir: &Path) -> Result<i32> {
 
     step("capturing it");
     let id = bkimg(&me, &["capture", "--repo", s(&repo), s(&disk), "--quiet"])?;
-    bkimg(&me, &["info", "--repo", s(&repo), id.trim()]).map(|t| print!("{t}"))?;
+    bkimg(&me, &["info", "--repo", s(&repo), id.trim()]).map(|t| say(t.trim_end()))?;
 
     step("restoring it to a new image");
     bkimg(
@@ -72,6 +82,7 @@ pub fn run(dir: &Path) -> Result<i32> {
     )?;
     let r = Repository::open(&repo)?;
     let (a, b) = (r.resolve(id.trim())?, r.resolve(recaptured.trim())?);
+    let mut volumes = Vec::new();
     for (va, vb) in a.manifest.disks[0]
         .volumes
         .iter()
@@ -87,11 +98,13 @@ pub fn run(dir: &Path) -> Result<i32> {
                 va.name
             );
         }
-        println!(
+        let fs = va.filesystem.as_ref().map(|f| f.fs_type.as_str());
+        say(&format!(
             "    {:<6} identical ({})",
             va.name,
-            va.filesystem.as_ref().map_or("raw", |f| f.fs_type.as_str())
-        );
+            fs.unwrap_or("raw")
+        ));
+        volumes.push(json!({"volume": va.name, "filesystem": fs}));
     }
     let root = a.manifest.disks[0]
         .volumes
@@ -102,13 +115,19 @@ pub fn run(dir: &Path) -> Result<i32> {
     copy_range(&restored, &extracted, root.offset, root.size)?;
     run_tool("e2fsck", &["-fn", s(&extracted)]).context("fsck of the restored root filesystem")?;
     fs::remove_file(&extracted)?;
-    println!("    e2fsck -fn of the restored root: clean");
+    say("    e2fsck -fn of the restored root: clean");
 
     step(&format!("done: everything is in {}", dir.display()));
-    println!(
+    say(&format!(
         "    try: bkimg list --repo {0}; bkimg verify --repo {0}",
         repo.display()
-    );
+    ));
+    if json {
+        crate::out_json(&json!({
+            "dir": dir, "repo": repo, "disk": disk, "restored": restored,
+            "id": id.trim(), "recaptured": recaptured.trim(), "volumes": volumes,
+        }));
+    }
     Ok(exit::OK)
 }
 
@@ -188,10 +207,6 @@ fn copy_range(from: &Path, to: &Path, offset: u64, len: u64) -> Result<()> {
     src.read_exact_at(&mut buf, offset)?;
     fs::write(to, buf)?;
     Ok(())
-}
-
-fn step(text: &str) {
-    println!("==> {text}");
 }
 
 fn s(p: &Path) -> &str {

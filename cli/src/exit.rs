@@ -8,7 +8,7 @@ pub const OK: i32 = 0;
 /// Anything not listed below: unreadable source, I/O error, full disk, bad arguments
 /// found after parsing.
 pub const FAILURE: i32 = 1;
-/// Command line not understood (clap's own code).
+/// Command line or config file not understood (clap's own code for the command line).
 pub const USAGE: i32 = 2;
 /// Damaged data: verify found problems, or a read hit a corrupt object.
 pub const DAMAGED: i32 = 3;
@@ -48,6 +48,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
         if cause.downcast_ref::<Refused>().is_some() {
             return TARGET_REFUSED;
+        }
+        if cause.downcast_ref::<Usage>().is_some() {
+            return USAGE;
         }
         if let Some(r) = cause.downcast_ref::<bkimg_replicate::RemoteError>() {
             return remote_code(r);
@@ -109,6 +112,18 @@ impl std::fmt::Display for Refused {
 }
 
 impl std::error::Error for Refused {}
+
+/// What clap cannot see: a bad config file, or no repository from any source.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 /// Stopped by SIGINT or SIGTERM before anything was committed.
 #[derive(Debug)]

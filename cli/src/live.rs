@@ -26,8 +26,8 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::exit::Interrupted;
-use crate::human;
-use crate::snapshot::{self, failure_text, parse_size, Grower, Step};
+use crate::snapshot::{self, failure_text, Grower, Step};
+use indicatif::HumanBytes;
 
 /// `capture` options for a live capture.
 #[derive(Args)]
@@ -40,12 +40,13 @@ pub struct LiveArgs {
     /// another disk than those captured (ext4 or XFS) [default: /var/tmp/bkimg-live-PID.store].
     #[arg(long, value_name = "FILE", requires = "live")]
     pub store: Option<PathBuf>,
-    /// Initial store size; also the step it grows by when it runs low [default: 1G].
-    #[arg(long, value_name = "SIZE", requires = "live")]
-    pub store_size: Option<String>,
+    /// Initial store size; also the step it grows by when it runs low (e.g. 512M, 2G)
+    /// [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "live", value_parser = crate::units::size)]
+    pub store_size: Option<u64>,
     /// The store never grows past this [default: 4 x --store-size].
-    #[arg(long, value_name = "SIZE", requires = "live")]
-    pub max_store: Option<String>,
+    #[arg(long, value_name = "SIZE", requires = "live", value_parser = crate::units::size)]
+    pub max_store: Option<u64>,
     /// Shell command run just before the snapshot (e.g. flush a database); failing aborts.
     #[arg(long, value_name = "CMD", requires = "live")]
     pub pre_freeze: Option<String>,
@@ -111,13 +112,12 @@ impl Session {
             .iter()
             .map(|d| Ok(DevNum::of_block_device(d)?))
             .collect::<Result<Vec<_>>>()?;
-        let step = match &args.store_size {
-            Some(s) => parse_size(s).context("--store-size")?,
-            None => 1 << 30,
-        };
-        let max = match &args.max_store {
-            Some(s) => parse_size(s).context("--max-store")?,
-            None => step.saturating_mul(4),
+        let step = args.store_size.unwrap_or(1 << 30);
+        let max = match args.max_store {
+            Some(max) => max,
+            None => step
+                .checked_mul(4)
+                .context("--store-size is too large to grow: give --max-store")?,
         };
         if max < step {
             bail!("--max-store is smaller than --store-size");
@@ -362,8 +362,8 @@ impl Session {
             eprintln!(
                 "bkimg: snapshot {} released: {} of {} store used ({} chunks copied)",
                 self.id,
-                human(i.store_used_sectors * 512),
-                human(store_size),
+                HumanBytes(i.store_used_sectors * 512),
+                HumanBytes(store_size),
                 i.copied_chunks
             );
         }

@@ -1,6 +1,7 @@
 //! `bkimg`: capture whole machines into a repository, restore them, verify them.
 #![forbid(unsafe_code)]
 
+mod config;
 mod continuous;
 mod demo;
 mod exit;
@@ -12,6 +13,7 @@ mod s3cmd;
 mod snapshot;
 mod standby;
 mod tracking;
+mod units;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -23,9 +25,11 @@ use bkimg_format::manifest::{Content, Manifest, PartitionTable};
 use bkimg_format::repo::{Point, Repository};
 use bkimg_format::store::LocalDir;
 use bkimg_restore::RestoreRequest;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use indicatif::HumanBytes;
 use serde_json::json;
 
+use crate::config::{Config, RepoArgs};
 use crate::progress::Bar;
 
 #[derive(Parser)]
@@ -34,7 +38,10 @@ use crate::progress::Bar;
     version,
     about = "Whole-machine disk image backup and restore"
 )]
-struct Cli {
+pub struct Cli {
+    /// Config file (TOML) [default: /etc/bkimg/bkimg.toml if it exists].
+    #[arg(long, global = true, env = "BKIMG_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,11 +58,11 @@ pub struct Common {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture disks, partitions or image files into one restore point.
+    /// Capture disks, partitions or image files into one restore point (the repository
+    /// directory is created if missing or empty).
     Capture {
-        /// Repository directory (created if missing or empty).
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Block devices or raw image files; several make one restore point of a machine.
         #[arg(required = true)]
         sources: Vec<PathBuf>,
@@ -69,17 +76,21 @@ enum Command {
         /// next incremental can use the next map.
         #[arg(long = "changed-blocks", value_name = "FILE")]
         changed_blocks: Vec<String>,
-        /// Chunk size in KiB (power of two, 4 to 16384). Incrementals use the parent's.
-        #[arg(long, default_value_t = bkimg_format::DEFAULT_CHUNK_SIZE / 1024)]
-        chunk_kib: u32,
+        /// Chunk size, a power of two from 4K to 16M [default: 256K]. Incrementals use the
+        /// parent's.
+        #[arg(long, value_name = "SIZE", value_parser = units::size)]
+        chunk_size: Option<u64>,
+        /// Chunk size in KiB (before --chunk-size).
+        #[arg(long, value_name = "KIB", hide = true, conflicts_with = "chunk_size")]
+        chunk_kib: Option<u64>,
         /// zstd level (1-19; 0 stores chunks uncompressed).
         #[arg(long, default_value_t = bkimg_capture::DEFAULT_LEVEL)]
         level: i32,
         /// Store every byte, ignoring filesystem allocation maps.
         #[arg(long)]
         raw: bool,
-        /// Hash/compress threads (default: number of CPUs).
-        #[arg(long)]
+        /// Hash/compress threads (default: 4 per CPU, or `threads` in the config file).
+        #[arg(long, value_name = "N")]
         threads: Option<usize>,
         #[command(flatten)]
         live: live::LiveArgs,
@@ -94,8 +105,8 @@ enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// Restore a restore point to disks or image files.
     Restore {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Restore point id, unique id prefix, or "latest".
         #[arg(default_value = "latest")]
         id: String,
@@ -112,34 +123,37 @@ enum Command {
         /// Do not ask before overwriting a block device.
         #[arg(long)]
         yes: bool,
-        #[arg(long)]
+        /// Chunks read at once (default: 4 per CPU; 32 for s3://; or `threads` in the
+        /// config file).
+        #[arg(long, value_name = "N")]
         threads: Option<usize>,
         #[command(flatten)]
         common: Common,
     },
     /// Read and check every manifest, index and chunk; exit 3 if anything is damaged.
     Verify {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Restore points to verify (default: all).
         ids: Vec<String>,
-        /// Chunks read and checked at once (default: 4 per CPU; 32 for s3://).
-        #[arg(long)]
+        /// Chunks read and checked at once (default: 4 per CPU; 32 for s3://; or
+        /// `threads` in the config file).
+        #[arg(long, value_name = "N")]
         threads: Option<usize>,
         #[command(flatten)]
         common: Common,
     },
     /// List restore points.
     List {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[command(flatten)]
         common: Common,
     },
     /// Show one restore point: disks, partition tables, volumes, sizes.
     Info {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[arg(default_value = "latest")]
         id: String,
         #[command(flatten)]
@@ -147,8 +161,8 @@ enum Command {
     },
     /// Write one restore point and all it needs to a single self-contained file.
     Export {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[arg(default_value = "latest")]
         id: String,
         /// The file to write (must not exist).
@@ -162,11 +176,11 @@ enum Command {
         /// File to write.
         #[arg(long, short)]
         output: PathBuf,
-        /// Size of the device in bytes.
-        #[arg(long)]
+        /// Size of the device (bytes, or e.g. 10G).
+        #[arg(long, value_name = "SIZE", value_parser = units::size)]
         device_size: u64,
-        /// Tracking block size in bytes.
-        #[arg(long, default_value_t = 65536)]
+        /// Tracking block size.
+        #[arg(long, value_name = "SIZE", value_parser = units::size_u32, default_value = "64K")]
         block_size: u32,
         /// Tracking generation, 32 hex digits.
         #[arg(long, default_value = "00000000000000000000000000000000")]
@@ -177,13 +191,15 @@ enum Command {
         to_sequence: u64,
         /// Changed byte ranges, "START+LENGTH" (rounded out to whole blocks).
         ranges: Vec<String>,
+        #[command(flatten)]
+        common: Common,
     },
     /// Delete restore points a retention policy no longer keeps, and the data only they
     /// used (local or s3:// repositories).
     Prune(prune::PruneArgs),
     /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
     /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
-    Replicate(replicate::ReplicateArgs),
+    Replicate(Box<replicate::ReplicateArgs>),
     /// The receiving end of replication to a standby host.
     #[command(subcommand)]
     Standby(standby::StandbyCommand),
@@ -193,10 +209,32 @@ enum Command {
         /// Working directory for the images and the repository.
         #[arg(long, default_value = "bkimg-demo")]
         dir: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print a shell completion script on stdout (e.g. `bkimg completions bash >
+    /// /etc/bash_completion.d/bkimg`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for bkimg and every command to DIR (bkimg.1, bkimg-restore.1,
+    /// bkimg-standby-serve.1, ...).
+    Man {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
 fn main() {
+    // Set but empty is unset, as shells' `VAR= cmd` means (clap would call it a missing
+    // value of --repo or --config). No other thread runs yet.
+    for var in ["BKIMG_REPOSITORY", "BKIMG_CONFIG"] {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(var);
+        }
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -239,10 +277,13 @@ fn out_json(value: &serde_json::Value) {
 }
 
 /// Opens a repository directory, an export file, or s3://BUCKET[/PREFIX] (endpoint and
-/// credentials from the AWS chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...).
-fn open_repository(location: &Path) -> Result<Repository> {
+/// credentials from the AWS chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...; then
+/// the config file's endpoint and region).
+fn open_repository(location: &Path, config: &Config) -> Result<Repository> {
     match location.to_str() {
-        Some(url) if url.starts_with("s3://") => s3cmd::open(url, None),
+        Some(url) if url.starts_with("s3://") => {
+            s3cmd::open(url, &prune::s3_settings(None, &config.s3))
+        }
         _ => Ok(Repository::open(location)?),
     }
 }
@@ -267,9 +308,48 @@ fn io_workers(threads: Option<usize>, repo: &Path) -> usize {
     threads.unwrap_or_else(|| if remote { 32 } else { cpus() * 4 })
 }
 
+/// Fills in what the command line left out from the config file: each setting comes
+/// from its flag, else its environment variable (clap has read both), else the file,
+/// else the built-in default.
+fn settle(command: &mut Command, config: &Config) -> Result<()> {
+    match command {
+        Command::Capture { repo, threads, .. }
+        | Command::Restore { repo, threads, .. }
+        | Command::Verify { repo, threads, .. } => {
+            repo.settle(config)?;
+            *threads = config.threads(*threads);
+        }
+        Command::List { repo, .. } | Command::Info { repo, .. } | Command::Export { repo, .. } => {
+            repo.settle(config)?
+        }
+        Command::Prune(args) => args.settle(config)?,
+        Command::Replicate(args) => args.settle(config)?,
+        Command::Standby(cmd) => cmd.settle(config)?,
+        Command::Cbt(_)
+        | Command::Snapshot(_)
+        | Command::Changemap { .. }
+        | Command::Demo { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {}
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<i32> {
-    match cli.command {
-        Command::Replicate(args) => replicate::run(args),
+    let Cli {
+        config,
+        mut command,
+    } = cli;
+    // Generating completions and man pages (when packaging) reads no config file.
+    match command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { dir } => return man_pages(&dir),
+        _ => {}
+    }
+    let config = Config::load(config.as_deref())?;
+    settle(&mut command, &config)?;
+    match command {
+        Command::Replicate(args) => replicate::run(*args),
         Command::Prune(args) => prune::run(&args),
         Command::Standby(cmd) => standby::run(cmd),
         Command::Capture {
@@ -277,6 +357,7 @@ fn run(cli: Cli) -> Result<i32> {
             sources,
             parent,
             changed_blocks,
+            chunk_size,
             chunk_kib,
             level,
             raw,
@@ -284,13 +365,18 @@ fn run(cli: Cli) -> Result<i32> {
             live,
             common,
         } => {
+            let repo = repo.path();
             let chunk_size = chunk_kib
-                .checked_mul(1024)
+                .map(|k| k.saturating_mul(1024))
+                .or(chunk_size)
+                .map_or(Some(bkimg_format::DEFAULT_CHUNK_SIZE), |c| {
+                    u32::try_from(c).ok()
+                })
                 .filter(|c| c.is_power_of_two())
                 .filter(|c| {
                     (bkimg_format::MIN_CHUNK_SIZE..=bkimg_format::MAX_CHUNK_SIZE).contains(c)
                 })
-                .context("--chunk-kib must be a power of two from 4 to 16384")?;
+                .context("--chunk-size must be a power of two from 4K to 16M")?;
             if !(0..=19).contains(&level) {
                 bail!("--level must be 0 (no compression) to 19");
             }
@@ -307,8 +393,8 @@ fn run(cli: Cli) -> Result<i32> {
             );
             let created = now.format(&time::format_description::well_known::Rfc3339)?;
             let store =
-                LocalDir::open_or_create(&repo, &uuid::Uuid::new_v4().to_string(), &created)?;
-            let reader = Repository::new(Box::new(LocalDir::open(&repo)?));
+                LocalDir::open_or_create(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
+            let reader = Repository::new(Box::new(LocalDir::open(repo)?));
             let parent_point = match &parent {
                 Some(p) => Some(reader.resolve(p).context("the --parent restore point")?),
                 None => None,
@@ -366,8 +452,8 @@ fn run(cli: Cli) -> Result<i32> {
                         r.disk,
                         r.source,
                         r.mode,
-                        human(r.bytes_read),
-                        human(r.bytes_stored_new),
+                        HumanBytes(r.bytes_read),
+                        HumanBytes(r.bytes_stored_new),
                         r.chunks_new
                     );
                 }
@@ -386,8 +472,8 @@ fn run(cli: Cli) -> Result<i32> {
             threads,
             common,
         } => {
-            let workers = io_workers(threads, &repo);
-            let repo = open_repository(&repo)?;
+            let workers = io_workers(threads, repo.path());
+            let repo = open_repository(repo.path(), &config)?;
             let point = repo.resolve(&id)?;
             let req = RestoreRequest {
                 targets: bkimg_restore::match_targets(&point, &target)?,
@@ -425,7 +511,7 @@ fn run(cli: Cli) -> Result<i32> {
                         .map(|(d, p)| format!("{d}={}", p.display()))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    human(report.bytes_written),
+                    HumanBytes(report.bytes_written),
                     report.chunks_verified
                 );
             }
@@ -437,8 +523,8 @@ fn run(cli: Cli) -> Result<i32> {
             threads,
             common,
         } => {
-            let workers = io_workers(threads, &repo);
-            let repo = open_repository(&repo)?;
+            let workers = io_workers(threads, repo.path());
+            let repo = open_repository(repo.path(), &config)?;
             let bar = Bar::new(common.quiet || common.json);
             let report = bkimg_restore::verify::verify(&repo, &ids, workers, &bar);
             bar.finish();
@@ -460,7 +546,7 @@ fn run(cli: Cli) -> Result<i32> {
                     "{} restore point(s), {} chunks ({}) checked, {} problem(s)",
                     report.points.len(),
                     report.chunks_checked,
-                    human(report.bytes_checked),
+                    HumanBytes(report.bytes_checked),
                     report.problems.len()
                 );
             }
@@ -471,7 +557,7 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::List { repo, common } => {
-            let repo = open_repository(&repo)?;
+            let repo = open_repository(repo.path(), &config)?;
             let (points, bad) = repo.points()?;
             for (id, e) in &bad {
                 eprintln!(
@@ -513,7 +599,7 @@ fn run(cli: Cli) -> Result<i32> {
                             Some(l) => l.id.clone(),
                         },
                         m.created,
-                        human(m.disks.iter().map(|d| d.size).sum()),
+                        HumanBytes(m.disks.iter().map(|d| d.size).sum()),
                         m.disks
                             .iter()
                             .map(|d| d.source.as_str())
@@ -529,7 +615,7 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::Info { repo, id, common } => {
-            let repo = open_repository(&repo)?;
+            let repo = open_repository(repo.path(), &config)?;
             let point = repo.resolve(&id)?;
             if common.json {
                 let mut v = point_summary(&point);
@@ -546,7 +632,7 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             common,
         } => {
-            let repo = open_repository(&repo)?;
+            let repo = open_repository(repo.path(), &config)?;
             let point = repo.resolve(&id)?;
             export(&repo, &point, &output, common.quiet || common.json)?;
             if common.json {
@@ -564,6 +650,7 @@ fn run(cli: Cli) -> Result<i32> {
             from_sequence,
             to_sequence,
             ranges,
+            common,
         } => {
             let mut gen = [0u8; 16];
             bkimg_format::digest::decode_hex_into(&generation, &mut gen)
@@ -578,7 +665,10 @@ fn run(cli: Cli) -> Result<i32> {
                 if l == 0 {
                     continue;
                 }
-                blocks.push((s / bs, (s + l).div_ceil(bs)));
+                let end = s
+                    .checked_add(l)
+                    .with_context(|| format!("range {r:?} ends past 2^64 bytes"))?;
+                blocks.push((s / bs, end.div_ceil(bs)));
             }
             blocks.sort();
             let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -599,12 +689,52 @@ fn run(cli: Cli) -> Result<i32> {
             map.validate()?;
             std::fs::write(&output, map.encode())
                 .with_context(|| format!("writing {}", output.display()))?;
+            if common.json {
+                out_json(&json!({
+                    "output": output,
+                    "generation": generation.to_ascii_lowercase(),
+                    "from_sequence": map.from_sequence,
+                    "to_sequence": map.to_sequence,
+                    "block_size": map.block_size,
+                    "device_size": map.device_size,
+                    "ranges": map.ranges.len(),
+                    "bytes_changed": map.ranges.iter().map(|(_, n)| n * bs).sum::<u64>(),
+                }));
+            }
             Ok(exit::OK)
         }
-        Command::Demo { dir } => demo::run(&dir),
+        Command::Demo { dir, common } => demo::run(&dir, common.json),
         Command::Cbt(cmd) => tracking::run(cmd),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
+}
+
+fn completions(shell: clap_complete::Shell) -> Result<i32> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "bkimg", &mut script);
+    out(String::from_utf8_lossy(&script).trim_end());
+    Ok(exit::OK)
+}
+
+/// One page per command and subcommand: bkimg.1, bkimg-restore.1, bkimg-standby-serve.1...
+fn man_pages(dir: &Path) -> Result<i32> {
+    fn write(cmd: &clap::Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd.clone())
+            .source(format!("bkimg {}", env!("CARGO_PKG_VERSION")))
+            .manual("bkimg")
+            .generate_to(dir)
+            .map(drop)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Built, subcommands are named "bkimg-standby-serve": the pages' names and titles.
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    write(&cmd, dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+    Ok(exit::OK)
 }
 
 fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Result<()> {
@@ -727,7 +857,7 @@ fn print_info(m: &Manifest, p: &Point) {
             "  {} {} ({}, {} B sectors): {table}",
             d.name,
             d.source,
-            human(d.size),
+            HumanBytes(d.size),
             d.logical_sector_size
         ));
         for v in &d.volumes {
@@ -749,8 +879,8 @@ fn print_info(m: &Manifest, p: &Point) {
                     ..
                 } => format!(
                     "{mode}, {} data, {} stored new",
-                    human(*bytes_data),
-                    human(*bytes_stored_new)
+                    HumanBytes(*bytes_data),
+                    HumanBytes(*bytes_stored_new)
                 ),
                 Content::Swap { .. } => "swap (recreated on restore)".into(),
             };
@@ -758,7 +888,7 @@ fn print_info(m: &Manifest, p: &Point) {
                 "    {:<6} at {:>12}  {:>10}{fs}  [{content}]",
                 v.name,
                 v.offset,
-                human(v.size)
+                HumanBytes(v.size)
             ));
         }
     }
@@ -774,7 +904,7 @@ fn print_plan(point: &Point, plan: &[bkimg_restore::DiskPlan]) {
             "  {} -> {} (needs {}), partition table: {}",
             d.disk,
             d.target,
-            human(d.source_size),
+            HumanBytes(d.source_size),
             d.table
         ));
         for v in &d.volumes {
@@ -782,13 +912,80 @@ fn print_plan(point: &Point, plan: &[bkimg_restore::DiskPlan]) {
                 "    {:<6} at {:>12} {:>10}: {}",
                 v.volume,
                 v.target_offset,
-                human(v.size),
+                HumanBytes(v.size),
                 v.action
             ));
         }
     }
 }
 
-pub fn human(bytes: u64) -> String {
-    bkimg_restore::target::human(bytes)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Flag, then BKIMG_REPOSITORY, then the config file. The only test that sets it.
+    #[test]
+    fn repository_from_flag_then_environment_then_file() {
+        let file = Config::parse("repository = \"/from/file\"\n").unwrap();
+        let repo = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::List { mut repo, .. } = cli.command else {
+                panic!("not list")
+            };
+            repo.settle(&file).unwrap();
+            repo.path().to_path_buf()
+        };
+        std::env::remove_var("BKIMG_REPOSITORY");
+        assert_eq!(repo(&["bkimg", "list"]), Path::new("/from/file"));
+        std::env::set_var("BKIMG_REPOSITORY", "/from/env");
+        assert_eq!(repo(&["bkimg", "list"]), Path::new("/from/env"));
+        assert_eq!(
+            repo(&["bkimg", "list", "--repo", "/from/flag"]),
+            Path::new("/from/flag")
+        );
+        std::env::remove_var("BKIMG_REPOSITORY");
+    }
+
+    #[test]
+    fn old_option_names_still_parse() {
+        let cli = Cli::try_parse_from([
+            "bkimg",
+            "replicate",
+            "--repo",
+            "/r",
+            "--to",
+            "s3://b",
+            "--parallel",
+            "3",
+        ])
+        .unwrap();
+        let Command::Replicate(args) = cli.command else {
+            panic!("not replicate")
+        };
+        assert_eq!(args.threads, Some(3));
+        let cli =
+            Cli::try_parse_from(["bkimg", "capture", "--repo", "/r", "--chunk-kib", "64", "x"])
+                .unwrap();
+        let Command::Capture { chunk_kib, .. } = cli.command else {
+            panic!("not capture")
+        };
+        assert_eq!(chunk_kib, Some(64));
+        assert!(Cli::try_parse_from([
+            "bkimg",
+            "capture",
+            "--repo",
+            "/r",
+            "--chunk-kib",
+            "64",
+            "--chunk-size",
+            "64K",
+            "x"
+        ])
+        .is_err());
+    }
 }

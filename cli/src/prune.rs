@@ -2,7 +2,6 @@
 //! chunks and indexes only they used, in a local repository or an S3 one.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,34 +9,38 @@ use anyhow::{bail, Result};
 use bkimg_format::prune::{self, Decision, Policy, PruneReport};
 use bkimg_format::repo::Repository;
 use bkimg_format::store::{LocalDir, StoreMaintain};
-use bkimg_replicate::s3::{LockKind, S3Store};
+use bkimg_replicate::s3::{LockKind, S3Settings, S3Store};
 use bkimg_replicate::standby::replica;
 use clap::Args;
+use indicatif::HumanBytes;
 use serde_json::json;
 
+use crate::config::{Config, RepoArgs, RetentionConfig, S3Config};
 use crate::{out, out_json, Common};
 
 /// Which restore points to keep; every option adds to the kept set. The newest point of
-/// each machine is always kept.
+/// each machine is always kept. A rule left out comes from the config file's [retention]
+/// (`keep-last = 10`, ...): a flag replaces that one rule only (`--keep-daily 0` turns the
+/// file's off).
 #[derive(Args, Clone, Default)]
 pub struct KeepArgs {
     /// Keep the newest N restore points.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub keep_last: usize,
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
     /// Keep the newest point of each of the last N hours that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub keep_hourly: usize,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<usize>,
     /// ... of each of the last N days (UTC).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub keep_daily: usize,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
     /// ... of each of the last N weeks (Monday to Sunday, UTC).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub keep_weekly: usize,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
     /// ... of each of the last N months (UTC).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub keep_monthly: usize,
-    /// Keep every point younger than this (e.g. 36h, 7d, 4w).
-    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    /// Keep every point younger than this (e.g. 36h, 7d, 4w, 1d 12h).
+    #[arg(long, value_name = "AGE", value_parser = crate::units::duration_or_zero)]
     pub keep_within: Option<Duration>,
     /// Keep this restore point (id or unique prefix; repeat).
     #[arg(long = "keep", value_name = "ID")]
@@ -45,14 +48,28 @@ pub struct KeepArgs {
 }
 
 impl KeepArgs {
+    /// Takes each rule the command line left out from the config file.
+    pub fn settle(&mut self, file: &RetentionConfig) {
+        self.keep_last = self.keep_last.or(file.keep_last);
+        self.keep_hourly = self.keep_hourly.or(file.keep_hourly);
+        self.keep_daily = self.keep_daily.or(file.keep_daily);
+        self.keep_weekly = self.keep_weekly.or(file.keep_weekly);
+        self.keep_monthly = self.keep_monthly.or(file.keep_monthly);
+        self.keep_within = self.keep_within.or(file.keep_within);
+    }
+
     pub fn policy(&self) -> Policy {
         Policy {
-            last: self.keep_last,
-            hourly: self.keep_hourly,
-            daily: self.keep_daily,
-            weekly: self.keep_weekly,
-            monthly: self.keep_monthly,
-            within_secs: self.keep_within.map(|d| d.as_secs()),
+            last: self.keep_last.unwrap_or(0),
+            hourly: self.keep_hourly.unwrap_or(0),
+            daily: self.keep_daily.unwrap_or(0),
+            weekly: self.keep_weekly.unwrap_or(0),
+            monthly: self.keep_monthly.unwrap_or(0),
+            // Zero keeps nothing: the rule is off.
+            within_secs: self
+                .keep_within
+                .filter(|d| !d.is_zero())
+                .map(|d| d.as_secs()),
             pinned: self.keep_ids.clone(),
         }
     }
@@ -64,10 +81,10 @@ impl KeepArgs {
 
 #[derive(Args)]
 pub struct PruneArgs {
-    /// Repository directory or s3://BUCKET[/PREFIX].
-    #[arg(long)]
-    pub repo: PathBuf,
-    /// S3 endpoint URL (else the AWS chain: AWS_ENDPOINT_URL, profiles...).
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// S3 endpoint URL (else the AWS chain: AWS_ENDPOINT_URL, profiles..., then the
+    /// config file's).
     #[arg(long)]
     pub endpoint: Option<String>,
     #[command(flatten)]
@@ -79,34 +96,33 @@ pub struct PruneArgs {
     /// instead of refusing (exit 10).
     #[arg(long)]
     pub wait: bool,
+    /// The config file's [s3] section.
+    #[arg(skip)]
+    pub s3_config: S3Config,
     #[command(flatten)]
     pub common: Common,
 }
 
-/// "36h", "7d", "4w", or anything `--every` takes.
-fn parse_age(s: &str) -> std::result::Result<Duration, String> {
-    for (unit, secs) in [("d", 86_400u64), ("w", 7 * 86_400)] {
-        if let Some(n) = s.strip_suffix(unit) {
-            let n: u64 = n
-                .parse()
-                .map_err(|_| format!("{s:?} is not an age: give e.g. 36h, 7d or 4w"))?;
-            return Ok(Duration::from_secs(n * secs));
-        }
+impl PruneArgs {
+    pub fn settle(&mut self, config: &Config) -> Result<()> {
+        self.repo.settle(config)?;
+        self.keep.settle(&config.retention);
+        self.s3_config = config.s3.clone();
+        Ok(())
     }
-    crate::continuous::parse_duration(s)
 }
 
 pub fn run(args: &PruneArgs) -> Result<i32> {
     if args.keep.is_empty() {
         bail!(
             "say what to keep: --keep-last N, --keep-hourly/--keep-daily/--keep-weekly/\
-             --keep-monthly N, --keep-within AGE or --keep ID (add --dry-run to see the \
-             outcome first)"
+             --keep-monthly N, --keep-within AGE or --keep ID, or the same rules in the \
+             config file's [retention] (add --dry-run to see the outcome first)"
         );
     }
     let (decisions, report) = prune_location(
-        &args.repo,
-        args.endpoint.as_deref(),
+        args.repo.path(),
+        &s3_settings(args.endpoint.as_deref(), &args.s3_config),
         &args.keep.policy(),
         args.dry_run,
         args.wait,
@@ -123,14 +139,14 @@ pub fn run(args: &PruneArgs) -> Result<i32> {
 /// what was done.
 pub fn prune_location(
     location: &std::path::Path,
-    endpoint: Option<&str>,
+    s3: &S3Settings,
     policy: &Policy,
     dry_run: bool,
     wait: bool,
 ) -> Result<(Vec<Decision>, PruneReport)> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
-            let store = Arc::new(S3Store::open(url, endpoint)?);
+            let store = Arc::new(S3Store::open(url, s3)?);
             store.check_config()?;
             let _lock = store.lock(LockKind::Prune, wait)?;
             store.remove_stale_locks()?;
@@ -239,17 +255,53 @@ fn print_text(decisions: &[Decision], r: &PruneReport) {
 }
 
 pub fn summary(r: &PruneReport) -> String {
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     format!(
-        "{} {} restore point(s), {} chunk(s) ({:.1} MiB) and {} index(es); kept {} point(s), \
-         {} chunk(s) ({:.1} MiB)",
+        "{} {} restore point(s), {} chunk(s) ({}) and {} index(es); kept {} point(s), \
+         {} chunk(s) ({})",
         if r.dry_run { "would remove" } else { "removed" },
         r.removed.len(),
         r.chunks_removed,
-        mib(r.bytes_freed),
+        HumanBytes(r.bytes_freed),
         r.indexes_removed,
         r.kept.len(),
         r.chunks_kept,
-        mib(r.bytes_kept),
+        HumanBytes(r.bytes_kept),
     )
+}
+
+/// S3 settings from `--endpoint` and the config file.
+pub fn s3_settings(endpoint: Option<&str>, file: &S3Config) -> S3Settings {
+    S3Settings {
+        endpoint: endpoint.map(str::to_owned),
+        fallback_endpoint: file.endpoint.clone(),
+        fallback_region: file.region.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_replace_the_file_rule_by_rule() {
+        let file =
+            Config::parse("[retention]\nkeep-last = 1\nkeep-daily = 7\nkeep-within = \"2d\"\n")
+                .unwrap();
+        let mut keep = KeepArgs {
+            keep_last: Some(3),
+            keep_within: Some(Duration::ZERO),
+            ..KeepArgs::default()
+        };
+        keep.settle(&file.retention);
+        let p = keep.policy();
+        assert_eq!((p.last, p.daily, p.hourly), (3, 7, 0));
+        // --keep-within 0 turns the file's rule off.
+        assert_eq!(p.within_secs, None);
+        let mut none = KeepArgs::default();
+        none.settle(&Config::default().retention);
+        assert!(none.is_empty());
+        let mut from_file = KeepArgs::default();
+        from_file.settle(&file.retention);
+        assert_eq!(from_file.policy().within_secs, Some(2 * 86_400));
+    }
 }

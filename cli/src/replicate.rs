@@ -4,64 +4,76 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use indicatif::HumanBytes;
 use serde_json::json;
 
+use crate::config::{Config, RepoArgs, S3Config};
 use crate::progress::Bar;
 use crate::Common;
 
 #[derive(Args)]
 pub struct ReplicateArgs {
     /// The local repository whose restore points are shipped.
-    #[arg(long)]
-    pub repo: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
     /// Where to: s3://BUCKET[/PREFIX] or bkimg://HOST:PORT (a standby host).
     #[arg(long)]
     pub to: String,
-    /// S3 endpoint URL (default: the AWS chain, e.g. AWS_ENDPOINT_URL).
+    /// S3 endpoint URL (default: the AWS chain, e.g. AWS_ENDPOINT_URL, then the config
+    /// file's).
     #[arg(long)]
     pub endpoint: Option<String>,
     /// Restore points to ship, with their ancestors (default: all).
     #[arg(long = "id")]
     pub ids: Vec<String>,
-    /// Bandwidth limit, bytes per second with an optional K/M/G suffix (powers of 1024).
-    #[arg(long, value_parser = parse_rate)]
+    /// Bandwidth limit in bytes per second, e.g. 500K, 20M, 1GiB (K, M, G are powers of
+    /// 1024).
+    #[arg(long, value_name = "RATE", value_parser = crate::units::size)]
     pub bwlimit: Option<u64>,
-    /// Requests in flight at once.
-    #[arg(long)]
-    pub parallel: Option<usize>,
+    /// Requests in flight at once (S3 default: 16).
+    #[arg(long, alias = "parallel", value_name = "N")]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub s3: crate::s3cmd::S3Args,
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
     pub continuous: crate::continuous::ContinuousArgs,
+    /// The config file's [s3] section.
+    #[arg(skip)]
+    pub s3_config: S3Config,
+    /// The config file read, for the captures of continuous mode.
+    #[arg(skip)]
+    pub config_file: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
 
 impl ReplicateArgs {
+    pub fn settle(&mut self, config: &Config) -> Result<()> {
+        self.repo.settle(config)?;
+        self.threads = config.threads(self.threads);
+        self.standby.settle(&config.standby);
+        // Plain replicate refuses --keep-* rules; the file's apply to continuous mode only.
+        if self.continuous.continuous {
+            self.continuous.keep.settle(&config.retention);
+        }
+        self.s3_config = config.s3.clone();
+        self.config_file = config.path.clone();
+        Ok(())
+    }
+
     pub fn options(&self) -> bkimg_replicate::ReplicateOptions {
         bkimg_replicate::ReplicateOptions {
             ids: self.ids.clone(),
             bandwidth: self.bwlimit,
-            parallel: self.parallel,
+            parallel: self.threads,
         }
     }
-}
 
-/// "10M" → 10 MiB/s.
-pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a rate: give bytes per second, e.g. 500K or 20M"))
+    pub fn s3_settings(&self) -> bkimg_replicate::s3::S3Settings {
+        crate::prune::s3_settings(self.endpoint.as_deref(), &self.s3_config)
+    }
 }
 
 /// What one replication run did, and where to.
@@ -121,7 +133,7 @@ pub fn run(args: ReplicateArgs) -> Result<i32> {
             report.points_present,
             report.chunks_sent,
             report.chunks_present,
-            crate::human(report.bytes_sent),
+            HumanBytes(report.bytes_sent),
             report.seconds
         );
         for id in &report.points_sent {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use bkimg_format::repo::Repository;
-use bkimg_replicate::s3::S3Store;
+use bkimg_replicate::s3::{S3Settings, S3Store};
 use clap::Args;
 use serde_json::json;
 
@@ -21,20 +21,20 @@ pub struct S3Args {
 
 /// Ships to an S3 target; returns the run's report and the JSON fields only S3 has.
 pub fn ship(args: &ReplicateArgs, bar: &Bar) -> Result<Shipped> {
-    let config_path = args.repo.join("config");
+    let config_path = args.repo.path().join("config");
     let config = std::fs::read(&config_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             anyhow::Error::from(bkimg_format::FormatError::NotRepository(format!(
                 "{} is not a bkimg repository directory (no config file): --repo names the \
                  local repository to ship",
-                args.repo.display()
+                args.repo.path().display()
             )))
         } else {
             anyhow::Error::from(e).context(format!("reading {}", config_path.display()))
         }
     })?;
-    let src = Repository::open(&args.repo)?;
-    let mut store = S3Store::open(&args.to, args.endpoint.as_deref())?;
+    let src = Repository::open(args.repo.path())?;
+    let mut store = S3Store::open(&args.to, &args.s3_settings())?;
     if let Some(days) = args.s3.object_lock_days {
         store.enable_object_lock(days)?;
     }
@@ -48,9 +48,9 @@ pub fn ship(args: &ReplicateArgs, bar: &Bar) -> Result<Shipped> {
 }
 
 /// A repository in a bucket, for the read commands. Endpoint and credentials come from
-/// the AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...) or `endpoint`.
-pub fn open(url: &str, endpoint: Option<&str>) -> Result<Repository> {
-    let store = S3Store::open(url, endpoint)?;
+/// the AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...), then `settings`.
+pub fn open(url: &str, settings: &S3Settings) -> Result<Repository> {
+    let store = S3Store::open(url, settings)?;
     // Wrong credentials, a missing repository or an endpoint that is down show here,
     // with their exit codes, rather than halfway through a command.
     store.check_config()?;

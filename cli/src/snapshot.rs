@@ -12,7 +12,9 @@ use bkimg_kmod::{
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::{exit, human, out, out_json, Common};
+use indicatif::HumanBytes;
+
+use crate::{exit, out, out_json, Common};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -26,12 +28,12 @@ pub enum SnapshotCommand {
         /// blocks written while the snapshot lives. Kept until `snapshot destroy --store`.
         #[arg(long, value_name = "FILE")]
         store: PathBuf,
-        /// Size of the store (e.g. 2G); rounded up to MiB.
-        #[arg(long, value_name = "SIZE")]
-        store_size: String,
+        /// Size of the store (e.g. 2G, 512MiB); rounded up to MiB.
+        #[arg(long, value_name = "SIZE", value_parser = crate::units::size)]
+        store_size: u64,
         /// Copy-on-write unit: a power of two from 4K to 1M (default 64K).
-        #[arg(long, value_name = "SIZE")]
-        chunk_size: Option<String>,
+        #[arg(long, value_name = "SIZE", value_parser = crate::units::size)]
+        chunk_size: Option<u64>,
         /// Do not freeze the filesystems: the images are only crash-consistent.
         #[arg(long)]
         no_freeze: bool,
@@ -66,11 +68,11 @@ pub enum SnapshotCommand {
         #[arg(long, value_name = "FILE")]
         store: PathBuf,
         /// How much to add each time the store runs low (e.g. 1G).
-        #[arg(long, value_name = "SIZE")]
-        grow_by: String,
+        #[arg(long, value_name = "SIZE", value_parser = crate::units::size)]
+        grow_by: u64,
         /// Never let the store file grow past this size.
-        #[arg(long, value_name = "SIZE")]
-        max_store: String,
+        #[arg(long, value_name = "SIZE", value_parser = crate::units::size)]
+        max_store: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -87,10 +89,9 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
             common,
         } => {
             let control = Control::open()?;
-            let size = parse_size(&store_size).context("--store-size")?;
+            let size = store_size;
             let chunk_sectors = match chunk_size {
-                Some(c) => {
-                    let bytes = parse_size(&c).context("--chunk-size")?;
+                Some(bytes) => {
                     if !bytes.is_power_of_two() || !(4096..=1 << 20).contains(&bytes) {
                         bail!("--chunk-size must be a power of two from 4K to 1M");
                     }
@@ -139,7 +140,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
                 eprintln!(
                     "store {} ({}); when done: bkimg snapshot destroy {id} --store {}",
                     store.display(),
-                    human(file.size()),
+                    HumanBytes(file.size()),
                     store.display()
                 );
                 out(&id.to_string());
@@ -169,8 +170,8 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
                         "{:<6} {:<7} {:>10} {:>10}  {}",
                         i.id,
                         state_name(i.state),
-                        human(i.store_sectors * 512),
-                        human(i.store_used_sectors * 512),
+                        HumanBytes(i.store_sectors * 512),
+                        HumanBytes(i.store_used_sectors * 512),
                         i.devs
                             .iter()
                             .map(|d| format!("{}={}", dev_name(d.dev), d.image_path.display()))
@@ -212,8 +213,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
             common,
         } => {
             let control = Control::open()?;
-            let grow_by = parse_size(&grow_by).context("--grow-by")?;
-            let max = parse_size(&max_store).context("--max-store")?;
+            let max = max_store;
             control.info(id)?;
             let file = Mutex::new(Some(StoreFile::open(&store)?));
             let mut grower = Grower::new(&control, id, &file, grow_by, max);
@@ -254,28 +254,6 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
     }
 }
 
-/// "512M", "2G", "1GiB", "4096": bytes (binary units).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size such as 512M, 2G or 1073741824"))?;
-    let unit = unit.trim().to_ascii_uppercase();
-    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => bail!("{s:?}: unknown unit (use K, M, G or T)"),
-    };
-    n.checked_mul(1 << shift)
-        .filter(|b| *b > 0)
-        .with_context(|| format!("{s:?} is not a usable size"))
-}
-
 fn state_name(s: SnapshotState) -> String {
     match s {
         SnapshotState::Active => "active".into(),
@@ -294,7 +272,7 @@ pub fn failure_text(info: &SnapshotInfo) -> String {
     let cause = if info.error == -nix::libc::ENOSPC {
         format!(
             "its difference store ({}) was full",
-            human(info.store_sectors * 512)
+            HumanBytes(info.store_sectors * 512)
         )
     } else {
         format!(
@@ -343,18 +321,18 @@ fn print_info(info: &SnapshotInfo) {
     ));
     out(&format!(
         "  store  {} used of {} ({} chunks of {} copied; low-water mark {})",
-        human(info.store_used_sectors * 512),
-        human(info.store_sectors * 512),
+        HumanBytes(info.store_used_sectors * 512),
+        HumanBytes(info.store_sectors * 512),
         info.copied_chunks,
-        human(u64::from(info.chunk_sectors) * 512),
-        human(info.low_water_sectors * 512)
+        HumanBytes(u64::from(info.chunk_sectors) * 512),
+        HumanBytes(info.low_water_sectors * 512)
     ));
     for d in &info.devs {
         out(&format!(
             "  {} -> {} ({}), generation {} snapshot {}",
             d.dev.describe(),
             d.image_path.display(),
-            human(d.sectors * 512),
+            HumanBytes(d.sectors * 512),
             d.generation_hex(),
             d.sequence
         ));
@@ -472,7 +450,7 @@ impl<'a> Grower<'a> {
                     "bkimg: warning: the store of snapshot {} is running low and at its limit \
                      ({}); the snapshot fails if it fills up",
                     self.id,
-                    human(file.size())
+                    HumanBytes(file.size())
                 );
                 self.at_limit = true;
             }
@@ -489,7 +467,7 @@ impl<'a> Grower<'a> {
                 eprintln!(
                     "bkimg: store of snapshot {} grown to {} ({})",
                     self.id,
-                    human(file.size()),
+                    HumanBytes(file.size()),
                     file.path().display()
                 );
             }
@@ -542,24 +520,4 @@ pub fn store_overlaps(path: &Path, devices: &[bkimg_kmod::DevNum]) -> Option<bki
         .iter()
         .copied()
         .find(|d| *d == holder || d.whole_disk() == holder || holder.whole_disk() == *d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("64KB").unwrap(), 64 << 10);
-        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
-        assert_eq!(parse_size("10B").unwrap(), 10);
-        for bad in ["", "G", "0", "1X", "-1G", "1.5G", "99999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
-    }
 }

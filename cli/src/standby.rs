@@ -10,6 +10,7 @@ use bkimg_replicate::standby::{self, replica, tls, ClientConfig, ServeConfig};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use crate::config::{Config, RepoArgs, StandbyConfig};
 use crate::exit;
 use crate::progress::Bar;
 use crate::replicate::{ReplicateArgs, Shipped};
@@ -18,18 +19,30 @@ use crate::Common;
 /// Options of `bkimg replicate` that only standby targets (bkimg://) use.
 #[derive(Args)]
 pub struct StandbyArgs {
-    /// Key directory of this host (made by `bkimg standby keygen`).
+    /// Key directory of this host (made by `bkimg standby keygen`) [default: `key` in
+    /// the config file's [standby]].
     #[arg(long, value_name = "DIR")]
     pub key: Option<PathBuf>,
-    /// The standby's certificate fingerprint, as printed by keygen on the standby.
+    /// The standby's certificate fingerprint, as printed by keygen on the standby
+    /// [default: `server-fingerprint` in the config file's [standby]].
     #[arg(long, value_name = "FP")]
     pub server_fingerprint: Option<String>,
     /// Further attempts after the connection breaks, with backoff (1, 2, 4... s).
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
-    /// Seconds without progress after which the connection counts as dead.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub timeout: u64,
+    /// Time without progress after which the connection counts as dead (e.g. 30s, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "30s")]
+    pub timeout: Duration,
+}
+
+impl StandbyArgs {
+    pub fn settle(&mut self, file: &StandbyConfig) {
+        self.key = self.key.take().or_else(|| file.key.clone());
+        self.server_fingerprint = self
+            .server_fingerprint
+            .take()
+            .or_else(|| file.server_fingerprint.clone());
+    }
 }
 
 #[derive(Subcommand)]
@@ -49,57 +62,74 @@ pub enum StandbyCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Receive restore points from `bkimg replicate --to bkimg://HOST:PORT` (runs until
-    /// stopped); with --replica, keep disks equal to the latest restore point.
+    /// Receive restore points from `bkimg replicate --to bkimg://HOST:PORT` into the
+    /// repository directory (created if missing; runs until stopped); with --replica,
+    /// keep disks equal to the latest restore point.
     Serve {
         /// Address to listen on, e.g. 0.0.0.0:7070.
         #[arg(long)]
         listen: String,
-        /// Repository directory for the received restore points (created if missing).
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Block device or image file kept equal to the latest restore point: TARGET for
         /// single-disk points, or DISK=TARGET once per disk (disk0, disk1, ... as `bkimg
         /// info` names them) for points of several disks.
         #[arg(long, value_name = "[DISK=]TARGET")]
         replica: Vec<String>,
-        /// Key directory of this standby (made by `bkimg standby keygen`).
+        /// Key directory of this standby (made by `bkimg standby keygen`) [default: `key`
+        /// in the config file's [standby]].
         #[arg(long, value_name = "DIR")]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// A client fingerprint allowed to send, or a file of them (one per line);
         /// repeatable.
         #[arg(long, value_name = "FP|FILE", required = true)]
         allow: Vec<String>,
-        /// Seconds of silence after which a client is dropped.
-        #[arg(long, value_name = "SECS", default_value_t = 60)]
-        timeout: u64,
+        /// Silence after which a client is dropped (e.g. 60s, 5m).
+        #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "60s")]
+        timeout: Duration,
     },
     /// What the standby holds: restore points, the replica, an interrupted apply.
     Status {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[command(flatten)]
         common: Common,
     },
     /// Stop applying restore points to the replicas, leaving them consistent and ready
     /// to boot (an interrupted apply is finished first). Undone by `standby demote`.
     Promote {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[command(flatten)]
         common: Common,
     },
     /// Undo `promote`: the standby applies restore points again, first restoring the
     /// latest one whole to every replica (overwriting anything written to them since).
     Demote {
-        #[arg(long)]
-        repo: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Do not ask before the replicas are overwritten.
         #[arg(long)]
         yes: bool,
         #[command(flatten)]
         common: Common,
     },
+}
+
+impl StandbyCommand {
+    pub fn settle(&mut self, config: &Config) -> Result<()> {
+        match self {
+            StandbyCommand::Keygen { .. } | StandbyCommand::Fingerprint { .. } => {}
+            StandbyCommand::Serve { repo, key, .. } => {
+                repo.settle(config)?;
+                *key = key.take().or_else(|| config.standby.key.clone());
+            }
+            StandbyCommand::Status { repo, .. }
+            | StandbyCommand::Promote { repo, .. }
+            | StandbyCommand::Demote { repo, .. } => repo.settle(config)?,
+        }
+        Ok(())
+    }
 }
 
 pub fn run(cmd: StandbyCommand) -> Result<i32> {
@@ -136,37 +166,42 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             allow,
             timeout,
         } => {
+            let key = key.context(
+                "--key DIR is needed (or `key` in the config file's [standby]): the standby's \
+                 key directory, made by `bkimg standby keygen --dir DIR`",
+            )?;
             let cfg = ServeConfig {
                 listen,
-                repo,
+                repo: repo.path().to_path_buf(),
                 replicas: replica::ReplicaSpec::parse_all(&replica)?,
                 identity: tls::Identity::load(&key)?,
                 allowed: tls::allowed_list(&allow)?,
-                timeout: Duration::from_secs(timeout.max(1)),
+                timeout,
             };
             standby::serve(cfg)?;
             Ok(exit::OK)
         }
         StandbyCommand::Status { repo, common } => {
-            let s = replica::status(&repo)?;
+            let s = replica::status(repo.path())?;
             print_status(&s, common.json, "status");
             Ok(exit::OK)
         }
         StandbyCommand::Promote { repo, common } => {
-            let s = replica::promote(&repo)?;
+            let s = replica::promote(repo.path())?;
             print_status(&s, common.json, "promote");
             Ok(exit::OK)
         }
         StandbyCommand::Demote { repo, yes, common } => {
-            let before = replica::status(&repo)?;
+            let repo = repo.path();
+            let before = replica::status(repo)?;
             if !before.promoted {
                 eprintln!("bkimg: {} is not promoted: nothing to undo", repo.display());
                 print_status(&before, common.json, "demote");
                 return Ok(exit::OK);
             }
             confirm_demote(&before, yes)?;
-            replica::demote(&repo)?;
-            print_status(&replica::status(&repo)?, common.json, "demote");
+            replica::demote(repo)?;
+            print_status(&replica::status(repo)?, common.json, "demote");
             Ok(exit::OK)
         }
     }
@@ -307,19 +342,21 @@ fn print_status(s: &replica::Status, as_json: bool, what: &str) {
 pub fn ship(args: &ReplicateArgs, bar: &Bar) -> Result<Shipped> {
     let sa = &args.standby;
     let key = sa.key.as_ref().context(
-        "--key DIR is needed for a standby target (make one with `bkimg standby keygen --dir DIR`)",
+        "--key DIR is needed for a standby target, or `key` in the config file's [standby] \
+         (make one with `bkimg standby keygen --dir DIR`)",
     )?;
     let fp = sa.server_fingerprint.as_ref().context(
-        "--server-fingerprint FP is needed for a standby target (keygen on the standby prints it)",
+        "--server-fingerprint FP is needed for a standby target, or `server-fingerprint` in \
+         the config file's [standby] (keygen on the standby prints it)",
     )?;
     let cfg = ClientConfig {
         address: ClientConfig::address_of(&args.to)?,
         identity: tls::Identity::load(key)?,
         server_fingerprint: tls::Fingerprint::parse(fp)?,
         retries: sa.retries,
-        timeout: Duration::from_secs(sa.timeout.max(1)),
+        timeout: sa.timeout,
     };
-    let src = Repository::open(&args.repo)?;
+    let src = Repository::open(args.repo.path())?;
     let report = standby::replicate(&src, &cfg, &args.options(), bar)?;
     Ok(Shipped {
         report,

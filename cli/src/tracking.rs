@@ -7,8 +7,9 @@ use bkimg_kmod::{Control, SavedTracker, SectorRange, TrackerState};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::snapshot::parse_size;
-use crate::{exit, human, out, out_json, Common};
+use indicatif::HumanBytes;
+
+use crate::{exit, out, out_json, Common};
 
 #[derive(Subcommand)]
 pub enum CbtCommand {
@@ -18,8 +19,8 @@ pub enum CbtCommand {
         device: PathBuf,
         /// Tracking block size (power of two, at least the device's sector size; default:
         /// the module's choice, at least 4K with a table of at most 4 MiB).
-        #[arg(long, value_name = "SIZE")]
-        block_size: Option<String>,
+        #[arg(long, value_name = "SIZE", value_parser = crate::units::size_u32)]
+        block_size: Option<u32>,
         #[command(flatten)]
         common: Common,
     },
@@ -93,8 +94,7 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
             common,
         } => {
             let bs = match block_size {
-                Some(s) => u32::try_from(parse_size(&s).context("--block-size")?)
-                    .ok()
+                Some(b) => Some(b)
                     .filter(|b| b.is_power_of_two() && *b >= 512)
                     .context("--block-size must be a power of two from 512 to 1G")?,
                 None => 0,
@@ -168,8 +168,8 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
                     out(&format!(
                         "{:<22} {:>8} {:>10} {:<32} {:>4} {:>8} {:>10}",
                         s.dev.describe(),
-                        human(u64::from(s.block_size)),
-                        human(s.device_size()),
+                        HumanBytes(u64::from(s.block_size)),
+                        HumanBytes(s.device_size()),
                         s.generation_hex(),
                         s.sequence,
                         s.snapshot_id.map_or("-".into(), |i| i.to_string()),
@@ -213,7 +213,7 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
                 eprintln!(
                     "{}: {} changed in {} range(s) after snapshot {from} (generation {}), written to {}",
                     device.display(),
-                    human(bytes),
+                    HumanBytes(bytes),
                     map.ranges.len(),
                     map.generation_hex(),
                     output.display()
@@ -280,7 +280,7 @@ fn report(state: &TrackerState, common: &Common, what: &str) {
             state.generation_hex(),
             state.sequence,
             state.blocks,
-            human(u64::from(state.block_size))
+            HumanBytes(u64::from(state.block_size))
         );
     }
 }

@@ -512,9 +512,9 @@ t_continuous() {
     grep ': captured ' /tmp/cont.log | tail -n +2 >/tmp/incs
     while read -r at line; do
         case "$line" in
-            *"(live, changed-blocks, "*" bytes read)"*) ;;
+            *"(live, changed-blocks, "*" B read)"* | *"(live, changed-blocks, "*" KiB read)"*) ;;
             *"(live, changed-blocks, "*" MiB read)"*)
-                mib=$(echo "$line" | sed -n 's/.*changed-blocks, \([0-9]*\)\.[0-9] MiB read.*/\1/p')
+                mib=$(echo "$line" | sed -n 's/.*changed-blocks, \([0-9]*\)\.[0-9]* MiB read.*/\1/p')
                 [ "$mib" -lt 16 ] || { log "read too much: $line"; bad=1; } ;;
             *) log "not a live changed-blocks capture: $line"; bad=1 ;;
         esac

@@ -133,6 +133,17 @@ pub struct ObjectLock {
     pub days: u32,
 }
 
+/// How to reach S3 besides the standard AWS configuration chain.
+#[derive(Clone, Debug, Default)]
+pub struct S3Settings {
+    /// Endpoint URL that overrides the chain (`--endpoint`).
+    pub endpoint: Option<String>,
+    /// Endpoint URL used when the chain names none (the config file's).
+    pub fallback_endpoint: Option<String>,
+    /// Region used when the chain names none (else us-east-1).
+    pub fallback_region: Option<String>,
+}
+
 pub struct S3Store {
     rt: tokio::runtime::Runtime,
     client: Client,
@@ -150,9 +161,9 @@ pub struct S3Store {
 
 impl S3Store {
     /// Connects to `s3://BUCKET[/PREFIX]` with the standard AWS configuration chain
-    /// (environment including AWS_ENDPOINT_URL, profiles) and `endpoint` as an override,
-    /// and checks that the bucket is there and that we may use it.
-    pub fn open(url: &str, endpoint: Option<&str>) -> anyhow::Result<S3Store> {
+    /// (environment including AWS_ENDPOINT_URL, profiles) and `settings`, and checks that
+    /// the bucket is there and that we may use it.
+    pub fn open(url: &str, settings: &S3Settings) -> anyhow::Result<S3Store> {
         let (bucket, prefix) = parse_url(url)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -164,10 +175,12 @@ impl S3Store {
         let env_endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
             .ok()
             .filter(|s| !s.is_empty());
-        let custom = endpoint
-            .map(str::to_owned)
+        let custom = settings
+            .endpoint
+            .clone()
             .or(env_endpoint)
-            .or_else(|| sdk.endpoint_url().map(str::to_owned));
+            .or_else(|| sdk.endpoint_url().map(str::to_owned))
+            .or_else(|| settings.fallback_endpoint.clone());
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
             // Our objects carry their own digests; the SDK's default CRC trailers and
             // response validation break on S3-compatible servers (Garage's
@@ -189,6 +202,7 @@ impl S3Store {
         let region = sdk
             .region()
             .cloned()
+            .or_else(|| settings.fallback_region.clone().map(Region::new))
             .unwrap_or_else(|| Region::new("us-east-1"));
         conf = conf.region(region.clone());
         let client = Client::from_conf(conf.build());

@@ -76,7 +76,7 @@ impl Target {
                 path: p,
                 have: size,
                 need,
-                need_h: human(need),
+                need_h: indicatif::HumanBytes(need).to_string(),
             });
         }
         Ok(false)
@@ -252,18 +252,4 @@ fn mounted(rdev: u64) -> Option<String> {
         (f.len() > 4 && devs.iter().any(|d| d == f[2]))
             .then(|| format!("device {} is mounted on {}", f[2], f[4]))
     })
-}
-
-/// Bytes as a short human string (GiB with one decimal, or MiB, or bytes).
-pub fn human(bytes: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    let b = bytes as f64;
-    if b >= GIB {
-        format!("{:.1} GiB", b / GIB)
-    } else if b >= MIB {
-        format!("{:.1} MiB", b / MIB)
-    } else {
-        format!("{bytes} bytes")
-    }
 }

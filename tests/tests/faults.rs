@@ -363,7 +363,7 @@ fn verify_reports_every_damaged_chunk() {
     }
     assert!(
         vt.stderr
-            .contains("2 restore point(s), 30 chunks (7.5 MiB) checked, 7 problem(s)"),
+            .contains("2 restore point(s), 30 chunks (7.50 MiB) checked, 7 problem(s)"),
         "{}",
         vt.stderr
     );

@@ -313,7 +313,7 @@ fn multipart_index() {
         .open(&img)
         .and_then(|f| f.set_len(1024 * MIB))
         .unwrap();
-    let full = capture(&["--repo", p(&repo), "--raw", "--chunk-kib", "4", p(&img)]);
+    let full = capture(&["--repo", p(&repo), "--raw", "--chunk-size", "4K", p(&img)]);
     let id = full["id"].as_str().unwrap().to_string();
     let mut c = s.command(
         &["replicate", "--repo", p(&repo), "--to", &url, "--json"],

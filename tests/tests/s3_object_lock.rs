@@ -514,7 +514,7 @@ fn capture_for_multipart(dir: &Path, repo: &Path) -> (PathBuf, String) {
         .open(&img)
         .and_then(|f| f.set_len(1024 * MIB))
         .unwrap();
-    let full = capture(&["--repo", p(repo), "--raw", "--chunk-kib", "4", p(&img)]);
+    let full = capture(&["--repo", p(repo), "--raw", "--chunk-size", "4K", p(&img)]);
     (img, full["id"].as_str().unwrap().to_string())
 }
 

@@ -132,11 +132,18 @@ impl StoreFile {
 
     /// Allocates `extra` more bytes (rounded up to 1 MiB) and returns the new extents only.
     pub fn grow(&mut self, extra: u64) -> Result<Vec<Extent>> {
+        let too_big = || KmodError::store(&self.path, format!("cannot grow by {extra} bytes"));
         let extra = extra
             .checked_next_multiple_of(STORE_ALIGN)
             .filter(|e| *e > 0)
-            .ok_or_else(|| KmodError::store(&self.path, format!("cannot grow by {extra} bytes")))?;
-        let (start, end) = (self.size, self.size + extra);
+            .ok_or_else(too_big)?;
+        // fallocate takes signed offsets: the end must fit in an i64.
+        let end = self
+            .size
+            .checked_add(extra)
+            .filter(|e| i64::try_from(*e).is_ok())
+            .ok_or_else(too_big)?;
+        let start = self.size;
         let fd = self.file.as_raw_fd();
         nix::fcntl::fallocate(fd, FallocateFlags::empty(), start as i64, extra as i64).map_err(
             |e| {
