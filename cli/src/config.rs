@@ -46,7 +46,8 @@ pub struct S3Config {
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StandbyConfig {
-    /// This host's key directory: `replicate --key` and `standby serve --key`.
+    /// This host's key directory: `replicate --key`, `standby serve --key`, `standby
+    /// keygen --dir`, `standby fingerprint --dir`.
     pub key: Option<PathBuf>,
     /// `replicate --server-fingerprint`.
     pub server_fingerprint: Option<String>,

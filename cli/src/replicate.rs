@@ -30,7 +30,7 @@ pub struct ReplicateArgs {
     /// 1024).
     #[arg(long, value_name = "RATE", value_parser = crate::units::size)]
     pub bwlimit: Option<u64>,
-    /// Requests in flight at once (S3 default: 16).
+    /// Requests in flight at once (S3 default: 16, or `threads` in the config file).
     #[arg(long, alias = "parallel", value_name = "N")]
     pub threads: Option<usize>,
     #[command(flatten)]

@@ -49,16 +49,18 @@ impl StandbyArgs {
 pub enum StandbyCommand {
     /// Make this host's key pair and self-signed certificate; prints its fingerprint.
     Keygen {
-        /// Directory for standby.key and standby.crt (created if missing).
-        #[arg(long)]
-        dir: PathBuf,
+        /// Directory for standby.key and standby.crt (created if missing) [default: `key`
+        /// in the config file's [standby]].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
     /// Print the fingerprint of the certificate in a key directory.
     Fingerprint {
-        #[arg(long)]
-        dir: PathBuf,
+        /// Key directory [default: `key` in the config file's [standby]].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -119,7 +121,15 @@ pub enum StandbyCommand {
 impl StandbyCommand {
     pub fn settle(&mut self, config: &Config) -> Result<()> {
         match self {
-            StandbyCommand::Keygen { .. } | StandbyCommand::Fingerprint { .. } => {}
+            StandbyCommand::Keygen { dir, .. } | StandbyCommand::Fingerprint { dir, .. } => {
+                *dir = dir.take().or_else(|| config.standby.key.clone());
+                if dir.is_none() {
+                    return Err(exit::Usage(
+                        "--dir DIR is needed (or `key` in the config file's [standby])".into(),
+                    )
+                    .into());
+                }
+            }
             StandbyCommand::Serve { repo, key, .. } => {
                 repo.settle(config)?;
                 *key = key.take().or_else(|| config.standby.key.clone());
@@ -135,6 +145,7 @@ impl StandbyCommand {
 pub fn run(cmd: StandbyCommand) -> Result<i32> {
     match cmd {
         StandbyCommand::Keygen { dir, common } => {
+            let dir = dir.expect("settled");
             let (fp, cert) = tls::keygen(&dir)?;
             if common.json {
                 crate::out_json(
@@ -150,6 +161,7 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             Ok(exit::OK)
         }
         StandbyCommand::Fingerprint { dir, common } => {
+            let dir = dir.expect("settled");
             let fp = tls::Identity::load(&dir)?.fingerprint();
             if common.json {
                 crate::out_json(&json!({"fingerprint": fp.0}));

@@ -457,3 +457,51 @@ fn demo_json() {
     // The commentary went to stderr.
     assert!(r.stderr.contains("==> capturing it"), "{}", r.stderr);
 }
+
+#[test]
+fn standby_keys_from_the_config_file() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let e = Env::new();
+    let img = e.image();
+    let repo = e.path("repo");
+    let key = e.path("key");
+    let config = e.path("bkimg.toml");
+    fs::write(&config, format!("[standby]\nkey = \"{}\"\n", p(&key))).unwrap();
+    let env = [("BKIMG_CONFIG", p(&config))];
+    let made = e.ok(&["standby", "keygen", "--json"], &env);
+    let fp = json(&made)["fingerprint"].as_str().unwrap().to_string();
+    assert!(key.join("standby.crt").is_file());
+    let again = e.ok(&["standby", "fingerprint", "--json"], &env);
+    assert_eq!(json(&again)["fingerprint"], fp.as_str());
+    let r = e.run(&["standby", "fingerprint"], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // With the key and the server's fingerprint from the file, replicate gets as far as
+    // the network (nothing listens on port 9: unreachable, exit 9).
+    fs::write(
+        &config,
+        format!(
+            "[standby]\nkey = \"{}\"\nserver-fingerprint = \"{fp}\"\n",
+            p(&key)
+        ),
+    )
+    .unwrap();
+    e.ok(&["capture", "--repo", p(&repo), "--quiet", p(&img)], &env);
+    let r = e.run(
+        &[
+            "replicate",
+            "--repo",
+            p(&repo),
+            "--to",
+            "bkimg://127.0.0.1:9",
+            "--retries",
+            "0",
+            "--timeout",
+            "5s",
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 9, "{}", r.stderr);
+}
