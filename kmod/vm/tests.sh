@@ -363,6 +363,47 @@ t_save_reload() {
     bkimg cbt detach /dev/vdb >/dev/null
 }
 
+# packaging/cbt-state, which the Debian package's units run at shutdown (save) and boot
+# (restore), with the module. No udev here: the persistent link is made by hand.
+t_cbt_state() {
+    export BKIMG_CBT_DIR=/repo/cbt-state
+    mkdir -p /dev/disk/by-id
+    ln -sf ../../vdb /dev/disk/by-id/virtio-vm-vdb
+    bkimg cbt attach /dev/vdb >/dev/null || return 1
+    bkimg cbt attach /dev/vdc >/dev/null || return 1
+    gen=$(bkimg cbt status /dev/vdb --json | jget generation)
+    mkfs.ext4 -q -F /dev/vdb >/dev/null && mount -t ext4 /dev/vdb /mnt/fs || return 1
+    # A filesystem still read-write on vdb, no persistent name for vdc: neither is saved,
+    # both stay tracked.
+    sh /root/cbt-state save 2>/tmp/s.err
+    cat /tmp/s.err
+    grep -q "/dev/vdb not saved, it still has writers: /dev/vdb mounted read-write on /mnt/fs" /tmp/s.err ||
+        die "vdb saved with a read-write filesystem" || return 1
+    grep -q "/dev/vdc not saved: no link to it" /tmp/s.err || die "vdc without a persistent name" || return 1
+    bkimg cbt status /dev/vdb >/dev/null && bkimg cbt status /dev/vdc >/dev/null || die "detached" || return 1
+    [ -z "$(ls -A $BKIMG_CBT_DIR/by-id 2>/dev/null)" ] || die "a state was written" || return 1
+    # Read-only: saved (and a state left from an earlier boot removed).
+    mount -o remount,ro /mnt/fs || return 1
+    mkdir -p $BKIMG_CBT_DIR/by-id && echo stale >$BKIMG_CBT_DIR/by-id/stale.cbt
+    sh /root/cbt-state save || die "save failed" || return 1
+    [ -f $BKIMG_CBT_DIR/by-id/virtio-vm-vdb.cbt ] || die "no state for vdb" || return 1
+    [ ! -e $BKIMG_CBT_DIR/by-id/stale.cbt ] || die "the stale state was kept" || return 1
+    bkimg cbt status /dev/vdb >/dev/null 2>&1 && { die "vdb still tracked after the save"; return 1; }
+    umount /mnt/fs
+    # The reboot: the module reloaded; a state for a disk that is gone is discarded.
+    bkimg cbt detach /dev/vdc >/dev/null
+    rmmod bksnap && insmod /root/bksnap.ko || die "reload" || return 1
+    echo gone >$BKIMG_CBT_DIR/by-id/virtio-gone.cbt
+    sh /root/cbt-state restore 2>/tmp/r.err || { cat /tmp/r.err; die "restore failed"; return 1; }
+    cat /tmp/r.err
+    grep -q "virtio-gone: saved tracking discarded, no such device" /tmp/r.err || die "gone not discarded" || return 1
+    [ "$(bkimg cbt status /dev/vdb --json | jget generation)" = "$gen" ] || die "not resumed at generation $gen" || return 1
+    [ -z "$(ls -A $BKIMG_CBT_DIR)" ] || die "states left: $(ls -R $BKIMG_CBT_DIR)" || return 1
+    rm -rf $BKIMG_CBT_DIR /dev/disk
+    unset BKIMG_CBT_DIR
+    bkimg cbt detach /dev/vdb >/dev/null
+}
+
 t_unload_busy() {
     bkimg cbt attach /dev/vdb >/dev/null || return 1
     rmmod bksnap 2>/dev/null && { die "rmmod with a tracker attached must be refused"; return 1; }
@@ -555,7 +596,7 @@ t_smoke() {
     sh /root/smoke.sh /dev/vdb /repo
 }
 
-ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload unload_busy stacked_loop nested_dm store_hang continuous smoke unload_reload"
+ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 cbt_incremental overflow store_growth save_reload cbt_state unload_busy stacked_loop nested_dm store_hang continuous smoke unload_reload"
 [ -f /root/tests-extra.sh ] && . /root/tests-extra.sh
 
 insmod /root/bksnap.ko || echo "bksnap-tests: insmod failed"
