@@ -8,6 +8,7 @@
 
 pub mod fs;
 pub mod layout;
+pub mod live;
 pub mod pipeline;
 pub mod ranges;
 pub mod region;

@@ -126,16 +126,7 @@ impl std::fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 /// Stopped by SIGINT or SIGTERM before anything was committed.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted: nothing was committed (run the same command again)")
-    }
-}
-
-impl std::error::Error for Interrupted {}
+pub use bkimg_capture::live::Interrupted;
 
 /// A hint for errors a person can fix, appended to the message.
 pub fn hint(err: &anyhow::Error) -> Option<&'static str> {

@@ -419,13 +419,13 @@ fn run(cli: Cli) -> Result<i32> {
                     .unwrap_or_default(),
                 tool: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
             };
-            let session = live::Session::start(&live, &mut opts, parent_point.as_ref(), &bar)?;
+            let session = live::start(&live, &mut opts, parent_point.as_ref(), &bar)?;
             let result = match &session {
                 Some(s) => s.capture(&reader, &store, parent_point.as_ref(), &opts, &bar),
                 None => bkimg_capture::capture(&reader, &store, parent_point.as_ref(), &opts, &bar),
             };
             bar.finish();
-            let live_report = session.map(live::Session::finish);
+            let live_report = session.map(live::finish);
             let result = result?;
             let secs = started.elapsed().as_secs_f64();
             let m = &result.manifest;
