@@ -72,27 +72,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
     FAILURE
 }
 
-/// The remote target's failure behind an error, if that is what it is: directly in the
-/// chain, or carried by an I/O error (how a remote store reports a lost endpoint or a
-/// refusal met halfway through a read).
-pub fn remote(err: &anyhow::Error) -> Option<&bkimg_replicate::RemoteError> {
-    use bkimg_replicate::RemoteError;
-    err.chain().find_map(|cause| {
-        cause
-            .downcast_ref::<RemoteError>()
-            .or_else(|| io_error(cause)?.get_ref()?.downcast_ref::<RemoteError>())
-    })
-}
-
-/// The I/O error a cause is, or carries as a `FormatError::Io`.
-fn io_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    cause.downcast_ref::<std::io::Error>().or_else(|| {
-        cause.downcast_ref::<FormatError>().and_then(|f| match f {
-            FormatError::Io { source, .. } => Some(source),
-            _ => None,
-        })
-    })
-}
+use bkimg_replicate::io_error;
+/// The remote target's failure behind an error, if that is what it is.
+pub use bkimg_replicate::remote_error as remote;
 
 fn remote_code(r: &bkimg_replicate::RemoteError) -> i32 {
     match r {

@@ -383,15 +383,7 @@ fn run(cli: Cli) -> Result<i32> {
             if changed_blocks.len() > sources.len() {
                 bail!("more --changed-blocks than sources: give one per SOURCE, in order");
             }
-            let now = time::OffsetDateTime::now_utc();
-            let id = format!(
-                "{}-{}",
-                now.format(time::macros::format_description!(
-                    "[year][month][day]T[hour][minute][second]Z"
-                ))?,
-                &uuid::Uuid::new_v4().simple().to_string()[..6]
-            );
-            let created = now.format(&time::format_description::well_known::Rfc3339)?;
+            let (id, created) = bkimg_capture::new_point_id()?;
             let store =
                 LocalDir::open_or_create(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
             let reader = Repository::new(Box::new(LocalDir::open(repo)?));
