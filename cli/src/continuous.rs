@@ -64,7 +64,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
     if c.sources.is_empty() {
         bail!("--continuous needs the SOURCEs to capture each cycle (block devices or images)");
     }
-    let stop = stop_on_signals()?;
+    let (stop, abort) = stop_on_signals()?;
     let live = Path::new("/dev/bksnap").exists();
     log(&format!(
         "replicating {} to {} every {} ({})",
@@ -102,6 +102,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
         // What a capture says besides its result is not shown (as a `bkimg capture`
         // child's stderr was not).
         log: Arc::new(|_: &str| {}),
+        abort,
     };
     let mut target = Target(args);
     let mut prune = Prune(args);
@@ -293,21 +294,28 @@ fn log(text: &str) {
     eprintln!("bkimg: {text}");
 }
 
-/// SIGINT and SIGTERM end the service after the cycle under way (a capture in progress is
-/// interrupted by the same signal and commits nothing).
-fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+/// SIGINT and SIGTERM end the service after the cycle under way (the first flag); a
+/// second one also interrupts a live capture under way, which then commits nothing and
+/// releases its snapshot (the second flag).
+fn stop_on_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     use nix::sys::signal::{SigSet, Signal};
     let stop = Arc::new(AtomicBool::new(false));
+    let abort = Arc::new(AtomicBool::new(false));
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.thread_block()
         .map_err(|e| anyhow!("cannot block SIGINT and SIGTERM: {e}"))?;
-    let flag = stop.clone();
+    let (stop2, abort2) = (stop.clone(), abort.clone());
     std::thread::spawn(move || {
-        if set.wait().is_ok() {
-            flag.store(true, Ordering::SeqCst);
+        let mut count = 0;
+        while count < 2 {
+            if set.wait().is_ok() {
+                count += 1;
+                let flag = if count == 1 { &stop2 } else { &abort2 };
+                flag.store(true, Ordering::SeqCst);
+            }
         }
     });
-    Ok(stop)
+    Ok((stop, abort))
 }

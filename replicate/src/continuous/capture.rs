@@ -26,10 +26,13 @@ pub struct LocalCapture {
     pub tool: String,
     /// What a live session says besides progress (store growth, warnings).
     pub log: Log,
+    /// Set to interrupt a live capture under way: its snapshot is released and nothing is
+    /// committed. (A stop of the loop lets the capture under way finish.)
+    pub abort: Arc<AtomicBool>,
 }
 
 impl Capture for LocalCapture {
-    fn capture(&mut self, has_parent: bool, stop: &AtomicBool) -> Result<CaptureSummary> {
+    fn capture(&mut self, has_parent: bool) -> Result<CaptureSummary> {
         let started = Instant::now();
         let (id, created) = bkimg_capture::new_point_id()?;
         let store =
@@ -68,10 +71,10 @@ impl Capture for LocalCapture {
                 let interrupter = session.interrupter();
                 let finished = AtomicBool::new(false);
                 let result = std::thread::scope(|s| {
-                    // A stop interrupts the capture as SIGINT interrupts `bkimg capture`.
+                    // An abort interrupts the capture as SIGINT interrupts `bkimg capture`.
                     s.spawn(|| {
                         while !finished.load(Ordering::SeqCst) {
-                            if stop.load(Ordering::SeqCst) {
+                            if self.abort.load(Ordering::SeqCst) {
                                 interrupter.interrupt(|_| {}, |_| {});
                                 return;
                             }

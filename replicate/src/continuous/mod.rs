@@ -65,9 +65,8 @@ pub struct CaptureSummary {
 
 /// Captures one restore point of the sources.
 pub trait Capture {
-    /// An incremental of the latest point when `has_parent`. `stop` is the service's stop
-    /// request (a live capture under way is interrupted by it and commits nothing).
-    fn capture(&mut self, has_parent: bool, stop: &AtomicBool) -> Result<CaptureSummary>;
+    /// An incremental of the latest point when `has_parent`.
+    fn capture(&mut self, has_parent: bool) -> Result<CaptureSummary>;
 }
 
 /// Ships to the target every local restore point it lacks.
@@ -185,7 +184,7 @@ pub fn run(
         let started = Instant::now();
         cycle += 1;
         let mut captured = None;
-        match capture.capture(newest.is_some(), stop) {
+        match capture.capture(newest.is_some()) {
             Ok(summary) => {
                 capture_failures = 0;
                 observe(Event::Captured {

@@ -51,8 +51,8 @@ struct StopAfterCapture<'a> {
 }
 
 impl Capture for StopAfterCapture<'_> {
-    fn capture(&mut self, has_parent: bool, stop: &AtomicBool) -> Result<CaptureSummary> {
-        let r = self.inner.capture(has_parent, stop);
+    fn capture(&mut self, has_parent: bool) -> Result<CaptureSummary> {
+        let r = self.inner.capture(has_parent);
         self.stop.store(true, Ordering::SeqCst);
         r
     }
@@ -61,7 +61,7 @@ impl Capture for StopAfterCapture<'_> {
 struct Failing(u32);
 
 impl Capture for Failing {
-    fn capture(&mut self, _: bool, _: &AtomicBool) -> Result<CaptureSummary> {
+    fn capture(&mut self, _: bool) -> Result<CaptureSummary> {
         self.0 += 1;
         Err(anyhow!("cannot read /dev/gone (attempt {})", self.0))
     }
@@ -81,6 +81,7 @@ fn setup() -> (tempfile::TempDir, LocalCapture, PathBuf) {
         host: "test".into(),
         tool: "test".into(),
         log: Arc::new(|_: &str| {}),
+        abort: Arc::new(AtomicBool::new(false)),
     };
     (dir, capture, repo)
 }
