@@ -34,6 +34,11 @@ pub const INTERRUPTED: i32 = 130;
 /// The exit code for an error, from the first typed error in its chain.
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        // Continuous mode gave up on its source: a plain failure, whatever the captures'
+        // errors were (as when they ran as child processes).
+        if cause.is::<bkimg_replicate::continuous::CapturesFailed>() {
+            return FAILURE;
+        }
         if let Some(f) = cause.downcast_ref::<FormatError>() {
             return match f {
                 FormatError::Corrupt { .. } => DAMAGED,

@@ -126,6 +126,12 @@ pub enum Event<'a> {
     FinalShip,
 }
 
+/// The error context when [`MAX_CAPTURE_FAILURES`] captures in a row failed: the service
+/// gives up (exit code 1 in the CLI, whatever the last capture's error was).
+#[derive(Debug, thiserror::Error)]
+#[error("{MAX_CAPTURE_FAILURES} captures in a row failed: stopping")]
+pub struct CapturesFailed;
+
 /// How the service ended (errors that end it early are the `Err` of [`run`]).
 pub enum Outcome {
     Stopped {
@@ -199,9 +205,7 @@ pub fn run(
                 capture_failures += 1;
                 observe(Event::CaptureFailed { cycle, error: &e });
                 if capture_failures >= MAX_CAPTURE_FAILURES {
-                    return Err(e.context(format!(
-                        "{MAX_CAPTURE_FAILURES} captures in a row failed: stopping"
-                    )));
+                    return Err(e.context(CapturesFailed));
                 }
             }
         }

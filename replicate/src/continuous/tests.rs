@@ -237,6 +237,7 @@ fn three_failed_captures_stop_the_loop() {
     };
     assert_eq!(failures, MAX_CAPTURE_FAILURES);
     assert_eq!(capture.0, MAX_CAPTURE_FAILURES);
+    assert!(err.is::<CapturesFailed>(), "{err:#}");
     assert!(
         format!("{err:#}").starts_with("3 captures in a row failed: stopping: cannot read"),
         "{err:#}"
