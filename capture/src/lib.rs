@@ -8,6 +8,7 @@
 
 pub mod fs;
 pub mod layout;
+pub mod live;
 pub mod pipeline;
 pub mod ranges;
 pub mod region;
@@ -33,6 +34,21 @@ use crate::source::Source;
 
 /// Default zstd level; see spec/format.md for the measurement behind it.
 pub const DEFAULT_LEVEL: i32 = 3;
+
+/// A new restore point's id and creation time (RFC 3339): the time to the second and six
+/// random hex digits, so that ids sort by time and two captures in one second differ.
+pub fn new_point_id() -> Result<(String, String)> {
+    let now = time::OffsetDateTime::now_utc();
+    let id = format!(
+        "{}-{}",
+        now.format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))?,
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let created = now.format(&time::format_description::well_known::Rfc3339)?;
+    Ok((id, created))
+}
 
 pub struct CaptureOptions {
     pub sources: Vec<PathBuf>,

@@ -34,6 +34,11 @@ pub const INTERRUPTED: i32 = 130;
 /// The exit code for an error, from the first typed error in its chain.
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        // Continuous mode gave up on its source: a plain failure, whatever the captures'
+        // errors were (as when they ran as child processes).
+        if cause.is::<bkimg_replicate::continuous::CapturesFailed>() {
+            return FAILURE;
+        }
         if let Some(f) = cause.downcast_ref::<FormatError>() {
             return match f {
                 FormatError::Corrupt { .. } => DAMAGED,
@@ -72,27 +77,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
     FAILURE
 }
 
-/// The remote target's failure behind an error, if that is what it is: directly in the
-/// chain, or carried by an I/O error (how a remote store reports a lost endpoint or a
-/// refusal met halfway through a read).
-pub fn remote(err: &anyhow::Error) -> Option<&bkimg_replicate::RemoteError> {
-    use bkimg_replicate::RemoteError;
-    err.chain().find_map(|cause| {
-        cause
-            .downcast_ref::<RemoteError>()
-            .or_else(|| io_error(cause)?.get_ref()?.downcast_ref::<RemoteError>())
-    })
-}
-
-/// The I/O error a cause is, or carries as a `FormatError::Io`.
-fn io_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    cause.downcast_ref::<std::io::Error>().or_else(|| {
-        cause.downcast_ref::<FormatError>().and_then(|f| match f {
-            FormatError::Io { source, .. } => Some(source),
-            _ => None,
-        })
-    })
-}
+use bkimg_replicate::io_error;
+/// The remote target's failure behind an error, if that is what it is.
+pub use bkimg_replicate::remote_error as remote;
 
 fn remote_code(r: &bkimg_replicate::RemoteError) -> i32 {
     match r {
@@ -126,16 +113,7 @@ impl std::fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 /// Stopped by SIGINT or SIGTERM before anything was committed.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted: nothing was committed (run the same command again)")
-    }
-}
-
-impl std::error::Error for Interrupted {}
+pub use bkimg_capture::live::Interrupted;
 
 /// A hint for errors a person can fix, appended to the message.
 pub fn hint(err: &anyhow::Error) -> Option<&'static str> {

@@ -1,8 +1,7 @@
 //! `bkimg replicate`: ship restore points to S3 or to a standby host.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
+use bkimg_replicate::target::{Target, TargetSettings};
 use clap::Args;
 use indicatif::HumanBytes;
 use serde_json::json;
@@ -42,9 +41,9 @@ pub struct ReplicateArgs {
     /// The config file's [s3] section.
     #[arg(skip)]
     pub s3_config: S3Config,
-    /// The config file read, for the captures of continuous mode.
+    /// The config file's `threads`, for the captures of continuous mode.
     #[arg(skip)]
-    pub config_file: Option<PathBuf>,
+    pub capture_threads: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -59,7 +58,7 @@ impl ReplicateArgs {
             self.continuous.keep.settle(&config.retention);
         }
         self.s3_config = config.s3.clone();
-        self.config_file = config.path.clone();
+        self.capture_threads = config.threads(None);
         Ok(())
     }
 
@@ -76,27 +75,31 @@ impl ReplicateArgs {
     }
 }
 
-/// What one replication run did, and where to.
-pub struct Shipped {
-    pub report: bkimg_replicate::ShipReport,
-    pub target: String,
-    /// Fields of the JSON summary that only this kind of target has.
-    pub extra: serde_json::Value,
+pub use bkimg_replicate::target::Shipped;
+
+impl ReplicateArgs {
+    /// The target `--to` names, with the settings it needs.
+    pub fn target(&self) -> Result<Target> {
+        Target::from_url(
+            &self.to,
+            TargetSettings {
+                s3: self.s3_settings(),
+                object_lock_days: self.s3.object_lock_days,
+                key: self.standby.key.clone(),
+                server_fingerprint: self.standby.server_fingerprint.clone(),
+                retries: self.standby.retries,
+                timeout: self.standby.timeout,
+            },
+        )
+    }
 }
 
 /// Ships once to the target `--to` names; `quiet`: no progress bar.
 pub fn ship(args: &ReplicateArgs, quiet: bool) -> Result<Shipped> {
     let bar = Bar::new(quiet);
-    let shipped = if args.to.starts_with("s3://") {
-        crate::s3cmd::ship(args, &bar)
-    } else if args.to.starts_with("bkimg://") {
-        crate::standby::ship(args, &bar)
-    } else {
-        bail!(
-            "--to {:?}: name s3://BUCKET[/PREFIX] or bkimg://HOST:PORT",
-            args.to
-        )
-    };
+    let shipped = args
+        .target()
+        .and_then(|t| t.ship(args.repo.path(), &args.options(), &bar));
     bar.finish();
     shipped
 }

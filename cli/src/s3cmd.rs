@@ -5,10 +5,6 @@ use anyhow::Result;
 use bkimg_format::repo::Repository;
 use bkimg_replicate::s3::{S3Settings, S3Store};
 use clap::Args;
-use serde_json::json;
-
-use crate::progress::Bar;
-use crate::replicate::{ReplicateArgs, Shipped};
 
 /// Options of `bkimg replicate` that only S3 targets use.
 #[derive(Args)]
@@ -17,34 +13,6 @@ pub struct S3Args {
     /// (COMPLIANCE mode); the bucket must have Object Lock enabled.
     #[arg(long, value_name = "DAYS")]
     pub object_lock_days: Option<u32>,
-}
-
-/// Ships to an S3 target; returns the run's report and the JSON fields only S3 has.
-pub fn ship(args: &ReplicateArgs, bar: &Bar) -> Result<Shipped> {
-    let config_path = args.repo.path().join("config");
-    let config = std::fs::read(&config_path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::Error::from(bkimg_format::FormatError::NotRepository(format!(
-                "{} is not a bkimg repository directory (no config file): --repo names the \
-                 local repository to ship",
-                args.repo.path().display()
-            )))
-        } else {
-            anyhow::Error::from(e).context(format!("reading {}", config_path.display()))
-        }
-    })?;
-    let src = Repository::open(args.repo.path())?;
-    let mut store = S3Store::open(&args.to, &args.s3_settings())?;
-    if let Some(days) = args.s3.object_lock_days {
-        store.enable_object_lock(days)?;
-    }
-    store.ensure_config(&config)?;
-    let report = bkimg_replicate::s3::replicate(&src, &store, &args.options(), bar)?;
-    Ok(Shipped {
-        report,
-        target: store.url(),
-        extra: json!({ "requests": store.requests() }),
-    })
 }
 
 /// A repository in a bucket, for the read commands. Endpoint and credentials come from

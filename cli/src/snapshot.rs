@@ -1,14 +1,14 @@
-//! `bkimg snapshot`: live copy-on-write snapshots of block devices (the bksnap module),
-//! and the store growth that `snapshot watch` and `capture --live` share.
+//! `bkimg snapshot`: live copy-on-write snapshots of block devices (the bksnap module).
+//! Store growth (`snapshot watch`) is the one a live capture uses, from
+//! `bkimg_capture::live`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use bkimg_kmod::{
-    Control, ErrorKind, EventKind, SnapshotInfo, SnapshotOptions, SnapshotState, StoreFile,
-};
+use anyhow::{bail, Result};
+use bkimg_capture::live::{failure_text, store_overlaps, wait_for_images, Grower, Step};
+use bkimg_kmod::{Control, ErrorKind, SnapshotInfo, SnapshotOptions, SnapshotState, StoreFile};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -216,7 +216,8 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
             let max = max_store;
             control.info(id)?;
             let file = Mutex::new(Some(StoreFile::open(&store)?));
-            let mut grower = Grower::new(&control, id, &file, grow_by, max);
+            let log = |line: &str| eprintln!("bkimg: {line}");
+            let mut grower = Grower::new(&control, id, &file, grow_by, max, &log);
             eprintln!(
                 "bkimg: watching snapshot {id} (Ctrl-C to stop watching; the snapshot stays)"
             );
@@ -265,25 +266,6 @@ fn state_name(s: SnapshotState) -> String {
 fn dev_name(dev: bkimg_kmod::DevNum) -> String {
     dev.path()
         .map_or_else(|| dev.to_string(), |p| p.display().to_string())
-}
-
-/// Why a snapshot failed, in words.
-pub fn failure_text(info: &SnapshotInfo) -> String {
-    let cause = if info.error == -nix::libc::ENOSPC {
-        format!(
-            "its difference store ({}) was full",
-            HumanBytes(info.store_sectors * 512)
-        )
-    } else {
-        format!(
-            "{}: a store or device I/O failed or took longer than 30 s",
-            info.error_text().unwrap_or_else(|| "unknown error".into())
-        )
-    };
-    format!(
-        "snapshot {} failed: {cause}; its images return errors from then on",
-        info.id
-    )
 }
 
 pub fn info_json(info: &SnapshotInfo) -> Value {
@@ -337,187 +319,4 @@ fn print_info(info: &SnapshotInfo) {
             d.sequence
         ));
     }
-}
-
-/// Waits (up to 10 s) until every image's device node exists and is that image.
-pub fn wait_for_images(info: &SnapshotInfo) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for d in &info.devs {
-        loop {
-            match bkimg_kmod::DevNum::of_block_device(&d.image_path) {
-                Ok(n) if n == d.image => break,
-                Ok(n) => bail!(
-                    "{} is device {n}, not the image {} of snapshot {}: remove the stale node",
-                    d.image_path.display(),
-                    d.image,
-                    info.id
-                ),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "the image {} of snapshot {} (device {}) has no node in /dev: is \
-                         devtmpfs mounted or udev running?",
-                        d.image_path.display(),
-                        info.id,
-                        d.image
-                    )))
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// How a watched snapshot is doing.
-pub enum Step {
-    Running,
-    Failed(String),
-    /// Destroyed.
-    Gone,
-}
-
-/// Grows a snapshot's store when it runs low, up to a limit.
-pub struct Grower<'a> {
-    control: &'a Control,
-    id: u64,
-    store: &'a Mutex<Option<StoreFile>>,
-    grow_by: u64,
-    max: u64,
-    pub grown: u64,
-    at_limit: bool,
-}
-
-impl<'a> Grower<'a> {
-    pub fn new(
-        control: &'a Control,
-        id: u64,
-        store: &'a Mutex<Option<StoreFile>>,
-        grow_by: u64,
-        max: u64,
-    ) -> Grower<'a> {
-        Grower {
-            control,
-            id,
-            store,
-            grow_by,
-            max,
-            grown: 0,
-            at_limit: false,
-        }
-    }
-
-    /// Waits up to `timeout` for an event of this snapshot, then acts. The snapshot's
-    /// state is also read every time, and the store grown when its free space is at or
-    /// below the low-water mark, event or not (an event dropped from a full queue is not
-    /// missed).
-    pub fn step(&mut self, timeout: Duration) -> Step {
-        match self.control.wait_event(timeout, self.id) {
-            Ok(Some(ev)) if ev.snapshot_id == self.id && ev.kind == EventKind::LowSpace => {
-                self.grow()
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("bkimg: warning: {e}");
-                std::thread::sleep(timeout);
-            }
-        }
-        match self.control.info(self.id) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Step::Gone,
-            Err(e) => {
-                eprintln!("bkimg: warning: {e}");
-                Step::Running
-            }
-            Ok(info) if info.state == SnapshotState::Failed => Step::Failed(failure_text(&info)),
-            Ok(info) => {
-                let free = info.store_sectors.saturating_sub(info.store_used_sectors);
-                if free <= info.low_water_sectors {
-                    self.grow();
-                }
-                Step::Running
-            }
-        }
-    }
-
-    fn grow(&mut self) {
-        let mut guard = self.store.lock().expect("store lock");
-        let Some(file) = guard.as_mut() else { return };
-        let room = self.max.saturating_sub(file.size());
-        if room < bkimg_kmod::STORE_ALIGN {
-            if !self.at_limit {
-                eprintln!(
-                    "bkimg: warning: the store of snapshot {} is running low and at its limit \
-                     ({}); the snapshot fails if it fills up",
-                    self.id,
-                    HumanBytes(file.size())
-                );
-                self.at_limit = true;
-            }
-            return;
-        }
-        let by = self.grow_by.min(room);
-        let added = file
-            .grow(by)
-            .map_err(anyhow::Error::from)
-            .and_then(|extents| Ok(self.control.store_add(self.id, &extents)?));
-        match added {
-            Ok(()) => {
-                self.grown += 1;
-                eprintln!(
-                    "bkimg: store of snapshot {} grown to {} ({})",
-                    self.id,
-                    HumanBytes(file.size()),
-                    file.path().display()
-                );
-            }
-            Err(e) => {
-                // Not again: growing failed for a reason more tries will not fix.
-                eprintln!(
-                    "bkimg: warning: cannot grow the store of snapshot {}: {e:#}",
-                    self.id
-                );
-                self.max = file.size();
-                self.at_limit = true;
-            }
-        }
-    }
-}
-
-/// Runs a freeze hook: `sh -c CMD`, its output on stderr (stdout is for results).
-pub fn run_hook(what: &str, cmd: &str, devices: &[PathBuf]) -> Result<()> {
-    use std::os::fd::AsFd;
-    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
-    let list = devices
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let status = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("BKIMG_HOOK", what)
-        .env("BKIMG_DEVICES", list)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(stderr))
-        .status()
-        .with_context(|| format!("cannot run the {what} command {cmd:?}"))?;
-    if !status.success() {
-        bail!("the {what} command {cmd:?} failed ({status})");
-    }
-    Ok(())
-}
-
-/// Whether `path` lives on one of `devices` (or on a partition of a disk among them, or
-/// the disk of a partition among them).
-pub fn store_overlaps(path: &Path, devices: &[bkimg_kmod::DevNum]) -> Option<bkimg_kmod::DevNum> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let holder = bkimg_kmod::DevNum::holding(dir).ok()?;
-    devices
-        .iter()
-        .copied()
-        .find(|d| *d == holder || d.whole_disk() == holder || holder.whole_disk() == *d)
 }

@@ -5,15 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bkimg_format::repo::Repository;
-use bkimg_replicate::standby::{self, replica, tls, ClientConfig, ServeConfig};
+use bkimg_replicate::standby::{self, replica, tls, ServeConfig};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::config::{Config, RepoArgs, StandbyConfig};
 use crate::exit;
-use crate::progress::Bar;
-use crate::replicate::{ReplicateArgs, Shipped};
 use crate::Common;
 
 /// Options of `bkimg replicate` that only standby targets (bkimg://) use.
@@ -348,31 +345,4 @@ fn print_status(s: &replica::Status, as_json: bool, what: &str) {
         }
         (false, _) => "promoted: no".to_string(),
     });
-}
-
-/// Ships to a standby host; returns the run's report.
-pub fn ship(args: &ReplicateArgs, bar: &Bar) -> Result<Shipped> {
-    let sa = &args.standby;
-    let key = sa.key.as_ref().context(
-        "--key DIR is needed for a standby target, or `key` in the config file's [standby] \
-         (make one with `bkimg standby keygen --dir DIR`)",
-    )?;
-    let fp = sa.server_fingerprint.as_ref().context(
-        "--server-fingerprint FP is needed for a standby target, or `server-fingerprint` in \
-         the config file's [standby] (keygen on the standby prints it)",
-    )?;
-    let cfg = ClientConfig {
-        address: ClientConfig::address_of(&args.to)?,
-        identity: tls::Identity::load(key)?,
-        server_fingerprint: tls::Fingerprint::parse(fp)?,
-        retries: sa.retries,
-        timeout: sa.timeout,
-    };
-    let src = Repository::open(args.repo.path())?;
-    let report = standby::replicate(&src, &cfg, &args.options(), bar)?;
-    Ok(Shipped {
-        report,
-        target: args.to.clone(),
-        extra: json!({}),
-    })
 }

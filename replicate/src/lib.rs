@@ -3,9 +3,11 @@
 //! lists is always complete. Two kinds of target: S3-compatible object storage
 //! ([`s3`]) and a standby host running `bkimg standby serve` ([`standby`]).
 
+pub mod continuous;
 mod plan;
 pub mod s3;
 pub mod standby;
+pub mod target;
 pub mod throttle;
 
 pub use plan::points_to_ship;
@@ -46,4 +48,27 @@ pub enum RemoteError {
     /// Could not connect, or the connection broke and retries ran out.
     #[error("{0}")]
     Unreachable(String),
+}
+
+/// The remote target's failure behind an error, if that is what it is: directly in the
+/// chain, or carried by an I/O error (how a remote store reports a lost endpoint or a
+/// refusal met halfway through a read).
+pub fn remote_error(err: &anyhow::Error) -> Option<&RemoteError> {
+    err.chain().find_map(|cause| {
+        cause
+            .downcast_ref::<RemoteError>()
+            .or_else(|| io_error(cause)?.get_ref()?.downcast_ref::<RemoteError>())
+    })
+}
+
+/// The I/O error a cause is, or carries as a `FormatError::Io`.
+pub fn io_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    cause.downcast_ref::<std::io::Error>().or_else(|| {
+        cause
+            .downcast_ref::<bkimg_format::FormatError>()
+            .and_then(|f| match f {
+                bkimg_format::FormatError::Io { source, .. } => Some(source),
+                _ => None,
+            })
+    })
 }
