@@ -28,6 +28,9 @@ pub struct Config {
     pub standby: StandbyConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Recovery media settings (bkimg rescue build carries the file; docs/rescue.md).
+    #[serde(default)]
+    pub rescue: Option<bkimg_rescue::config::RescueConfig>,
     /// The file this came from (None: no file).
     #[serde(skip)]
     pub path: Option<PathBuf>,

@@ -82,6 +82,9 @@ enum Command {
     /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
     /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
     Replicate(Box<replicate::ReplicateArgs>),
+    /// Recovery media: a bootable image that restores a bare machine.
+    #[command(subcommand)]
+    Rescue(cmd::rescue::RescueCommand),
     /// The receiving end of replication to a standby host.
     #[command(subcommand)]
     Standby(standby::StandbyCommand),
@@ -110,6 +113,10 @@ enum Command {
 }
 
 fn main() {
+    // Booted as the init of recovery media (bkimg rescue build).
+    if std::process::id() == 1 {
+        bkimg_rescue::init::main();
+    }
     // Set but empty is unset, as shells' `VAR= cmd` means (clap would call it a missing
     // value of --repo or --config). No other thread runs yet.
     for var in ["BKIMG_REPOSITORY", "BKIMG_CONFIG"] {
@@ -210,6 +217,7 @@ fn settle(command: &mut Command, config: &Config) -> Result<()> {
         Command::Cbt(_)
         | Command::Snapshot(_)
         | Command::Changemap(_)
+        | Command::Rescue(_)
         | Command::Demo { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => {}
@@ -228,6 +236,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Man { dir } => return man_pages(&dir),
         _ => {}
     }
+    let explicit_config = config.clone();
     let config = Config::load(config.as_deref())?;
     settle(&mut command, &config)?;
     match command {
@@ -244,6 +253,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Demo { dir, common } => demo::run(&dir, common.json),
         Command::Cbt(cmd) => tracking::run(cmd),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Rescue(cmd) => cmd::rescue::run(cmd, explicit_config),
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
 }

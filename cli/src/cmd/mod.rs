@@ -6,5 +6,6 @@ pub mod changemap;
 pub mod export;
 pub mod info;
 pub mod list;
+pub mod rescue;
 pub mod restore;
 pub mod verify;

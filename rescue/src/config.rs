@@ -1,0 +1,196 @@
+//! The rescue configuration: the `[rescue]` table of the bkimg config file built into the
+//! image (`bkimg --config FILE rescue build`), overridden per boot by `bkimg.*` words on
+//! the kernel command line.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::disks::DiskRule;
+
+/// What to do once the restore is complete.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum After {
+    #[default]
+    Reboot,
+    Poweroff,
+    Shell,
+}
+
+impl std::str::FromStr for After {
+    type Err = String;
+    fn from_str(s: &str) -> Result<After, String> {
+        match s {
+            "reboot" => Ok(After::Reboot),
+            "poweroff" => Ok(After::Poweroff),
+            "shell" => Ok(After::Shell),
+            _ => Err(format!(
+                "after must be reboot, poweroff or shell, not {s:?}"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RescueConfig {
+    /// Restore without asking anything (also `bkimg.auto=1`).
+    #[serde(default)]
+    pub unattended: bool,
+    /// Restore point id, unique prefix, or "latest".
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Where the repository is: a path on the media ("/bkimg/exports/NAME"), a path on
+    /// another disk ("LABEL=NAME:/path", "UUID=...:/path"). Default: the one export on
+    /// the media, else the config file's top-level `repository`.
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub after: After,
+    /// Allow writing over disks that hold data.
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskRule>,
+    /// Chunks read at once.
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+/// What the rescue reads of a whole bkimg config file (the CLI checks the other tables).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct SiteConfig {
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub rescue: RescueConfig,
+}
+
+impl SiteConfig {
+    pub fn parse(text: &str) -> Result<SiteConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+impl RescueConfig {
+    /// Applies `bkimg.NAME=VALUE` words of a kernel command line.
+    pub fn apply_cmdline(&mut self, cmdline: &str) -> Result<(), String> {
+        for word in cmdline.split_whitespace() {
+            let Some(rest) = word.strip_prefix("bkimg.") else {
+                continue;
+            };
+            let (key, value) = rest.split_once('=').unwrap_or((rest, "1"));
+            let flag = |v: &str| matches!(v, "1" | "yes" | "true" | "on");
+            match key {
+                "auto" => self.unattended = flag(value),
+                "point" => self.point = Some(value.to_string()),
+                "repo" => self.repository = Some(value.to_string()),
+                "after" => self.after = value.parse()?,
+                "overwrite" => self.overwrite = flag(value),
+                "target" => {
+                    // bkimg.target=disk0=/dev/nvme0n1
+                    let (source, target) = value.split_once('=').ok_or_else(|| {
+                        format!("bkimg.target={value}: write bkimg.target=disk0=/dev/NAME")
+                    })?;
+                    self.disks.retain(|d| d.source != source);
+                    self.disks.push(DiskRule {
+                        source: source.to_string(),
+                        target: Some(PathBuf::from(target)),
+                        ..DiskRule::default()
+                    });
+                }
+                "media" | "shell" => {}
+                _ => return Err(format!("unknown kernel command line option bkimg.{key}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settings that give access to a repository: building them into an image is said aloud.
+pub fn secrets_in(text: &str) -> Vec<String> {
+    let Ok(value) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    walk(&value, "", &mut found);
+    found
+}
+
+fn walk(table: &toml::Table, prefix: &str, found: &mut Vec<String>) {
+    for (k, v) in table {
+        let path = format!("{prefix}{k}");
+        if let Some(t) = v.as_table() {
+            walk(t, &format!("{path}."), found);
+        } else if ["secret", "password", "token", "credential", "access-key"]
+            .iter()
+            .any(|s| k.to_lowercase().contains(s))
+        {
+            found.push(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_command_line() {
+        let site = SiteConfig::parse(
+            r#"
+repository = "s3://backups/fleet"
+[s3]
+endpoint = "http://127.0.0.1:9000"
+[rescue]
+unattended = false
+after = "poweroff"
+[[rescue.disk]]
+source = "disk0"
+serial = "S1"
+"#,
+        )
+        .unwrap();
+        assert_eq!(site.repository.as_deref(), Some("s3://backups/fleet"));
+        let mut c = site.rescue;
+        assert_eq!(c.after, After::Poweroff);
+        c.apply_cmdline("quiet console=ttyS0 bkimg.auto=1 bkimg.point=abc bkimg.target=disk0=/dev/vdb bkimg.after=shell")
+            .unwrap();
+        assert!(c.unattended);
+        assert_eq!(c.point.as_deref(), Some("abc"));
+        assert_eq!(c.after, After::Shell);
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.disks[0].target, Some(PathBuf::from("/dev/vdb")));
+        assert_eq!(c.disks[0].serial, None);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert!(SiteConfig::parse("[rescue]\nunatended = true")
+            .unwrap_err()
+            .contains("unatended"));
+        let mut c = RescueConfig::default();
+        assert!(c
+            .apply_cmdline("bkimg.after=halt")
+            .unwrap_err()
+            .contains("halt"));
+        assert!(c
+            .apply_cmdline("bkimg.frobnicate=1")
+            .unwrap_err()
+            .contains("frobnicate"));
+        assert!(c
+            .apply_cmdline("bkimg.target=/dev/sda")
+            .unwrap_err()
+            .contains("disk0="));
+    }
+
+    #[test]
+    fn secrets_are_found() {
+        let s = secrets_in(
+            "[rescue]\nunattended = true\n[s3]\nsecret-access-key = \"x\"\n[standby]\nkey = \"/etc/k\"\n",
+        );
+        assert_eq!(s, ["s3.secret-access-key"]);
+        assert!(secrets_in("unattended = true").is_empty());
+    }
+}

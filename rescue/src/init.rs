@@ -1,0 +1,575 @@
+//! The rescue system's init (PID 1): brings up the machine without udev or systemd, finds
+//! the media and the repository, maps disks, restores, and reboots, powers off or opens
+//! a shell. A failure never reboots: it says what is wrong and opens a shell.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bkimg_format::progress::Progress;
+use bkimg_format::repo::{Point, Repository};
+use bkimg_restore::RestoreRequest;
+
+use crate::config::{After, RescueConfig, SiteConfig};
+use crate::disks::{self, SourceDisk};
+use crate::image::{EXPORTS_DIR, INITRD_CONFIG, INITRD_MEDIA_ID, INITRD_MODULES, MEDIA_ID};
+
+const MEDIA_MOUNT: &str = "/run/media";
+const REPO_MOUNT: &str = "/run/repository";
+
+/// Every line goes to each active console (serial and screen), prefixed for grepping.
+pub struct Console {
+    outs: Mutex<Vec<std::fs::File>>,
+}
+
+impl Console {
+    pub fn open() -> Console {
+        let mut outs = Vec::new();
+        let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+        for name in active.split_whitespace() {
+            if let Ok(f) = OpenOptions::new().write(true).open(format!("/dev/{name}")) {
+                outs.push(f);
+            }
+        }
+        if outs.is_empty() {
+            if let Ok(f) = OpenOptions::new().write(true).open("/dev/console") {
+                outs.push(f);
+            }
+        }
+        Console {
+            outs: Mutex::new(outs),
+        }
+    }
+
+    pub fn line(&self, text: &str) {
+        let mut outs = self.outs.lock().unwrap_or_else(|e| e.into_inner());
+        for o in outs.iter_mut() {
+            let _ = writeln!(o, "bkimg-rescue: {text}\r");
+        }
+        if outs.is_empty() {
+            eprintln!("bkimg-rescue: {text}");
+        }
+    }
+
+    /// Asks on /dev/console and returns the answer, trimmed.
+    fn ask(&self, question: &str) -> Result<String> {
+        self.line(question);
+        let f = std::fs::File::open("/dev/console").context("opening /dev/console")?;
+        let mut line = String::new();
+        std::io::BufReader::new(f).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Runs as PID 1; never returns.
+pub fn main() -> ! {
+    let _ = mount_basics();
+    let console = Console::open();
+    console.line(&format!(
+        "bkimg {} recovery system",
+        env!("CARGO_PKG_VERSION")
+    ));
+    if let Err(e) = load_modules(&console) {
+        console.line(&format!("loading drivers failed: {e:#}"));
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    loop {
+        let result = if cmdline.split_whitespace().any(|w| w == "bkimg.shell=1") {
+            Ok(After::Shell)
+        } else {
+            session(&console, &cmdline)
+        };
+        match result {
+            Ok(After::Reboot) => finish(&console, nix::sys::reboot::RebootMode::RB_AUTOBOOT),
+            Ok(After::Poweroff) => finish(&console, nix::sys::reboot::RebootMode::RB_POWER_OFF),
+            Ok(After::Shell) => shell(&console, "type 'reboot' or 'poweroff' when done"),
+            Err(e) => {
+                console.line(&format!("RESTORE FAILED: {e:#}"));
+                shell(
+                    &console,
+                    "nothing rebooted: fix the cause, then 'exit' to try again (or 'reboot')",
+                );
+            }
+        }
+    }
+}
+
+fn mount_basics() -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let none: Option<&str> = None;
+    for (src, dir, fs) in [
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("tmpfs", "/run", "tmpfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+    ] {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = mount(Some(src), dir, Some(fs), MsFlags::empty(), none);
+    }
+    // Filesystems the kernel is asked for later load through busybox's modprobe.
+    let _ = std::fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe\n");
+    Ok(())
+}
+
+fn load_modules(console: &Console) -> Result<()> {
+    use nix::errno::Errno;
+    use nix::kmod::{finit_module, ModuleInitFlags};
+    let list = std::fs::read_to_string(format!("/{INITRD_MODULES}"))?;
+    let (mut loaded, mut failed) = (0, Vec::new());
+    // Drivers whose hardware is absent, and the modules built on them (Hyper-V's vmbus
+    // refuses to load outside Hyper-V, then its disk and network drivers cannot).
+    let mut absent = std::collections::BTreeSet::new();
+    for line in list.lines() {
+        let mut words = line.split_whitespace();
+        let Some(path) = words.next() else {
+            continue;
+        };
+        let name = crate::modules::name_of(path);
+        if words.any(|dep| absent.contains(dep)) {
+            absent.insert(name);
+            continue;
+        }
+        let result = std::fs::File::open(path)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+            .and_then(|f| finit_module(&f, c"", ModuleInitFlags::empty()));
+        match result {
+            Ok(()) | Err(Errno::EEXIST) => loaded += 1,
+            Err(Errno::ENODEV) => {
+                absent.insert(name);
+            }
+            Err(e) => failed.push(format!("{name} ({e})")),
+        }
+    }
+    console.line(&format!("{loaded} drivers loaded"));
+    if !failed.is_empty() {
+        console.line(&format!("drivers that did not load: {}", failed.join(", ")));
+    }
+    // Efivarfs carries the boot entries; only there when booted by UEFI.
+    if Path::new("/sys/firmware/efi").exists() {
+        let _ = std::fs::create_dir_all("/sys/firmware/efi/efivars");
+        let _ = nix::mount::mount(
+            Some("efivarfs"),
+            "/sys/firmware/efi/efivars",
+            Some("efivarfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    Ok(())
+}
+
+/// One attempt: config, media, repository, point, disk map, restore.
+fn session(console: &Console, cmdline: &str) -> Result<After> {
+    let site = match std::fs::read_to_string(format!("/{INITRD_CONFIG}")) {
+        Ok(text) => SiteConfig::parse(&text)
+            .map_err(|e| anyhow!("the built-in config file is invalid: {e}"))?,
+        Err(_) => SiteConfig::default(),
+    };
+    let mut config = site.rescue;
+    config
+        .apply_cmdline(cmdline)
+        .map_err(|e| anyhow!("kernel command line: {e}"))?;
+    let wait = Duration::from_secs(60);
+    let media = find_media(console, wait)?;
+    let repo_path = repository_path(&config, site.repository.as_deref(), media.as_ref())?;
+    console.line(&format!("repository: {}", repo_path.display()));
+    let repo = Repository::open(&repo_path)
+        .with_context(|| format!("opening the repository {}", repo_path.display()))?;
+    let point = choose_point(console, &repo, &config)?;
+    let sources: Vec<SourceDisk> = point
+        .manifest
+        .disks
+        .iter()
+        .map(|d| SourceDisk {
+            name: d.name.clone(),
+            size: d.size,
+            sector: d.logical_sector_size,
+        })
+        .collect();
+    let candidates = disks::discover(
+        Path::new("/sys/block"),
+        Path::new("/dev"),
+        media.as_ref().map(|m| m.disk.as_str()),
+    );
+    for c in &candidates {
+        console.line(&format!(
+            "disk {}: {}{}{}",
+            c.dev.display(),
+            disks::describe(c),
+            if c.is_media { ", rescue media" } else { "" },
+            c.holds
+                .as_deref()
+                .map(|h| format!(", holds {h}"))
+                .unwrap_or_default()
+        ));
+    }
+    let targets = disks::map_disks(
+        &sources,
+        &candidates,
+        &config.disks,
+        config.overwrite,
+        &resolve_link,
+    )?;
+    for (disk, target) in &targets {
+        let size = sources
+            .iter()
+            .find(|s| &s.name == disk)
+            .map_or(0, |s| s.size);
+        console.line(&format!(
+            "plan: {disk} ({}) of {} -> {}",
+            disks::size(size),
+            point.manifest.id,
+            target.display()
+        ));
+    }
+    if !config.unattended {
+        let answer =
+            console.ask("type 'yes' to overwrite the disks above, anything else to stop:")?;
+        if answer != "yes" {
+            bail!("not confirmed: nothing was written");
+        }
+    }
+    let req = RestoreRequest {
+        targets,
+        volume: None,
+        workers: config.threads.unwrap_or(8),
+    };
+    let progress = ConsoleProgress::new(console);
+    let started = Instant::now();
+    let report = bkimg_restore::restore(&repo, &point, &req, &progress)
+        .with_context(|| format!("restoring {}", point.manifest.id))?;
+    let secs = started.elapsed().as_secs_f64();
+    console.line(&format!(
+        "restored {} ({} written, {} chunks verified) in {secs:.1} s, {:.1} MiB/s",
+        point.manifest.id,
+        disks::size(report.bytes_written),
+        report.chunks_verified,
+        report.bytes_written as f64 / secs.max(0.001) / (1 << 20) as f64
+    ));
+    Ok(config.after)
+}
+
+struct Media {
+    /// Kernel name of the whole disk holding it ("sda", "sr0").
+    disk: String,
+}
+
+/// Mounts the media this initramfs was built with (it carries the same media id), waiting
+/// up to `wait` for slow USB disks. None when the image was booted without its media
+/// (PXE).
+fn find_media(console: &Console, wait: Duration) -> Result<Option<Media>> {
+    let Ok(id) = std::fs::read_to_string(format!("/{INITRD_MEDIA_ID}")) else {
+        return Ok(None);
+    };
+    let id = id.trim().to_string();
+    std::fs::create_dir_all(MEDIA_MOUNT)?;
+    let deadline = Instant::now() + wait;
+    // Each device is tried once per size it shows (a CD drive shows 0 until its disc spins
+    // up), and only with the filesystem its superblock names: failed mounts fill the
+    // console with kernel messages.
+    let mut tried = std::collections::BTreeSet::new();
+    loop {
+        for (name, whole) in block_devices() {
+            let dev = format!("/dev/{name}");
+            let size = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+                .unwrap_or_default();
+            if !tried.insert((name.clone(), size)) {
+                continue;
+            }
+            let Some(fs) = fs_type(Path::new(&dev)) else {
+                continue;
+            };
+            if nix::mount::mount(
+                Some(dev.as_str()),
+                MEDIA_MOUNT,
+                Some(fs),
+                nix::mount::MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .is_err()
+            {
+                continue;
+            }
+            let found = std::fs::read_to_string(Path::new(MEDIA_MOUNT).join(MEDIA_ID))
+                .is_ok_and(|s| s.trim() == id);
+            if found {
+                console.line(&format!("rescue media: {dev}"));
+                return Ok(Some(Media { disk: whole }));
+            }
+            let _ = nix::mount::umount(MEDIA_MOUNT);
+        }
+        if Instant::now() > deadline {
+            console.line("the rescue media was not found (booted from the network?)");
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The filesystem a device's superblock names, among those media and repositories use.
+fn fs_type(dev: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).ok()?;
+    let mut head = vec![0u8; 64 << 10];
+    let n = f.read_at(&mut head, 0).ok()?;
+    disks::filesystem(&head[..n])
+}
+
+/// (kernel name, whole disk name) of every block device, partitions included.
+fn block_devices() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("loop") || name.starts_with("ram") {
+            continue;
+        }
+        let whole = if e.path().join("partition").exists() {
+            std::fs::canonicalize(e.path())
+                .ok()
+                .and_then(|p| {
+                    p.parent()
+                        .and_then(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| name.clone())
+        } else {
+            name.clone()
+        };
+        out.push((name, whole));
+    }
+    out.sort();
+    out
+}
+
+fn resolve_link(path: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(path).ok()?;
+    Some(real.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The repository to restore from: `[rescue] repository`, else the one export on the
+/// media, else the config file's `repository`. A path is looked up on the media first;
+/// "LABEL=NAME:/path" and "UUID=...:/path" name a path on another filesystem, mounted
+/// read-only.
+fn repository_path(
+    config: &RescueConfig,
+    site_repository: Option<&str>,
+    media: Option<&Media>,
+) -> Result<PathBuf> {
+    let exports = Path::new(MEDIA_MOUNT).join(EXPORTS_DIR);
+    let has_exports =
+        media.is_some() && std::fs::read_dir(&exports).is_ok_and(|mut d| d.next().is_some());
+    let configured =
+        config
+            .repository
+            .as_deref()
+            .or(if has_exports { None } else { site_repository });
+    if let Some(r) = configured {
+        if r.starts_with("LABEL=") || r.starts_with("UUID=") {
+            let (spec, path) = r
+                .split_once(':')
+                .ok_or_else(|| anyhow!("repository {r:?}: write LABEL=NAME:/path/in/it"))?;
+            let dev = std::process::Command::new("/bin/busybox")
+                .args(["findfs", spec])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .ok_or_else(|| anyhow!("no filesystem with {spec} on this machine"))?;
+            let fs = fs_type(Path::new(&dev))
+                .ok_or_else(|| anyhow!("{dev} ({spec}) holds no filesystem the rescue reads"))?;
+            std::fs::create_dir_all(REPO_MOUNT)?;
+            nix::mount::mount(
+                Some(dev.as_str()),
+                REPO_MOUNT,
+                Some(fs),
+                nix::mount::MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .with_context(|| format!("mounting {dev} ({spec}) read-only"))?;
+            return Ok(Path::new(REPO_MOUNT).join(path.trim_start_matches('/')));
+        }
+        let on_media = Path::new(MEDIA_MOUNT).join(r.trim_start_matches('/'));
+        return Ok(if media.is_some() && on_media.exists() {
+            on_media
+        } else {
+            PathBuf::from(r)
+        });
+    }
+    if media.is_none() {
+        bail!(
+            "the rescue media was not found and no repository is configured: \
+             set repository in the config file's [rescue] table or bkimg.repo= on the \
+             kernel command line"
+        );
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&exports)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "the media carries no export (build it with --include-export FILE) and no \
+             repository is configured (repository = ... or bkimg.repo=)"
+        ),
+        many => bail!(
+            "the media carries {} exports ({}): choose one with repository = \"/{EXPORTS_DIR}/NAME\" \
+             or bkimg.repo=/{EXPORTS_DIR}/NAME",
+            many.len(),
+            many.iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn choose_point(console: &Console, repo: &Repository, config: &RescueConfig) -> Result<Point> {
+    if config.unattended || config.point.is_some() {
+        let spec = config.point.as_deref().unwrap_or("latest");
+        let p = repo
+            .resolve(spec)
+            .with_context(|| format!("finding restore point {spec}"))?;
+        console.line(&format!(
+            "restore point {} of {}, taken {}",
+            p.manifest.id, p.manifest.host, p.manifest.created
+        ));
+        return Ok(p);
+    }
+    let (points, damaged) = repo.points()?;
+    for (id, e) in &damaged {
+        console.line(&format!("  (restore point {id} is damaged: {e})"));
+    }
+    let ids: Vec<String> = points.iter().map(|p| p.manifest.id.clone()).collect();
+    if ids.is_empty() {
+        bail!("the repository holds no restore point");
+    }
+    for (i, p) in points.iter().enumerate() {
+        let m = &p.manifest;
+        console.line(&format!("  [{}] {} {} {}", i + 1, m.id, m.host, m.created));
+    }
+    let answer = console.ask(&format!(
+        "restore which point? [1-{}, Enter for the newest]",
+        ids.len()
+    ))?;
+    let pick = if answer.is_empty() {
+        ids.len()
+    } else {
+        answer
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=ids.len()).contains(n))
+            .ok_or_else(|| anyhow!("{answer:?} is not one of the numbers listed"))?
+    };
+    Ok(repo.resolve(&ids[pick - 1])?)
+}
+
+fn shell(console: &Console, hint: &str) {
+    console.line(&format!("starting a shell: {hint}"));
+    let status = std::process::Command::new("/bin/busybox")
+        .args(["cttyhack", "/bin/sh", "-l"])
+        .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
+        .env("HOME", "/root")
+        .status();
+    if status.is_err() {
+        // No shell to run: wait rather than let PID 1 exit (a kernel panic).
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn finish(console: &Console, mode: nix::sys::reboot::RebootMode) -> ! {
+    nix::unistd::sync();
+    let _ = nix::mount::umount(MEDIA_MOUNT);
+    console.line(match mode {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF => "powering off",
+        _ => "rebooting",
+    });
+    let _ = nix::sys::reboot::reboot(mode);
+    // reboot(2) only returns on failure.
+    loop {
+        shell(console, "reboot failed");
+    }
+}
+
+/// Restore progress as console lines: every 10 s and at the end of a phase.
+struct ConsoleProgress<'a> {
+    console: &'a Console,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    what: String,
+    total: u64,
+    done: u64,
+    started: Instant,
+    printed: Instant,
+}
+
+impl<'a> ConsoleProgress<'a> {
+    fn new(console: &'a Console) -> ConsoleProgress<'a> {
+        let now = Instant::now();
+        ConsoleProgress {
+            console,
+            state: Mutex::new(ProgressState {
+                what: String::new(),
+                total: 0,
+                done: 0,
+                started: now,
+                printed: now,
+            }),
+        }
+    }
+}
+
+impl Progress for ConsoleProgress<'_> {
+    fn begin(&self, what: &str, total: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = ProgressState {
+            what: what.to_string(),
+            total,
+            done: 0,
+            started: Instant::now(),
+            printed: Instant::now(),
+        };
+        self.console
+            .line(&format!("{what}: {}", disks::size(total)));
+    }
+
+    fn advance(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.done += bytes;
+        let complete = s.total > 0 && s.done >= s.total;
+        if s.printed.elapsed() < Duration::from_secs(10) && !complete {
+            return;
+        }
+        s.printed = Instant::now();
+        let secs = s.started.elapsed().as_secs_f64().max(0.001);
+        let rate = s.done as f64 / secs;
+        let eta = if rate > 0.0 {
+            (s.total.saturating_sub(s.done)) as f64 / rate
+        } else {
+            0.0
+        };
+        self.console.line(&format!(
+            "{}: {} of {} ({:.0}%), {:.1} MiB/s, {:.0} s to go",
+            s.what,
+            disks::size(s.done),
+            disks::size(s.total),
+            100.0 * s.done as f64 / s.total.max(1) as f64,
+            rate / (1 << 20) as f64,
+            eta
+        ));
+    }
+
+    fn note(&self, text: &str) {
+        self.console.line(text);
+    }
+}
