@@ -56,10 +56,37 @@ pub struct ContinuousArgs {
     /// Time between prunes when --keep-* rules are given.
     #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "1h")]
     pub prune_every: Duration,
+    /// The config file's `threads`, for the captures.
+    #[arg(skip)]
+    pub capture_threads: Option<usize>,
 }
 
-pub fn run(args: &ReplicateArgs) -> Result<i32> {
-    let c = &args.continuous;
+impl ContinuousArgs {
+    /// The config file's retention rules and threads; refuses what only continuous mode
+    /// takes when it is off.
+    pub fn settle(&mut self, config: &crate::config::Config) -> Result<()> {
+        if !self.continuous {
+            if !self.sources.is_empty() || self.every.is_some() {
+                bail!(
+                    "SOURCEs and --every go with --continuous (plain replicate ships what --repo holds)"
+                );
+            }
+            if !self.keep.is_empty() {
+                bail!(
+                    "--keep-* rules go with --continuous; to prune now, run `bkimg prune --repo DIR` \
+                     (and `bkimg prune --repo s3://...` for the target) with the same rules"
+                );
+            }
+            return Ok(());
+        }
+        self.keep.settle(&config.retention);
+        self.capture_threads = config.threads(None);
+        Ok(())
+    }
+}
+
+/// Captures `c.sources` every `c.every` and ships each point as `args` says.
+pub fn run(args: &ReplicateArgs, c: &ContinuousArgs) -> Result<i32> {
     let every = c.every.context("--continuous needs --every DURATION")?;
     if c.sources.is_empty() {
         bail!("--continuous needs the SOURCEs to capture each cycle (block devices or images)");
@@ -94,7 +121,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
             pre_freeze: None,
             post_freeze: None,
         }),
-        workers: crate::workers(args.capture_threads),
+        workers: crate::workers(c.capture_threads),
         host: nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
@@ -105,7 +132,7 @@ pub fn run(args: &ReplicateArgs) -> Result<i32> {
         abort,
     };
     let mut target = Target(args);
-    let mut prune = Prune(args);
+    let mut prune = Prune(args, c);
     let schedule = Schedule {
         every,
         cycles: c.cycles,
@@ -148,12 +175,12 @@ impl Ship for Target<'_> {
 
 /// The retention rules, applied to the local repository, then to an S3 target (a standby
 /// prunes its own repository).
-struct Prune<'a>(&'a ReplicateArgs);
+struct Prune<'a>(&'a ReplicateArgs, &'a ContinuousArgs);
 
 impl Retain for Prune<'_> {
     fn prune(&mut self) -> Vec<(PathBuf, Result<PruneReport>)> {
-        let args = self.0;
-        let policy = args.continuous.keep.policy();
+        let (args, c) = (self.0, self.1);
+        let policy = c.keep.policy();
         let mut places = vec![args.repo.path().to_path_buf()];
         if args.to.starts_with("s3://") {
             places.push(PathBuf::from(&args.to));

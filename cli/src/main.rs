@@ -81,7 +81,7 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
     /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
-    Replicate(Box<replicate::ReplicateArgs>),
+    Replicate(Box<cmd::replicate::ReplicateCommand>),
     /// Recovery media: a bootable image that restores a bare machine.
     #[command(subcommand)]
     Rescue(cmd::rescue::RescueCommand),
@@ -240,7 +240,7 @@ fn run(cli: Cli) -> Result<i32> {
     let config = Config::load(config.as_deref())?;
     settle(&mut command, &config)?;
     match command {
-        Command::Replicate(args) => replicate::run(*args),
+        Command::Replicate(args) => cmd::replicate::run(*args),
         Command::Prune(args) => prune::run(&args),
         Command::Standby(cmd) => standby::run(cmd),
         Command::Capture(args) => cmd::capture::run(args, &config),
@@ -333,7 +333,7 @@ mod tests {
         let Command::Replicate(args) = cli.command else {
             panic!("not replicate")
         };
-        assert_eq!(args.threads, Some(3));
+        assert_eq!(args.ship.threads, Some(3));
         let cli =
             Cli::try_parse_from(["bkimg", "capture", "--repo", "/r", "--chunk-kib", "64", "x"])
                 .unwrap();

@@ -1,6 +1,6 @@
 //! `bkimg replicate`: ship restore points to S3 or to a standby host.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bkimg_replicate::target::{Target, TargetSettings};
 use clap::Args;
 use indicatif::HumanBytes;
@@ -36,14 +36,9 @@ pub struct ReplicateArgs {
     pub s3: crate::s3cmd::S3Args,
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
-    #[command(flatten)]
-    pub continuous: crate::continuous::ContinuousArgs,
     /// The config file's [s3] section.
     #[arg(skip)]
     pub s3_config: S3Config,
-    /// The config file's `threads`, for the captures of continuous mode.
-    #[arg(skip)]
-    pub capture_threads: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -53,12 +48,7 @@ impl ReplicateArgs {
         self.repo.settle(config)?;
         self.threads = config.threads(self.threads);
         self.standby.settle(&config.standby);
-        // Plain replicate refuses --keep-* rules; the file's apply to continuous mode only.
-        if self.continuous.continuous {
-            self.continuous.keep.settle(&config.retention);
-        }
         self.s3_config = config.s3.clone();
-        self.capture_threads = config.threads(None);
         Ok(())
     }
 
@@ -104,19 +94,8 @@ pub fn ship(args: &ReplicateArgs, quiet: bool) -> Result<Shipped> {
     shipped
 }
 
+/// Ships once (`bkimg replicate` without --continuous).
 pub fn run(args: ReplicateArgs) -> Result<i32> {
-    if args.continuous.continuous {
-        return crate::continuous::run(&args);
-    }
-    if !args.continuous.sources.is_empty() || args.continuous.every.is_some() {
-        bail!("SOURCEs and --every go with --continuous (plain replicate ships what --repo holds)");
-    }
-    if !args.continuous.keep.is_empty() {
-        bail!(
-            "--keep-* rules go with --continuous; to prune now, run `bkimg prune --repo DIR` \
-             (and `bkimg prune --repo s3://...` for the target) with the same rules"
-        );
-    }
     let Shipped {
         report,
         target,

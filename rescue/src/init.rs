@@ -240,8 +240,17 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     };
     let progress = ConsoleProgress::new(console);
     let started = Instant::now();
-    let report = bkimg_restore::restore(&repo, &point, &req, &progress)
-        .with_context(|| format!("restoring {}", point.manifest.id))?;
+    let report = bkimg_restore::restore(&repo, &point, &req, &progress).with_context(|| {
+        format!(
+            "restoring {} ({} may be partly written: restore again from an undamaged copy)",
+            point.manifest.id,
+            req.targets
+                .iter()
+                .map(|(_, t)| t.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
     let secs = started.elapsed().as_secs_f64();
     console.line(&format!(
         "restored {} ({} written, {} chunks verified) in {secs:.1} s, {:.1} MiB/s",

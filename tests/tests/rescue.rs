@@ -135,8 +135,27 @@ enum Boot {
 
 impl Vm {
     fn start(name: &str, firmware: Firmware, boot: Boot, media: &Path, disks: &[&Path]) -> Vm {
-        let f = fixture();
-        let log = f.dir.path().join(format!("{name}.serial"));
+        Vm::start_in(
+            fixture().dir.path(),
+            name,
+            firmware,
+            Some((boot, media)),
+            disks,
+        )
+    }
+
+    /// A VM with its files in `dir`; `media` is the rescue image and how it is attached
+    /// (none: boot from the disks). UEFI variables persist in `dir/NAME.vars` across VMs
+    /// of the same name, as in one machine's NVRAM.
+    fn start_in(
+        dir: &Path,
+        name: &str,
+        firmware: Firmware,
+        media: Option<(Boot, &Path)>,
+        disks: &[&Path],
+    ) -> Vm {
+        let log = dir.join(format!("{name}.serial"));
+        let _ = std::fs::remove_file(&log);
         let mut args: Vec<String> = [
             "-machine",
             "q35",
@@ -160,8 +179,10 @@ impl Vm {
         args.push("-serial".into());
         args.push(format!("file:{}", log.display()));
         if let Firmware::Uefi = firmware {
-            let vars = f.dir.path().join(format!("{name}.vars"));
-            std::fs::copy(OVMF_VARS, &vars).unwrap();
+            let vars = dir.join(format!("{}.vars", name.split('.').next().unwrap()));
+            if !vars.exists() {
+                std::fs::copy(OVMF_VARS, &vars).unwrap();
+            }
             args.extend([
                 "-drive".into(),
                 format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
@@ -169,8 +190,9 @@ impl Vm {
                 format!("if=pflash,format=raw,file={}", vars.display()),
             ]);
         }
-        match boot {
-            Boot::UsbStick => args.extend([
+        match media {
+            None => {}
+            Some((Boot::UsbStick, media)) => args.extend([
                 "-device".into(),
                 "qemu-xhci,id=xhci".into(),
                 "-drive".into(),
@@ -181,7 +203,7 @@ impl Vm {
                 "-device".into(),
                 "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0".into(),
             ]),
-            Boot::Cd => args.extend([
+            Some((Boot::Cd, media)) => args.extend([
                 "-drive".into(),
                 format!(
                     "if=none,id=cd,format=raw,readonly=on,media=cdrom,file={}",
@@ -195,11 +217,17 @@ impl Vm {
             args.push("-drive".into());
             args.push(format!("if=none,id=d{i},format=raw,file={}", d.display()));
             args.push("-device".into());
-            // NVMe and virtio, as servers and clouds have them.
-            args.push(if i % 2 == 0 {
-                format!("nvme,drive=d{i},serial=TARGET{i}")
+            // NVMe and virtio, as servers and clouds have them; the first disk is the
+            // firmware's first choice when no media is attached.
+            let boot = if media.is_none() && i == 0 {
+                ",bootindex=0"
             } else {
-                format!("virtio-blk-pci,drive=d{i},serial=TARGET{i}")
+                ""
+            };
+            args.push(if i % 2 == 0 {
+                format!("nvme,drive=d{i},serial=TARGET{i}{boot}")
+            } else {
+                format!("virtio-blk-pci,drive=d{i},serial=TARGET{i}{boot}")
             });
         }
         let child = Command::new("qemu-system-x86_64")
@@ -396,6 +424,58 @@ fn ambiguous_disks_are_refused_and_nothing_is_written() {
     }
 }
 
+/// A damaged export: the restore stops with the reason on the console, opens a shell and
+/// neither reboots nor powers off.
+#[test]
+fn a_damaged_repository_stops_with_a_message_and_no_reboot() {
+    if !available() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("damaged");
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = dir.join("web1.bkimg");
+    let mut bytes = std::fs::read(&f.export).unwrap();
+    // Chunks fill the middle of an export: flip bits in a few of them.
+    let n = bytes.len();
+    for at in [n / 3, n / 2, 2 * n / 3] {
+        bytes[at] ^= 0x5a;
+    }
+    std::fs::write(&export, bytes).unwrap();
+    let config = f.dir.path().join("site.toml");
+    let image = dir.join("rescue.img");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&image),
+        "--include-export",
+        p(&export),
+        "-q",
+    ]);
+    let target = dir.join("target.img");
+    blank(&target, std::fs::metadata(&f.source).unwrap().len());
+    let mut vm = Vm::start_in(
+        &dir,
+        "damaged",
+        Firmware::Bios,
+        Some((Boot::Cd, &image)),
+        &[&target],
+    );
+    let console = vm.wait_for("bkimg-rescue: starting a shell");
+    assert!(console.contains("RESTORE FAILED"), "{console}");
+    assert!(
+        console.contains("damaged") || console.contains("corrupt") || console.contains("digest"),
+        "the console does not say the repository is damaged:\n{console}"
+    );
+    assert!(
+        !console.contains("powering off") && !console.contains("rebooting"),
+        "{console}"
+    );
+}
+
 /// The same inputs give the same image, byte for byte.
 #[test]
 fn builds_are_reproducible() {
@@ -449,4 +529,305 @@ fn a_bad_config_or_export_is_refused_at_build() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("export"), "{}", r.stderr);
     assert!(!out.exists());
+}
+
+// ---- a real system: restored by the rescue, then booted ----------------------------------
+
+const ROOT_UUID: &str = "5b1f0d3c-7a4e-4c2b-9a51-3e2f6c1d8b7a";
+const SWAP_UUID: &str = "0c9d3a41-2f6b-4e8a-b1c7-6d5e4f3a2b19";
+/// The EFI system partition's volume id, as mkfs.vfat -i takes it and fstab names it.
+const ESP_ID: (&str, &str) = ("B1C00001", "B1C0-0001");
+const MARKER: &str = "BKIMG-RESTORED-SYSTEM-UP";
+const MIB: u64 = 1 << 20;
+
+/// A small bootable Debian: a GPT disk with an EFI system partition (GRUB as the firmware's
+/// fallback loader, the kernel and an initramfs that mounts / by UUID), swap, and an ext4
+/// root (debootstrap minbase with systemd; fstab by UUID) whose unit prints MARKER with
+/// what is mounted where on the serial console and powers off.
+fn make_boot_disk(dir: &Path) -> PathBuf {
+    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let tarball = sh(p(&repo_root.join("packaging/debian-root")), &[])
+        .trim()
+        .to_string();
+    let root = dir.join("bootdisk-root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    sh("tar", &["-C", p(&root), "-I", "zstd", "-xf", &tarball]);
+    let _ = std::fs::remove_dir_all(root.join("var/cache/bkimg-test-dkms"));
+    std::fs::write(
+        root.join("etc/fstab"),
+        format!(
+            "UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1\nUUID={SWAP_UUID} none swap sw 0 0\n\
+             UUID={} /boot/efi vfat umask=0077 0 2\n",
+            ESP_ID.1
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("boot/efi")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "restored\n").unwrap();
+    let unit = root.join("etc/systemd/system/bkimg-marker.service");
+    std::fs::write(
+        &unit,
+        format!(
+            "[Unit]\nDescription=bkimg test: the restored system is up\n\
+             After=local-fs.target swap.target\n\n[Service]\nType=oneshot\n\
+             ExecStart=/bin/sh -c 'echo \"{MARKER} root=$(findmnt -no SOURCE /) \
+             swap=$(swapon --noheadings --show=NAME) efi=$(findmnt -no SOURCE /boot/efi)\" \
+             > /dev/ttyS0; systemctl poweroff'\n\n[Install]\nWantedBy=multi-user.target\n"
+        ),
+    )
+    .unwrap();
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/bkimg-marker.service",
+        wants.join("bkimg-marker.service"),
+    )
+    .unwrap();
+
+    // The kernel the rescue image boots (the fixture's build downloaded it).
+    let (vmlinuz, modules) = rescue_kernel();
+    let initrd = dir.join("bootdisk-initrd.img");
+    std::fs::write(&initrd, boot_initramfs(&modules)).unwrap();
+
+    // EFI system partition: GRUB whose built-in config boots the kernel.
+    let cfg = dir.join("bootdisk-grub.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "search --no-floppy --fs-uuid --set=root {}\n\
+             linux /vmlinuz root=UUID={ROOT_UUID} ro console=ttyS0,115200\n\
+             initrd /initrd.img\nboot\n",
+            ESP_ID.1
+        ),
+    )
+    .unwrap();
+    let efi = dir.join("bootdisk-bootx64.efi");
+    sh(
+        "grub-mkimage",
+        &[
+            "-O",
+            "x86_64-efi",
+            "-p",
+            "/EFI/BOOT",
+            "-c",
+            p(&cfg),
+            "-o",
+            p(&efi),
+            "part_gpt",
+            "fat",
+            "search",
+            "search_fs_uuid",
+            "linux",
+            "boot",
+            "echo",
+        ],
+    );
+    let esp = dir.join("bootdisk-esp.img");
+    let _ = std::fs::remove_file(&esp);
+    sh(
+        "mkfs.vfat",
+        &["-i", ESP_ID.0, "-n", "EFI", "-C", p(&esp), "65536"],
+    );
+    sh("mmd", &["-i", p(&esp), "::/EFI", "::/EFI/BOOT"]);
+    sh(
+        "mcopy",
+        &["-i", p(&esp), p(&efi), "::/EFI/BOOT/BOOTX64.EFI"],
+    );
+    sh("mcopy", &["-i", p(&esp), p(&vmlinuz), "::/vmlinuz"]);
+    sh("mcopy", &["-i", p(&esp), p(&initrd), "::/initrd.img"]);
+
+    let swap = dir.join("bootdisk-swap.img");
+    blank(&swap, 64 * MIB);
+    sh("mkswap", &["-U", SWAP_UUID, p(&swap)]);
+    let rootfs = dir.join("bootdisk-root.img");
+    let _ = std::fs::remove_file(&rootfs);
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-U",
+            ROOT_UUID,
+            "-L",
+            "root",
+            "-d",
+            p(&root),
+            p(&rootfs),
+            "700M",
+        ],
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+
+    let disk = dir.join("bootdisk.img");
+    blank(&disk, (1 + 64 + 64 + 700 + 1) * MIB);
+    sh(
+        "sgdisk",
+        &[
+            "-n1:2048:+64M",
+            "-t1:ef00",
+            "-n2:0:+64M",
+            "-t2:8200",
+            "-n3:0:+700M",
+            "-t3:8300",
+            p(&disk),
+        ],
+    );
+    for (img, at) in [(&esp, MIB), (&swap, 65 * MIB), (&rootfs, 129 * MIB)] {
+        use std::io::{Seek, SeekFrom};
+        let mut out = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        out.seek(SeekFrom::Start(at)).unwrap();
+        std::io::copy(&mut std::fs::File::open(img).unwrap(), &mut out).unwrap();
+        std::fs::remove_file(img).unwrap();
+    }
+    disk
+}
+
+/// (vmlinuz, its modules directory) of the kernel in the rescue build cache.
+fn rescue_kernel() -> (PathBuf, PathBuf) {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+        .join("bkimg/rescue");
+    let version = fixture().build["kernel"].as_str().unwrap().to_string();
+    for e in std::fs::read_dir(&cache).unwrap().flatten() {
+        let vmlinuz = e.path().join(format!("boot/vmlinuz-{version}"));
+        let modules = e.path().join(format!("lib/modules/{version}"));
+        if e.path().join(".complete").exists() && vmlinuz.exists() {
+            return (vmlinuz, modules);
+        }
+    }
+    panic!("kernel {version} not in {}", cache.display());
+}
+
+/// An initramfs (busybox) that loads the disk and filesystem drivers, mounts the root
+/// filesystem named by root=UUID= and hands over to its systemd.
+fn boot_initramfs(modules: &Path) -> Vec<u8> {
+    use bkimg_rescue::cpio::{Archive, Node};
+    use bkimg_rescue::modules::ModuleDb;
+    let db = ModuleDb::parse(&std::fs::read_to_string(modules.join("modules.dep")).unwrap());
+    let (order, missing) = db.load_order(&[
+        "crc32c_intel",
+        "crc32c_generic",
+        "nvme",
+        "virtio_pci",
+        "virtio_blk",
+        "ext4",
+        "vfat",
+        "nls_cp437",
+        "nls_ascii",
+    ]);
+    assert!(missing.is_empty(), "{missing:?}");
+    let mut a = Archive::new();
+    a.file("bin/busybox", 0o755, std::fs::read("/bin/busybox").unwrap());
+    for tool in [
+        "sh",
+        "mount",
+        "insmod",
+        "findfs",
+        "switch_root",
+        "sleep",
+        "sed",
+        "cat",
+    ] {
+        a.symlink(&format!("bin/{tool}"), "busybox");
+    }
+    for d in ["dev", "proc", "sys", "newroot"] {
+        a.dir(d);
+    }
+    a.insert(
+        "dev/console",
+        Node::CharDev {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    );
+    let mut list = String::new();
+    for rel in &order {
+        a.file(
+            &format!("modules/{rel}"),
+            0o644,
+            std::fs::read(modules.join(rel)).unwrap(),
+        );
+        list.push_str(&format!("/modules/{rel}\n"));
+    }
+    a.file("modules.list", 0o644, list.into_bytes());
+    a.file(
+        "init",
+        0o755,
+        b"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.list); do insmod $m 2>/dev/null; done
+uuid=$(sed -n 's/.*root=UUID=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+i=0
+until dev=$(findfs UUID=$uuid) || [ $i -ge 120 ]; do sleep 1; i=$((i+1)); done
+mount -o ro $dev /newroot && exec switch_root /newroot /sbin/init
+echo \"boot disk: no root filesystem UUID=$uuid\"
+exec sh
+"
+        .to_vec(),
+    );
+    let mut raw = Vec::new();
+    a.write(&mut raw, 0).unwrap();
+    zstd::bulk::compress(&raw, 3).unwrap()
+}
+
+/// The whole promise: a dead machine boots the stick, the rescue restores the captured
+/// system onto its blank NVMe disk unattended and reboots, and the machine (same UEFI
+/// variables, stick pulled) boots the restored Debian, which mounts /, swap and the EFI
+/// system partition from the restored partitions by UUID.
+#[test]
+fn uefi_restored_system_boots() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("system");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = make_boot_disk(&dir);
+    let repo = dir.join("repo");
+    bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
+    let export = dir.join("server.bkimg");
+    bkimg_ok(&["export", "--repo", p(&repo), "-o", p(&export), "-q"]);
+    let config = dir.join("site.toml");
+    std::fs::write(&config, "[rescue]\nunattended = true\nafter = \"reboot\"\n").unwrap();
+    let image = dir.join("rescue.img");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&image),
+        "--include-export",
+        p(&export),
+        "-q",
+    ]);
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size + 256 * MIB);
+    // Reboot ends qemu (-no-reboot); the next VM of the same name keeps its NVRAM.
+    let mut vm = Vm::start_in(
+        &dir,
+        "server",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target],
+    );
+    let console = vm.wait_poweroff();
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert!(console.contains("bkimg-rescue: rebooting"), "{console}");
+    drop(vm);
+    let mut vm = Vm::start_in(&dir, "server.2", Firmware::Uefi, None, &[&target]);
+    let console = vm.wait_poweroff();
+    let line = console
+        .lines()
+        .find(|l| l.contains(MARKER))
+        .unwrap_or_else(|| panic!("the restored system did not come up:\n{console}"));
+    assert!(line.contains("root=/dev/nvme0n1p3"), "{line}");
+    assert!(line.contains("swap=/dev/nvme0n1p2"), "{line}");
+    assert!(line.contains("efi=/dev/nvme0n1p1"), "{line}");
 }

@@ -6,6 +6,7 @@ pub mod changemap;
 pub mod export;
 pub mod info;
 pub mod list;
+pub mod replicate;
 pub mod rescue;
 pub mod restore;
 pub mod verify;
