@@ -56,6 +56,10 @@ pub struct RescueConfig {
     /// Chunks read at once.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// After a restore under UEFI, add a boot entry for the restored system's loader, first
+    /// in BootOrder [default: true].
+    #[serde(default)]
+    pub boot_entry: Option<bool>,
 }
 
 /// What the rescue reads of a whole bkimg config file (the CLI checks the other tables).
@@ -88,6 +92,7 @@ impl RescueConfig {
                 "repo" => self.repository = Some(value.to_string()),
                 "after" => self.after = value.parse()?,
                 "overwrite" => self.overwrite = flag(value),
+                "boot-entry" => self.boot_entry = Some(flag(value)),
                 "target" => {
                     // bkimg.target=disk0=/dev/nvme0n1
                     let (source, target) = value.split_once('=').ok_or_else(|| {

@@ -19,6 +19,8 @@ use crate::image::{EXPORTS_DIR, INITRD_CONFIG, INITRD_MEDIA_ID, INITRD_MODULES, 
 
 const MEDIA_MOUNT: &str = "/run/media";
 const REPO_MOUNT: &str = "/run/repository";
+const ESP_MOUNT: &str = "/run/esp";
+const EFIVARS: &str = "/sys/firmware/efi/efivars";
 
 /// Every line goes to each active console (serial and screen), prefixed for grepping.
 pub struct Console {
@@ -252,6 +254,15 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         )
     })?;
     let secs = started.elapsed().as_secs_f64();
+    let efi = std::fs::read_dir(EFIVARS).is_ok_and(|mut d| d.next().is_some());
+    if config.boot_entry.unwrap_or(true) && efi {
+        if let Err(e) = boot_entry(console, &point, &req.targets) {
+            console.line(&format!(
+                "warning: no UEFI boot entry was made: {e:#} (the firmware may still find the \
+                 restored disk by its removable-media path)"
+            ));
+        }
+    }
     console.line(&format!(
         "restored {} ({} written, {} chunks verified) in {secs:.1} s, {:.1} MiB/s",
         point.manifest.id,
@@ -260,6 +271,93 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         report.bytes_written as f64 / secs.max(0.001) / (1 << 20) as f64
     ));
     Ok(config.after)
+}
+
+/// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the EFI
+/// system partition of the first restored disk that has one, its loader found by looking.
+fn boot_entry(console: &Console, point: &Point, targets: &[(String, PathBuf)]) -> Result<()> {
+    use bkimg_format::manifest::PartitionTable;
+    let found = targets.iter().find_map(|(disk, target)| {
+        let d = point.manifest.disks.iter().find(|d| &d.name == disk)?;
+        let PartitionTable::Gpt(t) = &d.table else {
+            return None;
+        };
+        let esp = t
+            .partitions
+            .iter()
+            .find(|p| p.type_guid.eq_ignore_ascii_case(crate::efi::ESP_TYPE))?;
+        Some((target.clone(), esp.clone()))
+    });
+    let Some((target, esp)) = found else {
+        console.line("no UEFI boot entry: the restored disks have no EFI system partition");
+        return Ok(());
+    };
+    let dev = partition_device(&target, esp.number, Duration::from_secs(30))?;
+    std::fs::create_dir_all(ESP_MOUNT)?;
+    nix::mount::mount(
+        Some(dev.as_path()),
+        ESP_MOUNT,
+        Some("vfat"),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mounting the restored EFI system partition {}",
+            dev.display()
+        )
+    })?;
+    let loader = crate::efi::find_loader(Path::new(ESP_MOUNT));
+    let _ = nix::mount::umount(ESP_MOUNT);
+    let loader = loader.ok_or_else(|| {
+        anyhow!(
+            "{} holds none of the known loaders ({} ...)",
+            dev.display(),
+            crate::efi::LOADERS[..3].join(", ")
+        )
+    })?;
+    let description = format!("{} (restored by bkimg)", point.manifest.host);
+    let option = crate::efi::load_option(&description, &esp, loader)?;
+    let vars = crate::efi::BootVars::new(Path::new(EFIVARS));
+    let (number, before) = vars.add_first(&option)?;
+    console.line(&format!(
+        "UEFI boot entry Boot{number:04X} \"{description}\": \\{} on {}, first in BootOrder (was {})",
+        loader.replace('/', "\\"),
+        dev.display(),
+        before
+            .iter()
+            .map(|n| format!("{n:04X}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
+    Ok(())
+}
+
+/// The device of partition `number` of the disk `disk` (/dev/nvme0n1 → /dev/nvme0n1p1),
+/// waiting for the kernel to create it after the restore wrote the table.
+fn partition_device(disk: &Path, number: u32, wait: Duration) -> Result<PathBuf> {
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(format!("/sys/block/{name}")) {
+            for e in entries.flatten() {
+                let n = std::fs::read_to_string(e.path().join("partition")).unwrap_or_default();
+                if n.trim() == number.to_string() {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("partition {number} of {} did not appear", disk.display());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 struct Media {

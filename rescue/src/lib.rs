@@ -9,6 +9,7 @@
 pub mod config;
 pub mod cpio;
 pub mod disks;
+pub mod efi;
 pub mod image;
 pub mod init;
 pub mod modules;

@@ -131,6 +131,8 @@ enum Firmware {
 enum Boot {
     UsbStick,
     Cd,
+    /// Attached, but not chosen by qemu's boot order: the firmware's own decides.
+    UsbStickLeftIn,
 }
 
 impl Vm {
@@ -202,6 +204,17 @@ impl Vm {
                 ),
                 "-device".into(),
                 "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0".into(),
+            ]),
+            Some((Boot::UsbStickLeftIn, media)) => args.extend([
+                "-device".into(),
+                "qemu-xhci,id=xhci".into(),
+                "-drive".into(),
+                format!(
+                    "if=none,id=stick,format=raw,readonly=on,file={}",
+                    media.display()
+                ),
+                "-device".into(),
+                "usb-storage,bus=xhci.0,drive=stick,removable=on".into(),
             ]),
             Some((Boot::Cd, media)) => args.extend([
                 "-drive".into(),
@@ -540,8 +553,9 @@ const ESP_ID: (&str, &str) = ("B1C00001", "B1C0-0001");
 const MARKER: &str = "BKIMG-RESTORED-SYSTEM-UP";
 const MIB: u64 = 1 << 20;
 
-/// A small bootable Debian: a GPT disk with an EFI system partition (GRUB as the firmware's
-/// fallback loader, the kernel and an initramfs that mounts / by UUID), swap, and an ext4
+/// A small bootable Debian: a GPT disk with an EFI system partition (GRUB where Debian puts
+/// it, \EFI\debian\grubx64.efi, and no removable-media loader: the firmware boots it only
+/// through a boot entry; the kernel and an initramfs that mounts / by UUID), swap, and an ext4
 /// root (debootstrap minbase with systemd; fstab by UUID) whose unit prints MARKER with
 /// what is mounted where on the serial console and powers off.
 fn make_boot_disk(dir: &Path) -> PathBuf {
@@ -629,10 +643,10 @@ fn make_boot_disk(dir: &Path) -> PathBuf {
         "mkfs.vfat",
         &["-i", ESP_ID.0, "-n", "EFI", "-C", p(&esp), "65536"],
     );
-    sh("mmd", &["-i", p(&esp), "::/EFI", "::/EFI/BOOT"]);
+    sh("mmd", &["-i", p(&esp), "::/EFI", "::/EFI/debian"]);
     sh(
         "mcopy",
-        &["-i", p(&esp), p(&efi), "::/EFI/BOOT/BOOTX64.EFI"],
+        &["-i", p(&esp), p(&efi), "::/EFI/debian/grubx64.efi"],
     );
     sh("mcopy", &["-i", p(&esp), p(&vmlinuz), "::/vmlinuz"]);
     sh("mcopy", &["-i", p(&esp), p(&initrd), "::/initrd.img"]);
@@ -776,9 +790,10 @@ exec sh
 }
 
 /// The whole promise: a dead machine boots the stick, the rescue restores the captured
-/// system onto its blank NVMe disk unattended and reboots, and the machine (same UEFI
-/// variables, stick pulled) boots the restored Debian, which mounts /, swap and the EFI
-/// system partition from the restored partitions by UUID.
+/// system onto its blank NVMe disk unattended, gives the restored loader a UEFI boot entry
+/// first in BootOrder and reboots; the machine (same UEFI variables, the stick still in)
+/// boots the restored Debian through that entry (its disk has no removable-media loader),
+/// which mounts /, swap and the EFI system partition from the restored partitions by UUID.
 #[test]
 fn uefi_restored_system_boots() {
     if !available() || !require_root() {
@@ -820,13 +835,28 @@ fn uefi_restored_system_boots() {
     let console = vm.wait_poweroff();
     assert!(console.contains("bkimg-rescue: restored "), "{console}");
     assert!(console.contains("bkimg-rescue: rebooting"), "{console}");
+    assert!(
+        console.contains("bkimg-rescue: UEFI boot entry Boot")
+            && console.contains("\\EFI\\debian\\grubx64.efi on /dev/nvme0n1p1, first in BootOrder"),
+        "{console}"
+    );
     drop(vm);
-    let mut vm = Vm::start_in(&dir, "server.2", Firmware::Uefi, None, &[&target]);
+    let mut vm = Vm::start_in(
+        &dir,
+        "server.2",
+        Firmware::Uefi,
+        Some((Boot::UsbStickLeftIn, &image)),
+        &[&target],
+    );
     let console = vm.wait_poweroff();
     let line = console
         .lines()
         .find(|l| l.contains(MARKER))
         .unwrap_or_else(|| panic!("the restored system did not come up:\n{console}"));
+    assert!(
+        console.contains("restored by bkimg)\" from HD(1,GPT,"),
+        "the firmware did not boot through the new entry:\n{console}"
+    );
     assert!(line.contains("root=/dev/nvme0n1p3"), "{line}");
     assert!(line.contains("swap=/dev/nvme0n1p2"), "{line}");
     assert!(line.contains("efi=/dev/nvme0n1p1"), "{line}");
