@@ -60,6 +60,41 @@ pub struct RescueConfig {
     /// in BootOrder [default: true].
     #[serde(default)]
     pub boot_entry: Option<bool>,
+    /// Credentials of an s3:// repository (carried by the image: the build says so; or
+    /// give them per boot on the kernel command line).
+    #[serde(default)]
+    pub aws_access_key_id: Option<String>,
+    #[serde(default)]
+    pub aws_secret_access_key: Option<String>,
+    /// How the rescue system reaches a remote repository [default: DHCP on every
+    /// interface with a link].
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NetworkConfig {
+    /// Only this interface ("eth0") [default: the first with a link that gets an address].
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// A static address with its prefix ("192.0.2.10/24") instead of DHCP.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+/// The parts of the config file's [s3] table the rescue uses.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct S3Section {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// What the rescue reads of a whole bkimg config file (the CLI checks the other tables).
@@ -69,6 +104,8 @@ pub struct SiteConfig {
     pub repository: Option<String>,
     #[serde(default)]
     pub rescue: RescueConfig,
+    #[serde(default)]
+    pub s3: S3Section,
 }
 
 impl SiteConfig {
@@ -93,6 +130,13 @@ impl RescueConfig {
                 "after" => self.after = value.parse()?,
                 "overwrite" => self.overwrite = flag(value),
                 "boot-entry" => self.boot_entry = Some(flag(value)),
+                "ip" if value == "dhcp" => self.network.address = None,
+                "ip" => self.network.address = Some(value.to_string()),
+                "gateway" => self.network.gateway = Some(value.to_string()),
+                "dns" => self.network.dns.push(value.to_string()),
+                "interface" => self.network.interface = Some(value.to_string()),
+                "s3-access-key" => self.aws_access_key_id = Some(value.to_string()),
+                "s3-secret-key" => self.aws_secret_access_key = Some(value.to_string()),
                 "target" => {
                     // bkimg.target=disk0=/dev/nvme0n1
                     let (source, target) = value.split_once('=').ok_or_else(|| {
@@ -162,6 +206,11 @@ serial = "S1"
         assert_eq!(c.after, After::Poweroff);
         c.apply_cmdline("quiet console=ttyS0 bkimg.auto=1 bkimg.point=abc bkimg.target=disk0=/dev/vdb bkimg.after=shell")
             .unwrap();
+        c.apply_cmdline("bkimg.ip=10.1.2.3/24 bkimg.gateway=10.1.2.1 bkimg.s3-secret-key=x")
+            .unwrap();
+        assert_eq!(c.network.address.as_deref(), Some("10.1.2.3/24"));
+        assert_eq!(c.network.gateway.as_deref(), Some("10.1.2.1"));
+        assert_eq!(c.aws_secret_access_key.as_deref(), Some("x"));
         assert!(c.unattended);
         assert_eq!(c.point.as_deref(), Some("abc"));
         assert_eq!(c.after, After::Shell);

@@ -702,6 +702,17 @@ fn add_userland(initrd: &mut Archive, opts: &BuildOptions) -> Result<()> {
         0o755,
         UDHCPC_SCRIPT.to_vec(),
     );
+    initrd.file(
+        "etc/hosts",
+        0o644,
+        b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+    );
+    // For https:// S3 endpoints (and the S3 client refuses to start without any): this
+    // system's certificate authorities.
+    let cas = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let data = std::fs::read(cas)
+        .with_context(|| format!("reading {} (install ca-certificates)", cas.display()))?;
+    initrd.file("etc/ssl/certs/ca-certificates.crt", 0o644, data);
     Ok(())
 }
 

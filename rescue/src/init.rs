@@ -82,7 +82,19 @@ pub fn main() -> ! {
         let result = if cmdline.split_whitespace().any(|w| w == "bkimg.shell=1") {
             Ok(After::Shell)
         } else {
-            session(&console, &cmdline)
+            // A panic must not end PID 1 (the kernel would halt with no word on the
+            // console): it is a failed attempt like any other.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session(&console, &cmdline)))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| p.downcast_ref::<&str>().copied())
+                        .unwrap_or("unknown");
+                    Err(anyhow!(
+                        "internal error (a bkimg bug, please report it): {what}"
+                    ))
+                })
         };
         match result {
             Ok(After::Reboot) => finish(&console, nix::sys::reboot::RebootMode::RB_AUTOBOOT),
@@ -171,7 +183,7 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
             .map_err(|e| anyhow!("the built-in config file is invalid: {e}"))?,
         Err(_) => SiteConfig::default(),
     };
-    let mut config = site.rescue;
+    let mut config = site.rescue.clone();
     config
         .apply_cmdline(cmdline)
         .map_err(|e| anyhow!("kernel command line: {e}"))?;
@@ -179,8 +191,18 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     let media = find_media(console, wait)?;
     let repo_path = repository_path(&config, site.repository.as_deref(), media.as_ref())?;
     console.line(&format!("repository: {}", repo_path.display()));
-    let repo = Repository::open(&repo_path)
-        .with_context(|| format!("opening the repository {}", repo_path.display()))?;
+    let remote = repo_path.to_str().is_some_and(|p| p.starts_with("s3://"));
+    let repo = if remote {
+        open_s3(
+            console,
+            &config,
+            &site,
+            repo_path.to_str().unwrap_or_default(),
+        )?
+    } else {
+        Repository::open(&repo_path)
+            .with_context(|| format!("opening the repository {}", repo_path.display()))?
+    };
     let point = choose_point(console, &repo, &config)?;
     let sources: Vec<SourceDisk> = point
         .manifest
@@ -238,7 +260,8 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     let req = RestoreRequest {
         targets,
         volume: None,
-        workers: config.threads.unwrap_or(8),
+        // Many requests in flight hide S3's latency (as bkimg restore does).
+        workers: config.threads.unwrap_or(if remote { 32 } else { 8 }),
     };
     let progress = ConsoleProgress::new(console);
     let started = Instant::now();
@@ -271,6 +294,43 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         report.bytes_written as f64 / secs.max(0.001) / (1 << 20) as f64
     ));
     Ok(config.after)
+}
+
+/// A repository in a bucket: the network first, then credentials from the config or the
+/// kernel command line, the endpoint and region from the config file's [s3].
+fn open_s3(
+    console: &Console,
+    config: &RescueConfig,
+    site: &SiteConfig,
+    url: &str,
+) -> Result<Repository> {
+    let how = crate::net::bring_up(&config.network, Duration::from_secs(60))?;
+    console.line(&format!("network: {how}"));
+    // PID 1 has started no thread yet: setting the environment is safe here. The SDK
+    // reads it; nothing asks an EC2 metadata service that is not there.
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    if let Some(k) = &config.aws_access_key_id {
+        std::env::set_var("AWS_ACCESS_KEY_ID", k);
+    }
+    if let Some(k) = &config.aws_secret_access_key {
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", k);
+    }
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        bail!(
+            "no S3 credentials: set aws-access-key-id and aws-secret-access-key in [rescue] \
+             or bkimg.s3-access-key= and bkimg.s3-secret-key= on the kernel command line"
+        );
+    }
+    let settings = bkimg_replicate::s3::S3Settings {
+        endpoint: None,
+        fallback_endpoint: site.s3.endpoint.clone(),
+        fallback_region: site.s3.region.clone(),
+    };
+    let store = bkimg_replicate::s3::S3Store::open(url, &settings)?;
+    store
+        .check_config()
+        .with_context(|| format!("reaching the repository {url}"))?;
+    Ok(Repository::new(Box::new(store)))
 }
 
 /// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the EFI
@@ -478,6 +538,9 @@ fn repository_path(
             .as_deref()
             .or(if has_exports { None } else { site_repository });
     if let Some(r) = configured {
+        if r.starts_with("s3://") {
+            return Ok(PathBuf::from(r));
+        }
         if r.starts_with("LABEL=") || r.starts_with("UUID=") {
             let (spec, path) = r
                 .split_once(':')

@@ -13,3 +13,4 @@ pub mod efi;
 pub mod image;
 pub mod init;
 pub mod modules;
+pub mod net;

@@ -156,6 +156,19 @@ impl Vm {
         media: Option<(Boot, &Path)>,
         disks: &[&Path],
     ) -> Vm {
+        Vm::start_net(dir, name, firmware, media, disks, None)
+    }
+
+    /// As `start_in`, with a virtio NIC on the tap device `tap0` of the network namespace
+    /// `netns` (qemu runs inside it).
+    fn start_net(
+        dir: &Path,
+        name: &str,
+        firmware: Firmware,
+        media: Option<(Boot, &Path)>,
+        disks: &[&Path],
+        netns: Option<&str>,
+    ) -> Vm {
         let log = dir.join(format!("{name}.serial"));
         let _ = std::fs::remove_file(&log);
         let mut args: Vec<String> = [
@@ -243,7 +256,22 @@ impl Vm {
                 format!("virtio-blk-pci,drive=d{i},serial=TARGET{i}{boot}")
             });
         }
-        let child = Command::new("qemu-system-x86_64")
+        let mut cmd = match netns {
+            Some(ns) => {
+                args.extend([
+                    "-netdev".into(),
+                    "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+                    "-device".into(),
+                    // No PXE option ROM: the rescue boots from its stick.
+                    "virtio-net-pci,netdev=n0,romfile=".into(),
+                ]);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -860,4 +888,222 @@ fn uefi_restored_system_boots() {
     assert!(line.contains("root=/dev/nvme0n1p3"), "{line}");
     assert!(line.contains("swap=/dev/nvme0n1p2"), "{line}");
     assert!(line.contains("efi=/dev/nvme0n1p1"), "{line}");
+}
+
+// ---- a repository in S3, reached over the rescue system's network ------------------------
+
+/// The s3s-fs binary: $S3S_FS (set by .ci/test), else built and cached by
+/// .ci/install-s3s-fs.
+fn s3s_fs() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/install-s3s-fs");
+    let dir = sh(p(&script), &[]);
+    PathBuf::from(dir.trim()).join("s3s-fs")
+}
+
+/// A network namespace holding a tap device for a VM, an S3 server and a DHCP server on
+/// 10.77.0.1: the VM reaches nothing else. Removed (with its processes) on drop.
+struct Site {
+    ns: String,
+    children: Vec<Child>,
+}
+
+const SITE_IP: &str = "10.77.0.1";
+const S3_PORT: &str = "9000";
+const AK: &str = "bkimgrescuekey";
+const SK: &str = "bkimg-rescue-secret-0123456789";
+
+impl Site {
+    fn start(dir: &Path) -> Site {
+        let ns = format!("bkrescue{}", std::process::id());
+        sh("ip", &["netns", "add", &ns]);
+        let mut site = Site {
+            ns,
+            children: Vec::new(),
+        };
+        site.run(&["ip", "link", "set", "lo", "up"]);
+        site.run(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        site.run(&["ip", "addr", "add", &format!("{SITE_IP}/24"), "dev", "tap0"]);
+        site.run(&["ip", "link", "set", "tap0", "up"]);
+        let root = dir.join("s3");
+        std::fs::create_dir_all(root.join("backups")).unwrap();
+        let fs = s3s_fs();
+        site.spawn(
+            &[
+                p(&fs),
+                "--host",
+                SITE_IP,
+                "--port",
+                S3_PORT,
+                "--access-key",
+                AK,
+                "--secret-key",
+                SK,
+                p(&root),
+            ],
+            &dir.join("s3s-fs.log"),
+        );
+        let leases = dir.join("udhcpd.leases");
+        std::fs::write(&leases, b"").unwrap();
+        let conf = dir.join("udhcpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "interface tap0\nstart 10.77.0.50\nend 10.77.0.60\nlease_file {}\n\
+                 option subnet 255.255.255.0\noption router {SITE_IP}\n",
+                leases.display()
+            ),
+        )
+        .unwrap();
+        site.spawn(
+            &["busybox", "udhcpd", "-f", p(&conf)],
+            &dir.join("udhcpd.log"),
+        );
+        site
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} in {}: {}",
+            self.ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn spawn(&mut self, args: &[&str], log: &Path) {
+        let log = std::fs::File::create(log).unwrap();
+        let child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// bkimg inside the namespace, with the server's credentials and endpoint.
+    fn try_bkimg(&self, args: &[&str]) -> Result<String, String> {
+        let endpoint = format!("http://{SITE_IP}:{S3_PORT}");
+        let bkimg = bkimg_path();
+        let mut all = vec![
+            "env",
+            "AWS_ACCESS_KEY_ID=bkimgrescuekey",
+            "AWS_SECRET_ACCESS_KEY=bkimg-rescue-secret-0123456789",
+            "AWS_REGION=us-east-1",
+            "AWS_EC2_METADATA_DISABLED=true",
+            "AWS_CONFIG_FILE=/nonexistent/bkimg-test",
+            "AWS_SHARED_CREDENTIALS_FILE=/nonexistent/bkimg-test",
+        ];
+        let ep = format!("AWS_ENDPOINT_URL={endpoint}");
+        all.push(&ep);
+        all.push(p(&bkimg));
+        all.extend(args);
+        let out = self.command(&all).output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The data centre is gone, the bucket survived: a stick that carries no export boots
+/// (UEFI), gets an address by DHCP, reads the repository from S3 with the credentials its
+/// config holds, and restores the machine's disk byte for byte. Only the namespace's
+/// addresses exist for the VM.
+#[test]
+fn restores_from_s3_over_dhcp() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("s3");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let site = Site::start(&dir);
+    let repo = f.dir.path().join("demo/repo");
+    // The server may take a moment to listen: retry the upload until it does.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let upload = [
+        "replicate",
+        "--repo",
+        p(&repo),
+        "--to",
+        "s3://backups/site",
+        "-q",
+    ];
+    while let Err(e) = site.try_bkimg(&upload) {
+        assert!(
+            Instant::now() < deadline,
+            "could not upload to the S3 server in the namespace: {e}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repository = \"s3://backups/site\"\n[s3]\nendpoint = \"http://{SITE_IP}:{S3_PORT}\"\n\
+             region = \"us-east-1\"\n[rescue]\nunattended = true\nafter = \"poweroff\"\n\
+             aws-access-key-id = \"{AK}\"\naws-secret-access-key = \"{SK}\"\n"
+        ),
+    )
+    .unwrap();
+    let image = dir.join("rescue.img");
+    let build = bkimg(&["--config", p(&config), "rescue", "build", "-o", p(&image)]);
+    assert_eq!(build.code, 0, "{}", build.stderr);
+    assert!(
+        build.stderr.contains("carries credentials")
+            && build.stderr.contains("aws-secret-access-key"),
+        "the build did not say it carries credentials:\n{}",
+        build.stderr
+    );
+    let size = std::fs::metadata(&f.source).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+    let mut vm = Vm::start_net(
+        &dir,
+        "s3",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target],
+        Some(&site.ns),
+    );
+    let console = vm.wait_poweroff();
+    assert!(
+        console.contains("bkimg-rescue: network: eth0 10.77.0.") && console.contains("(DHCP)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("bkimg-rescue: repository: s3://backups/site"),
+        "{console}"
+    );
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&f.source, size),
+        "the disk restored from S3 differs; console:\n{console}"
+    );
 }
