@@ -70,6 +70,14 @@ pub struct RescueConfig {
     /// interface with a link].
     #[serde(default)]
     pub network: NetworkConfig,
+    /// This machine's name in a repository several machines share: its newest point is
+    /// restored (also `bkimg.host=NAME`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A fleet's machines by what identifies them: DMI system UUID, DMI serial number or a
+    /// MAC address → host name (one stick for a whole site).
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -130,6 +138,7 @@ impl RescueConfig {
                 "after" => self.after = value.parse()?,
                 "overwrite" => self.overwrite = flag(value),
                 "boot-entry" => self.boot_entry = Some(flag(value)),
+                "host" => self.host = Some(value.to_string()),
                 "ip" if value == "dhcp" => self.network.address = None,
                 "ip" => self.network.address = Some(value.to_string()),
                 "gateway" => self.network.gateway = Some(value.to_string()),

@@ -189,7 +189,17 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         .map_err(|e| anyhow!("kernel command line: {e}"))?;
     let wait = Duration::from_secs(60);
     let media = find_media(console, wait)?;
-    let repo_path = repository_path(&config, site.repository.as_deref(), media.as_ref())?;
+    let host = identify(&config);
+    if let Some((name, how)) = &host {
+        console.line(&format!("this machine is host {name} ({how})"));
+    }
+    let host = host.map(|(name, _)| name);
+    let repo_path = repository_path(
+        &config,
+        site.repository.as_deref(),
+        media.as_ref(),
+        host.as_deref(),
+    )?;
     console.line(&format!("repository: {}", repo_path.display()));
     let remote = repo_path.to_str().is_some_and(|p| p.starts_with("s3://"));
     let repo = if remote {
@@ -203,7 +213,7 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         Repository::open(&repo_path)
             .with_context(|| format!("opening the repository {}", repo_path.display()))?
     };
-    let point = choose_point(console, &repo, &config)?;
+    let point = choose_point(console, &repo, &config, host.as_deref())?;
     let sources: Vec<SourceDisk> = point
         .manifest
         .disks
@@ -528,6 +538,7 @@ fn repository_path(
     config: &RescueConfig,
     site_repository: Option<&str>,
     media: Option<&Media>,
+    host: Option<&str>,
 ) -> Result<PathBuf> {
     let exports = Path::new(MEDIA_MOUNT).join(EXPORTS_DIR);
     let has_exports =
@@ -583,6 +594,9 @@ fn repository_path(
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     found.sort();
+    if let (Some(host), true) = (host, found.len() > 1) {
+        return export_of_host(&found, host);
+    }
     match found.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!(
@@ -602,7 +616,137 @@ fn repository_path(
     }
 }
 
-fn choose_point(console: &Console, repo: &Repository, config: &RescueConfig) -> Result<Point> {
+/// This machine's host name in the repository: `host` of the config or command line, else
+/// the first of its identities (DMI system UUID, DMI serial, MAC addresses) that the
+/// `[rescue.hosts]` map names. With how it was found.
+fn identify(config: &RescueConfig) -> Option<(String, String)> {
+    if let Some(h) = &config.host {
+        return Some((h.clone(), "configured".into()));
+    }
+    if config.hosts.is_empty() {
+        return None;
+    }
+    let map: std::collections::BTreeMap<String, &String> = config
+        .hosts
+        .iter()
+        .map(|(k, v)| (k.trim().to_lowercase(), v))
+        .collect();
+    machine_ids()
+        .into_iter()
+        .find_map(|(kind, id)| map.get(&id).map(|h| ((*h).clone(), format!("{kind} {id}"))))
+}
+
+/// What identifies this machine, lowercase: DMI system UUID and serial numbers, then the
+/// MAC address of every network interface.
+fn machine_ids() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (file, kind) in [
+        ("product_uuid", "DMI system UUID"),
+        ("product_serial", "DMI serial"),
+        ("board_serial", "DMI board serial"),
+    ] {
+        if let Ok(v) = std::fs::read_to_string(format!("/sys/class/dmi/id/{file}")) {
+            let v = v.trim().to_lowercase();
+            if !v.is_empty() {
+                out.push((kind.to_string(), v));
+            }
+        }
+    }
+    let mut nics: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    nics.sort();
+    for n in nics.into_iter().filter(|n| n != "lo") {
+        if let Ok(mac) = std::fs::read_to_string(format!("/sys/class/net/{n}/address")) {
+            out.push((format!("MAC of {n}"), mac.trim().to_lowercase()));
+        }
+    }
+    out
+}
+
+/// Of several exports on the media, the one holding the newest point of `host`.
+fn export_of_host(exports: &[PathBuf], host: &str) -> Result<PathBuf> {
+    let mut best: Option<(Point, PathBuf)> = None;
+    let mut seen = std::collections::BTreeSet::new();
+    for e in exports {
+        let Ok(repo) = Repository::open(e) else {
+            continue;
+        };
+        let Ok((points, _)) = repo.points() else {
+            continue;
+        };
+        for p in points {
+            seen.insert(p.manifest.host.clone());
+            if p.manifest.host != host {
+                continue;
+            }
+            let newer = best.as_ref().is_none_or(|(b, _)| {
+                bkimg_format::time::point_order(
+                    &b.manifest.created,
+                    &b.manifest.id,
+                    &p.manifest.created,
+                    &p.manifest.id,
+                )
+                .is_lt()
+            });
+            if newer {
+                best = Some((p, e.clone()));
+            }
+        }
+    }
+    best.map(|(_, e)| e).ok_or_else(|| {
+        anyhow!(
+            "no export on the media holds a point of host {host} (they hold: {})",
+            seen.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn choose_point(
+    console: &Console,
+    repo: &Repository,
+    config: &RescueConfig,
+    host: Option<&str>,
+) -> Result<Point> {
+    let spec = config.point.as_deref().unwrap_or("latest");
+    if spec == "latest" && (config.unattended || host.is_some()) {
+        let (points, _) = repo.points()?;
+        let hosts: std::collections::BTreeSet<&str> =
+            points.iter().map(|p| p.manifest.host.as_str()).collect();
+        let chosen = match host {
+            Some(h) => points
+                .iter()
+                .rev()
+                .find(|p| p.manifest.host == h)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "the repository holds no point of host {h} (it holds: {})",
+                        hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                    )
+                })?,
+            // Another machine's newest point is never restored by accident.
+            None if hosts.len() > 1 => bail!(
+                "the repository holds points of {} hosts ({}): say which machine this is \
+                 with host = \"NAME\" or a [rescue.hosts] map (DMI UUID, serial or MAC → \
+                 name), or bkimg.host=NAME",
+                hosts.len(),
+                hosts.iter().copied().collect::<Vec<_>>().join(", ")
+            ),
+            None => points
+                .last()
+                .ok_or_else(|| anyhow!("the repository holds no restore point"))?,
+        };
+        let p = repo.resolve(&chosen.manifest.id)?;
+        console.line(&format!(
+            "restore point {} of {}, taken {}",
+            p.manifest.id, p.manifest.host, p.manifest.created
+        ));
+        return Ok(p);
+    }
     if config.unattended || config.point.is_some() {
         let spec = config.point.as_deref().unwrap_or("latest");
         let p = repo

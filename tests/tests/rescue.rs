@@ -156,7 +156,7 @@ impl Vm {
         media: Option<(Boot, &Path)>,
         disks: &[&Path],
     ) -> Vm {
-        Vm::start_net(dir, name, firmware, media, disks, None)
+        Vm::start_net(dir, name, firmware, media, disks, None, &[])
     }
 
     /// As `start_in`, with a virtio NIC on the tap device `tap0` of the network namespace
@@ -168,6 +168,7 @@ impl Vm {
         media: Option<(Boot, &Path)>,
         disks: &[&Path],
         netns: Option<&str>,
+        extra: &[&str],
     ) -> Vm {
         let log = dir.join(format!("{name}.serial"));
         let _ = std::fs::remove_file(&log);
@@ -256,6 +257,7 @@ impl Vm {
                 format!("virtio-blk-pci,drive=d{i},serial=TARGET{i}{boot}")
             });
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut cmd = match netns {
             Some(ns) => {
                 args.extend([
@@ -1090,6 +1092,7 @@ fn restores_from_s3_over_dhcp() {
         Some((Boot::UsbStick, &image)),
         &[&target],
         Some(&site.ns),
+        &[],
     );
     let console = vm.wait_poweroff();
     assert!(
@@ -1105,5 +1108,133 @@ fn restores_from_s3_over_dhcp() {
         sha_prefix(&target, size),
         sha_prefix(&f.source, size),
         "the disk restored from S3 differs; console:\n{console}"
+    );
+}
+
+/// One stick for a site: it carries the exports of two machines, and a map from DMI system
+/// UUID to host name. The machine whose firmware says it is web2 gets web2's newest point;
+/// with no map the rescue refuses to guess.
+#[test]
+fn a_fleet_stick_restores_the_machine_it_boots_on() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("fleet");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // web2: the demo disk with new GPT GUIDs, captured under its own host name.
+    let web2 = dir.join("web2.img");
+    std::fs::copy(&f.source, &web2).unwrap();
+    sh("sgdisk", &["-G", p(&web2)]);
+    let repo = dir.join("repo");
+    sh(
+        "unshare",
+        &[
+            "--uts",
+            "sh",
+            "-c",
+            &format!(
+                "hostname web2 && {} capture --repo {} -q {}",
+                p(&bkimg_path()),
+                p(&repo),
+                p(&web2)
+            ),
+        ],
+    );
+    let id = list_json(&repo)[0]["id"].as_str().unwrap().to_string();
+    let web2_export = dir.join("web2.bkimg");
+    bkimg_ok(&["export", "--repo", p(&repo), "-o", p(&web2_export), "-q"]);
+    let expected = dir.join("expected.img");
+    bkimg_ok(&[
+        "restore",
+        "--repo",
+        p(&repo),
+        &id,
+        "--target",
+        p(&expected),
+        "-q",
+    ]);
+
+    const UUID: &str = "5d7b0c2e-1f3a-4b6c-8d9e-0a1b2c3d4e5f";
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rescue]\nunattended = true\nafter = \"poweroff\"\n[rescue.hosts]\n\
+             \"{}\" = \"web2\"\n\"52:54:00:00:00:99\" = \"db1\"\n",
+            UUID.to_uppercase()
+        ),
+    )
+    .unwrap();
+    let image = dir.join("rescue.img");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&image),
+        "--include-export",
+        p(&f.export),
+        "--include-export",
+        p(&web2_export),
+        "-q",
+    ]);
+    let size = std::fs::metadata(&web2).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+    let smbios = format!("type=1,uuid={UUID}");
+    let mut vm = Vm::start_net(
+        &dir,
+        "web2",
+        Firmware::Bios,
+        Some((Boot::Cd, &image)),
+        &[&target],
+        None,
+        &["-smbios", &smbios],
+    );
+    let console = vm.wait_poweroff();
+    assert!(
+        console.contains(&format!(
+            "this machine is host web2 (DMI system UUID {UUID})"
+        )),
+        "{console}"
+    );
+    assert!(console.contains("exports/web2.bkimg"), "{console}");
+    assert!(
+        console.contains(&format!("restore point {id} of web2")),
+        "{console}"
+    );
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&expected, size),
+        "the machine did not get web2's disk; console:\n{console}"
+    );
+
+    // The same stick on a machine it has no name for: refused, nothing written.
+    let unknown = dir.join("unknown.img");
+    blank(&unknown, size);
+    let mut vm = Vm::start_net(
+        &dir,
+        "unknown",
+        Firmware::Bios,
+        Some((Boot::Cd, &image)),
+        &[&unknown],
+        None,
+        &[
+            "-smbios",
+            "type=1,uuid=11111111-2222-3333-4444-555555555555",
+        ],
+    );
+    let console = vm.wait_for("bkimg-rescue: starting a shell");
+    assert!(
+        console.contains("RESTORE FAILED: the media carries 2 exports"),
+        "{console}"
+    );
+    drop(vm);
+    assert!(
+        all_zero(&unknown),
+        "a machine the stick has no name for was written to"
     );
 }
