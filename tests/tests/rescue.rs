@@ -704,7 +704,7 @@ fn make_boot_disk(dir: &Path) -> PathBuf {
     std::fs::remove_dir_all(&root).unwrap();
 
     let disk = dir.join("bootdisk.img");
-    blank(&disk, (1 + 64 + 64 + 700 + 1) * MIB);
+    blank(&disk, (1 + 64 + 64 + 700 + 1 + 1) * MIB);
     sh(
         "sgdisk",
         &[
@@ -714,6 +714,8 @@ fn make_boot_disk(dir: &Path) -> PathBuf {
             "-t2:8200",
             "-n3:0:+700M",
             "-t3:8300",
+            "-n4:0:+1M",
+            "-t4:ef02",
             p(&disk),
         ],
     );
@@ -724,7 +726,146 @@ fn make_boot_disk(dir: &Path) -> PathBuf {
         std::io::copy(&mut std::fs::File::open(img).unwrap(), &mut out).unwrap();
         std::fs::remove_file(img).unwrap();
     }
+    install_bios_grub(dir, &disk, &cfg);
     disk
+}
+
+/// BIOS boot code as grub-bios-setup lays it out (it will not work on an image file): the
+/// core image (GRUB with the same built-in config as the EFI loader) in the BIOS boot
+/// partition (4), its first sector's block list pointing at the rest, and GRUB's boot
+/// sector in the MBR pointing at the core, the protective partition table kept.
+fn install_bios_grub(dir: &Path, disk: &Path, cfg: &Path) {
+    use std::os::unix::fs::FileExt;
+    let core_path = dir.join("bios-core.img");
+    sh(
+        "grub-mkimage",
+        &[
+            "-O",
+            "i386-pc",
+            "-p",
+            "/EFI/debian",
+            "-c",
+            p(cfg),
+            "-o",
+            p(&core_path),
+            "biosdisk",
+            "part_gpt",
+            "fat",
+            "search",
+            "search_fs_uuid",
+            "linux",
+            "boot",
+            "echo",
+        ],
+    );
+    let mut core = std::fs::read(&core_path).unwrap();
+    core.resize(core.len().next_multiple_of(512), 0);
+    let info = sh("sgdisk", &["-i", "4", p(disk)]);
+    let start: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("First sector: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("partition 4's first sector");
+    assert!(
+        core.len() <= MIB as usize,
+        "GRUB's core image does not fit 1 MiB"
+    );
+    // diskboot's block list (the last 12 bytes of the core's first sector): the sectors
+    // after it start at start + 1 (grub-mkimage filled in their count and segment).
+    core[0x1f4..0x1fc].copy_from_slice(&(start + 1).to_le_bytes());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
+    f.write_all_at(&core, start * 512).unwrap();
+    let mut mbr = [0u8; 512];
+    f.read_exact_at(&mut mbr, 0).unwrap();
+    let mut boot = std::fs::read("/usr/lib/grub/i386-pc/boot.img").unwrap();
+    // Keep the disk's signature and partition table; the core's sector at 0x5c.
+    boot[0x1b8..0x200].copy_from_slice(&mbr[0x1b8..0x200]);
+    boot[0x5c..0x64].copy_from_slice(&start.to_le_bytes());
+    f.write_all_at(&boot, 0).unwrap();
+}
+
+/// The captured Debian system: its disk, an export of it, and a rescue image carrying the
+/// export (unattended, reboots when done), made once for the tests that restore it.
+struct System {
+    dir: PathBuf,
+    disk: PathBuf,
+    image: PathBuf,
+}
+
+fn system() -> &'static System {
+    static S: OnceLock<System> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = fixture().dir.path().join("system");
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = make_boot_disk(&dir);
+        let repo = dir.join("repo");
+        bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
+        let export = dir.join("server.bkimg");
+        bkimg_ok(&["export", "--repo", p(&repo), "-o", p(&export), "-q"]);
+        let config = dir.join("site.toml");
+        std::fs::write(&config, "[rescue]\nunattended = true\nafter = \"reboot\"\n").unwrap();
+        let image = dir.join("rescue.img");
+        bkimg_ok(&[
+            "--config",
+            p(&config),
+            "rescue",
+            "build",
+            "-o",
+            p(&image),
+            "--include-export",
+            p(&export),
+            "-q",
+        ]);
+        System { dir, disk, image }
+    })
+}
+
+/// The restored system's marker line: /, swap and the EFI system partition on the
+/// restored disk's partitions (`prefix`: "/dev/nvme0n1p", "/dev/vda").
+fn assert_system_up(console: &str, prefix: &str) {
+    let line = console
+        .lines()
+        .find(|l| l.contains(MARKER))
+        .unwrap_or_else(|| panic!("the restored system did not come up:\n{console}"));
+    assert!(line.contains(&format!("root={prefix}3")), "{line}");
+    assert!(line.contains(&format!("swap={prefix}2")), "{line}");
+    assert!(line.contains(&format!("efi={prefix}1")), "{line}");
+}
+
+/// Under BIOS, from the rescue as a CD: the restored disk's own boot code (MBR and BIOS
+/// boot partition, restored with it) boots the restored Debian once the CD is gone.
+#[test]
+fn bios_restored_system_boots() {
+    if !available() || !require_root() {
+        return;
+    }
+    let s = system();
+    let size = std::fs::metadata(&s.disk).unwrap().len();
+    let target = s.dir.join("bios-target.img");
+    blank(&target, size);
+    let disks: [&Path; 2] = [&s.dir.join("bios-spare.img"), &target];
+    // A virtio target behind an NVMe disk too small to take it.
+    blank(disks[0], 64 * MIB);
+    let mut vm = Vm::start_in(
+        &s.dir,
+        "bios",
+        Firmware::Bios,
+        Some((Boot::Cd, &s.image)),
+        &disks,
+    );
+    let console = vm.wait_poweroff();
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert!(console.contains("bkimg-rescue: rebooting"), "{console}");
+    drop(vm);
+    // The CD taken out; only the restored disk to boot from.
+    let mut vm = Vm::start_in(&s.dir, "bios.2", Firmware::Bios, None, &[&target]);
+    let console = vm.wait_poweroff();
+    assert_system_up(&console, "/dev/nvme0n1p");
 }
 
 /// (vmlinuz, its modules directory) of the kernel in the rescue build cache.
@@ -829,37 +970,17 @@ fn uefi_restored_system_boots() {
     if !available() || !require_root() {
         return;
     }
-    let f = fixture();
-    let dir = f.dir.path().join("system");
-    std::fs::create_dir_all(&dir).unwrap();
-    let disk = make_boot_disk(&dir);
-    let repo = dir.join("repo");
-    bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
-    let export = dir.join("server.bkimg");
-    bkimg_ok(&["export", "--repo", p(&repo), "-o", p(&export), "-q"]);
-    let config = dir.join("site.toml");
-    std::fs::write(&config, "[rescue]\nunattended = true\nafter = \"reboot\"\n").unwrap();
-    let image = dir.join("rescue.img");
-    bkimg_ok(&[
-        "--config",
-        p(&config),
-        "rescue",
-        "build",
-        "-o",
-        p(&image),
-        "--include-export",
-        p(&export),
-        "-q",
-    ]);
-    let size = std::fs::metadata(&disk).unwrap().len();
+    let s = system();
+    let (dir, disk, image) = (&s.dir, &s.disk, &s.image);
+    let size = std::fs::metadata(disk).unwrap().len();
     let target = dir.join("target.img");
     blank(&target, size + 256 * MIB);
     // Reboot ends qemu (-no-reboot); the next VM of the same name keeps its NVRAM.
     let mut vm = Vm::start_in(
-        &dir,
+        dir,
         "server",
         Firmware::Uefi,
-        Some((Boot::UsbStick, &image)),
+        Some((Boot::UsbStick, image)),
         &[&target],
     );
     let console = vm.wait_poweroff();
@@ -872,24 +993,18 @@ fn uefi_restored_system_boots() {
     );
     drop(vm);
     let mut vm = Vm::start_in(
-        &dir,
+        dir,
         "server.2",
         Firmware::Uefi,
-        Some((Boot::UsbStickLeftIn, &image)),
+        Some((Boot::UsbStickLeftIn, image)),
         &[&target],
     );
     let console = vm.wait_poweroff();
-    let line = console
-        .lines()
-        .find(|l| l.contains(MARKER))
-        .unwrap_or_else(|| panic!("the restored system did not come up:\n{console}"));
     assert!(
         console.contains("restored by bkimg)\" from HD(1,GPT,"),
         "the firmware did not boot through the new entry:\n{console}"
     );
-    assert!(line.contains("root=/dev/nvme0n1p3"), "{line}");
-    assert!(line.contains("swap=/dev/nvme0n1p2"), "{line}");
-    assert!(line.contains("efi=/dev/nvme0n1p1"), "{line}");
+    assert_system_up(&console, "/dev/nvme0n1p");
 }
 
 // ---- a repository in S3, reached over the rescue system's network ------------------------
