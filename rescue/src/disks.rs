@@ -32,6 +32,8 @@ pub struct Candidate {
     pub model: Option<String>,
     /// The media this rescue system booted from is on this disk.
     pub is_media: bool,
+    /// The repository being restored from is on this disk.
+    pub holds_repository: bool,
     /// What the disk holds, when not blank ("a GPT partition table", "data").
     pub holds: Option<String>,
 }
@@ -97,6 +99,12 @@ pub fn map_disks(
         if chosen.is_media {
             return Err(MapError(format!(
                 "{} holds the rescue media itself: it is never a restore target",
+                chosen.dev.display()
+            )));
+        }
+        if chosen.holds_repository {
+            return Err(MapError(format!(
+                "{} holds the repository being restored from: it is never a restore target",
                 chosen.dev.display()
             )));
         }
@@ -171,6 +179,8 @@ fn by_default<'a>(
             Some("taken by another source disk".to_string())
         } else if c.is_media {
             Some("the rescue media".to_string())
+        } else if c.holds_repository {
+            Some("holds the repository".to_string())
         } else if c.size < source.size {
             Some(format!(
                 "too small ({} < {})",
@@ -343,6 +353,7 @@ pub fn discover(sys_block: &Path, dev: &Path, media: Option<&str>) -> Vec<Candid
             wwn: read("device/wwid").or_else(|| read("wwid")),
             model: read("device/model"),
             is_media: media == Some(name.as_str()),
+            holds_repository: false,
             holds: holds(&path, size),
             name,
             dev: path,
@@ -471,6 +482,26 @@ mod tests {
         };
         let e = map_disks(&[src("disk0", 4 * GIB)], &disks, &[rule], true, &no_links).unwrap_err();
         assert!(e.0.contains("holds the rescue media itself"), "{e}");
+    }
+
+    #[test]
+    fn the_repository_disk_is_never_chosen_even_with_overwrite() {
+        let mut repo = disk("sdb", 16 * GIB);
+        repo.holds_repository = true;
+        repo.holds = Some("an ext2/3/4 filesystem".into());
+        let disks = [repo, disk("sda", 8 * GIB)];
+        let m = map_disks(&[src("disk0", 4 * GIB)], &disks, &[], true, &no_links).unwrap();
+        assert_eq!(m[0].1, PathBuf::from("/dev/sda"));
+        let rule = DiskRule {
+            source: "disk0".into(),
+            serial: Some("SN-sdb".into()),
+            ..DiskRule::default()
+        };
+        let e = map_disks(&[src("disk0", 4 * GIB)], &disks, &[rule], true, &no_links).unwrap_err();
+        assert!(
+            e.0.contains("holds the repository being restored from"),
+            "{e}"
+        );
     }
 
     #[test]

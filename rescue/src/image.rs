@@ -215,7 +215,7 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildReport> {
     })?;
 
     if let Some(dir) = &opts.pxe_dir {
-        write_pxe(dir, &kernel.vmlinuz, &compressed, &media_id)?;
+        write_pxe(dir, &kernel.vmlinuz, &compressed)?;
         log(&format!("PXE files in {}", dir.display()));
     }
     Ok(BuildReport {
@@ -818,13 +818,14 @@ menuentry 'bkimg rescue: shell only' {{
     )
 }
 
-fn write_pxe(dir: &Path, vmlinuz: &Path, initrd: &[u8], media_id: &str) -> Result<()> {
+/// Network boot files: no media to look for (`bkimg.media=none`).
+fn write_pxe(dir: &Path, vmlinuz: &Path, initrd: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::copy(vmlinuz, dir.join("vmlinuz"))?;
     let mut f = std::fs::File::create(dir.join("initrd.zst"))?;
     f.write_all(initrd)?;
     f.sync_all()?;
-    let args = kernel_args(media_id);
+    let args = kernel_args("none");
     std::fs::write(
         dir.join("bkimg.ipxe"),
         format!("#!ipxe\nkernel vmlinuz {args}\ninitrd initrd.zst\nboot\n"),

@@ -188,7 +188,12 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         .apply_cmdline(cmdline)
         .map_err(|e| anyhow!("kernel command line: {e}"))?;
     let wait = Duration::from_secs(60);
-    let media = find_media(console, wait)?;
+    // Booted from the network: no media to wait for.
+    let media = if cmdline.split_whitespace().any(|w| w == "bkimg.media=none") {
+        None
+    } else {
+        find_media(console, wait)?
+    };
     let host = identify(&config);
     if let Some((name, how)) = &host {
         console.line(&format!("this machine is host {name} ({how})"));
@@ -224,17 +229,30 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
             sector: d.logical_sector_size,
         })
         .collect();
-    let candidates = disks::discover(
+    let mut candidates = disks::discover(
         Path::new("/sys/block"),
         Path::new("/dev"),
         media.as_ref().map(|m| m.disk.as_str()),
     );
+    // A repository on a local disk (LABEL=, UUID=, or a path under some mount): that
+    // disk is read from, never written.
+    if let Some(disk) = disk_holding(&repo_path) {
+        for c in candidates.iter_mut().filter(|c| c.name == disk) {
+            c.holds_repository = true;
+        }
+    }
     for c in &candidates {
         console.line(&format!(
             "disk {}: {}{}{}",
             c.dev.display(),
             disks::describe(c),
-            if c.is_media { ", rescue media" } else { "" },
+            if c.is_media {
+                ", rescue media"
+            } else if c.holds_repository {
+                ", holds the repository"
+            } else {
+                ""
+            },
             c.holds
                 .as_deref()
                 .map(|h| format!(", holds {h}"))
@@ -341,6 +359,26 @@ fn open_s3(
         .check_config()
         .with_context(|| format!("reaching the repository {url}"))?;
     Ok(Repository::new(Box::new(store)))
+}
+
+/// The whole disk (kernel name) whose filesystem holds `path`, from /proc/mounts.
+fn disk_holding(path: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let (dev, _) = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?, w.next()?))
+        })
+        .filter(|(dev, dir)| dev.starts_with("/dev/") && path.starts_with(dir))
+        .max_by_key(|(_, dir)| dir.len())?;
+    let name = Path::new(dev).file_name()?.to_string_lossy().into_owned();
+    let sys = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    if sys.join("partition").exists() {
+        Some(sys.parent()?.file_name()?.to_string_lossy().into_owned())
+    } else {
+        Some(name)
+    }
 }
 
 /// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the EFI

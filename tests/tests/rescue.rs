@@ -133,6 +133,9 @@ enum Boot {
     Cd,
     /// Attached, but not chosen by qemu's boot order: the firmware's own decides.
     UsbStickLeftIn,
+    /// PXE from a directory of boot files (`--pxe-dir`) served by qemu's own TFTP on a
+    /// network of the VM's alone (`restrict=on`: nothing outside is reachable).
+    Pxe,
 }
 
 impl Vm {
@@ -229,6 +232,15 @@ impl Vm {
                 ),
                 "-device".into(),
                 "usb-storage,bus=xhci.0,drive=stick,removable=on".into(),
+            ]),
+            Some((Boot::Pxe, dir)) => args.extend([
+                "-netdev".into(),
+                format!(
+                    "user,id=pxe,restrict=on,tftp={},bootfile=bkimg.ipxe",
+                    dir.display()
+                ),
+                "-device".into(),
+                "virtio-net-pci,netdev=pxe,bootindex=0".into(),
             ]),
             Some((Boot::Cd, media)) => args.extend([
                 "-drive".into(),
@@ -1351,5 +1363,83 @@ fn a_fleet_stick_restores_the_machine_it_boots_on() {
     assert!(
         all_zero(&unknown),
         "a machine the stick has no name for was written to"
+    );
+}
+
+/// Network boot: the files of `--pxe-dir` served over TFTP boot the rescue (SeaBIOS, iPXE)
+/// with no media at all; the repository is an export on a local disk found by its
+/// filesystem label; that disk, holding data, is never a target.
+#[test]
+fn pxe_boot_restores_from_a_disk_found_by_label() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("pxe");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("repo-fs")).unwrap();
+    std::fs::copy(&f.export, dir.join("repo-fs/web1.bkimg")).unwrap();
+    let repo_disk = dir.join("repo-disk.img");
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "BKREPO",
+            "-d",
+            p(&dir.join("repo-fs")),
+            p(&repo_disk),
+            "64M",
+        ],
+    );
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        "[rescue]\nunattended = true\nafter = \"poweroff\"\nrepository = \"LABEL=BKREPO:/web1.bkimg\"\n",
+    )
+    .unwrap();
+    let boot = dir.join("boot");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&dir.join("rescue.img")),
+        "--pxe-dir",
+        p(&boot),
+        "-q",
+    ]);
+    for file in ["vmlinuz", "initrd.zst", "bkimg.ipxe", "grub.cfg"] {
+        assert!(boot.join(file).is_file(), "--pxe-dir has no {file}");
+    }
+    let size = std::fs::metadata(&f.source).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+    let mut vm = Vm::start_in(
+        &dir,
+        "pxe",
+        Firmware::Bios,
+        Some((Boot::Pxe, &boot)),
+        &[&repo_disk, &target],
+    );
+    let console = vm.wait_poweroff();
+    assert!(!console.contains("rescue media:"), "{console}");
+    assert!(
+        console.contains("bkimg-rescue: repository: /run/repository/web1.bkimg"),
+        "{console}"
+    );
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("disk /dev/nvme0n1:") && l.contains("holds the repository")),
+        "{console}"
+    );
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&f.source, size),
+        "the disk restored after a network boot differs; console:\n{console}"
     );
 }
