@@ -411,24 +411,12 @@ fn set_tree_time(root: &Path, epoch: u64) -> Result<()> {
 
 /// "YYYYMMDDhhmmss00" (UTC) of a Unix time, as xorriso's --modification-date wants it.
 pub fn iso_date(epoch: u64) -> String {
-    let days = (epoch / 86400) as i64;
-    let secs = epoch % 86400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}{:02}{:02}{:02}00",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    let t = i64::try_from(epoch)
+        .ok()
+        .and_then(|e| time::OffsetDateTime::from_unix_timestamp(e).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!("[year][month][day][hour][minute][second]00");
+    t.format(f).expect("a fixed format of a valid date")
 }
 
 /// Every tool the build runs is there, or one message names the packages to install.

@@ -329,3 +329,18 @@ pub fn count_files(dir: &Path) -> usize {
     }
     n
 }
+
+/// The s3s-fs binary: $S3S_FS (set by .ci/test), else built and cached by
+/// .ci/install-s3s-fs.
+pub fn s3s_fs() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/install-s3s-fs");
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed", script.display());
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("s3s-fs")
+}

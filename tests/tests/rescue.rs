@@ -1021,17 +1021,6 @@ fn uefi_restored_system_boots() {
 
 // ---- a repository in S3, reached over the rescue system's network ------------------------
 
-/// The s3s-fs binary: $S3S_FS (set by .ci/test), else built and cached by
-/// .ci/install-s3s-fs.
-fn s3s_fs() -> PathBuf {
-    if let Some(p) = std::env::var_os("S3S_FS") {
-        return PathBuf::from(p);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/install-s3s-fs");
-    let dir = sh(p(&script), &[]);
-    PathBuf::from(dir.trim()).join("s3s-fs")
-}
-
 /// A network namespace holding a tap device for a VM, an S3 server and a DHCP server on
 /// 10.77.0.1: the VM reaches nothing else. Removed (with its processes) on drop.
 struct Site {

@@ -13,29 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bkimg_tests::{
-    capture_json as capture, noise, noise_image, p, sha256_file, u, write_at, Run, TempDir, CHUNK,
-    MIB,
+    capture_json as capture, noise, noise_image, p, s3s_fs, sha256_file, u, write_at, Run, TempDir,
+    CHUNK, MIB,
 };
 use serde_json::Value;
 
 const AK: &str = "bkimgtestkey";
 const SK: &str = "bkimg-test-secret-0123456789";
 const BUCKET: &str = "backups";
-
-/// The s3s-fs binary: $S3S_FS (set by .ci/test), else built and cached by
-/// .ci/install-s3s-fs.
-fn s3s_fs() -> PathBuf {
-    if let Some(p) = std::env::var_os("S3S_FS") {
-        return PathBuf::from(p);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/install-s3s-fs");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("s3s-fs")
-}
 
 /// An s3s-fs server on 127.0.0.1, killed on drop.
 struct Server {
