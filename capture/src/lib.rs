@@ -6,6 +6,7 @@
 //! only allocated blocks; anything else is read raw, with all-zero chunks stored as holes.
 #![forbid(unsafe_code)]
 
+pub mod firmware;
 pub mod fs;
 pub mod layout;
 pub mod live;
@@ -220,6 +221,7 @@ pub fn capture_checked(
         reports.push(report);
     }
 
+    let firmware = firmware::boot_entries(&bkimg_format::testhook::efivars_dir(), &disks);
     let manifest = Manifest {
         id: opts.id.clone(),
         created: opts.created.clone(),
@@ -235,6 +237,7 @@ pub fn capture_checked(
             level: opts.level,
         },
         disks,
+        firmware,
     };
     before_commit()?;
     store

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use bkimg_format::changemap::ChangeMap;
 use bkimg_format::chunk::{self, ChunkHeader, Compression};
+use bkimg_format::firmware::{BootEntry, Firmware};
 use bkimg_format::index;
 use bkimg_format::manifest::{
     CompressionInfo, Content, Disk, Filesystem, GptPartition, GptTable, Manifest, MsdosPartition,
@@ -573,6 +574,7 @@ fn tiny_restore_point() -> Res<TinyPoint> {
             },
             None,
         )],
+        firmware: None,
     };
     let parent_bytes = parent.encode();
     let child = Manifest {
@@ -1043,6 +1045,7 @@ fn layout_manifest() -> Manifest {
             level: LEVEL,
         },
         disks: vec![gpt_disk, msdos_disk],
+        firmware: None,
     }
 }
 
@@ -1109,6 +1112,38 @@ fn invalid_doc(name: &str, description: &str, error: &str, bytes: &[u8]) -> Valu
 fn manifests(p: &TinyPoint) -> Value {
     let layout = layout_manifest();
     let layout_bytes = layout.encode();
+    let booting = Manifest {
+        id: "20240105T000000Z-0d0e0f".into(),
+        created: "2024-01-05T00:00:00Z".into(),
+        firmware: Some(Firmware {
+            uefi_boot_entries: vec![
+                BootEntry {
+                    number: 3,
+                    description: "debian".into(),
+                    active: true,
+                    booted: true,
+                    disk: "disk0".into(),
+                    partition: 1,
+                    partition_guid: "a0b1c2d3-e4f5-4617-8899-aabbccddeeff".into(),
+                    path: "\\EFI\\debian\\shimx64.efi".into(),
+                    optional_data: None,
+                },
+                BootEntry {
+                    number: 0,
+                    description: "debian (fallback)".into(),
+                    active: false,
+                    booted: false,
+                    disk: "disk0".into(),
+                    partition: 1,
+                    partition_guid: "a0b1c2d3-e4f5-4617-8899-aabbccddeeff".into(),
+                    path: "\\EFI\\BOOT\\BOOTX64.EFI".into(),
+                    optional_data: Some("2d2d726573637565".into()),
+                },
+            ],
+        }),
+        ..layout.clone()
+    };
+    let booting_bytes = booting.encode();
     let pb = &p.parent_bytes;
     let body = &pb[64..];
     let m = &p.parent;
@@ -1163,6 +1198,16 @@ fn manifests(p: &TinyPoint) -> Value {
              are placeholders)",
             &layout_bytes,
             &layout,
+            true,
+        ),
+        valid_manifest(
+            "uefi-boot-entries",
+            "layout's disks with the captured machine's UEFI boot entries (member firmware, \
+             compatible feature bit 0x1 set): two entries booting files of disk0's partition \
+             1, the first the one the machine booted through, the second inactive with \
+             optional data",
+            &booting_bytes,
+            &booting,
             true,
         ),
         valid_manifest(

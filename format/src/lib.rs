@@ -10,6 +10,7 @@ pub mod changemap;
 pub mod chunk;
 pub mod digest;
 pub mod error;
+pub mod firmware;
 pub mod index;
 pub mod magic;
 pub mod manifest;

@@ -15,6 +15,9 @@ pub const KIND: Kind = Kind {
     known_incompat: 0,
 };
 
+/// Compatible feature bit: the manifest records firmware boot entries (`firmware`).
+pub const COMPAT_FIRMWARE: u32 = 0x1;
+
 /// Longest restore-point id accepted (ids are file names).
 pub const MAX_ID_LEN: usize = 64;
 
@@ -30,6 +33,9 @@ pub struct Manifest {
     pub chunk_size: u32,
     pub compression: CompressionInfo,
     pub disks: Vec<Disk>,
+    /// The captured machine's UEFI boot entries for its captured disks (§7.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<crate::firmware::Firmware>,
 }
 
 /// Link to the parent restore point: its id and the SHA-256 of its manifest file, so that
@@ -181,7 +187,15 @@ pub enum Content {
 
 impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
-        sealed::seal(&KIND, Features::default(), self)
+        let features = Features {
+            incompat: 0,
+            compat: if self.firmware.is_some() {
+                COMPAT_FIRMWARE
+            } else {
+                0
+            },
+        };
+        sealed::seal(&KIND, features, self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Manifest> {

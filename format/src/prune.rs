@@ -396,6 +396,7 @@ mod tests {
                     level: 3,
                 },
                 disks: Vec::new(),
+                firmware: None,
             },
             manifest_sha256: Digest::of_bytes(id.as_bytes()),
         }

@@ -31,3 +31,14 @@ pub fn pause(name: &str) {
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub fn pause(_name: &str) {}
+
+/// Where the machine's UEFI variables are read from: efivarfs, or with the `test-hooks`
+/// feature the directory `BKIMG_TEST_EFIVARS` names (files laid out as efivarfs shows
+/// them), so that a test can give a capture the boot entries of a machine it is not.
+pub fn efivars_dir() -> std::path::PathBuf {
+    #[cfg(feature = "test-hooks")]
+    if let Some(dir) = std::env::var_os("BKIMG_TEST_EFIVARS") {
+        return dir.into();
+    }
+    std::path::PathBuf::from("/sys/firmware/efi/efivars")
+}

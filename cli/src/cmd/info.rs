@@ -122,4 +122,16 @@ fn print_info(m: &Manifest, p: &Point) {
             ));
         }
     }
+    for e in m.firmware.iter().flat_map(|f| &f.uefi_boot_entries) {
+        out(&format!(
+            "  UEFI boot entry Boot{:04X} \"{}\": {} p{} {}{}{}",
+            e.number,
+            e.description,
+            e.disk,
+            e.partition,
+            e.path,
+            if e.active { "" } else { " (inactive)" },
+            if e.booted { " (booted)" } else { "" }
+        ));
+    }
 }

@@ -728,6 +728,7 @@ mod tests {
                 }],
                 tracking: None,
             }],
+            firmware: None,
         };
         Sent {
             chunks,
