@@ -120,6 +120,48 @@ impl SiteConfig {
     pub fn parse(text: &str) -> Result<SiteConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
+
+    /// Config files layered: a later file's settings replace an earlier one's, table by
+    /// table (the image's built-in file, then a BKIMG-CONF partition's).
+    pub fn parse_layers(texts: &[&str]) -> Result<SiteConfig, String> {
+        let mut merged = toml::Table::new();
+        for text in texts {
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+            merge(&mut merged, table);
+        }
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Every setting a config file makes, as dotted paths ("rescue.after"), for saying what a
+/// file changed without printing its values.
+pub fn settings_in(text: &str) -> Vec<String> {
+    fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in table {
+            match v.as_table() {
+                Some(t) => walk(t, &format!("{prefix}{k}."), out),
+                None => out.push(format!("{prefix}{k}")),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(t) = text.parse::<toml::Table>() {
+        walk(&t, "", &mut out);
+    }
+    out
 }
 
 impl RescueConfig {
@@ -246,6 +288,27 @@ serial = "S1"
             .apply_cmdline("bkimg.target=/dev/sda")
             .unwrap_err()
             .contains("disk0="));
+    }
+
+    #[test]
+    fn a_site_partition_overrides_the_built_in_file() {
+        let site = SiteConfig::parse_layers(&[
+            "repository = \"s3://b/p\"\n[s3]\nregion = \"eu\"\n[rescue]\nunattended = true\nafter = \"poweroff\"\n",
+            "[rescue]\naws-access-key-id = \"k\"\nafter = \"reboot\"\n",
+        ])
+        .unwrap();
+        assert_eq!(site.repository.as_deref(), Some("s3://b/p"));
+        assert_eq!(site.s3.region.as_deref(), Some("eu"));
+        assert!(site.rescue.unattended);
+        assert_eq!(site.rescue.after, After::Reboot);
+        assert_eq!(site.rescue.aws_access_key_id.as_deref(), Some("k"));
+        assert!(SiteConfig::parse_layers(&["", "[rescue]\nunatended = 1\n"])
+            .unwrap_err()
+            .contains("unatended"));
+        assert_eq!(
+            settings_in("[rescue]\nafter = \"shell\"\n[rescue.network]\ndns = []\n"),
+            ["rescue.after", "rescue.network.dns"]
+        );
     }
 
     #[test]

@@ -232,6 +232,25 @@ fn by_default<'a>(
     }
 }
 
+/// The disks a person may pick for `source`: large enough, the same sector size, neither
+/// the media nor the repository's disk, not `taken`. Disks that hold data are included
+/// (the menu says what they hold and the person confirms).
+pub fn eligible<'a>(
+    source: &SourceDisk,
+    candidates: &'a [Candidate],
+    taken: &[&str],
+) -> Vec<&'a Candidate> {
+    candidates
+        .iter()
+        .filter(|c| {
+            !taken.contains(&c.name.as_str())
+                && !c.is_media
+                && !c.holds_repository
+                && check_fits(source, c).is_ok()
+        })
+        .collect()
+}
+
 fn check_fits(source: &SourceDisk, c: &Candidate) -> Result<(), MapError> {
     if c.size < source.size {
         return Err(MapError(format!(

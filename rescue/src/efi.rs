@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bkimg_format::firmware::{
+    partition_file_path, BootEntry, LoadOption, PartitionFile, LOAD_OPTION_ACTIVE,
+};
 use bkimg_format::manifest::GptPartition;
 
 /// EFI_GLOBAL_VARIABLE: the vendor GUID of Boot#### and BootOrder.
@@ -17,7 +20,6 @@ pub const GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 pub const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 /// Non-volatile, boot service and runtime access.
 const VAR_ATTRIBUTES: u32 = 0x7;
-const LOAD_OPTION_ACTIVE: u32 = 0x1;
 
 /// Loaders looked for on a restored EFI system partition, the first found wins: the
 /// distributions' shim (Secure Boot) before their GRUB, the removable-media path last.
@@ -40,56 +42,57 @@ pub const LOADERS: &[&str] = &[
     "EFI/BOOT/BOOTX64.EFI",
 ];
 
-/// The 16 bytes of a GUID as UEFI stores them (first three fields little-endian).
-pub fn guid_bytes(text: &str) -> Option<[u8; 16]> {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 || text.len() != 36 {
-        return None;
-    }
-    let raw = hex::decode(hex).ok()?;
-    let mut out = [0u8; 16];
-    for (i, j) in [3, 2, 1, 0, 5, 4, 7, 6].iter().enumerate() {
-        out[i] = raw[*j];
-    }
-    out[8..].copy_from_slice(&raw[8..]);
-    Some(out)
-}
-
-fn utf16z(s: &str) -> Vec<u8> {
-    s.encode_utf16()
-        .chain([0])
-        .flat_map(|u| u.to_le_bytes())
-        .collect()
-}
-
 /// An EFI_LOAD_OPTION booting `loader` ("EFI/debian/shimx64.efi") from GPT partition `p`
 /// (its LBAs are in the disk's logical sectors, as the node wants them: a restore target
 /// has the source's sector size).
 pub fn load_option(description: &str, p: &GptPartition, loader: &str) -> Result<Vec<u8>> {
-    let guid = guid_bytes(&p.unique_guid)
-        .ok_or_else(|| anyhow!("partition {} has no valid GUID", p.number))?;
-    let mut path = Vec::new();
-    // Hard drive media device path: type 4, subtype 1, 42 bytes.
-    path.extend([4u8, 1]);
-    path.extend(42u16.to_le_bytes());
-    path.extend(p.number.to_le_bytes());
-    path.extend(p.first_lba.to_le_bytes());
-    path.extend((p.last_lba - p.first_lba + 1).to_le_bytes());
-    path.extend(guid);
-    path.extend([2u8, 2]); // GPT, GUID signature
-                           // File path media device path: type 4, subtype 4, backslashes.
-    let file = utf16z(&format!("\\{}", loader.replace('/', "\\")));
-    path.extend([4u8, 4]);
-    path.extend(u16::try_from(4 + file.len())?.to_le_bytes());
-    path.extend(file);
-    // End of the device path.
-    path.extend([0x7fu8, 0xff, 4, 0]);
-    let mut out = Vec::new();
-    out.extend(LOAD_OPTION_ACTIVE.to_le_bytes());
-    out.extend(u16::try_from(path.len())?.to_le_bytes());
-    out.extend(utf16z(description));
-    out.extend(path);
-    Ok(out)
+    load_option_with(
+        description,
+        LOAD_OPTION_ACTIVE,
+        p,
+        &format!("\\{}", loader.replace('/', "\\")),
+        Vec::new(),
+    )
+}
+
+/// The entry a restore point recorded (spec/format.md §7.6), rebuilt for partition `p` as
+/// the restore wrote it.
+pub fn recorded_option(e: &BootEntry, p: &GptPartition) -> Result<Vec<u8>> {
+    let data = match &e.optional_data {
+        Some(h) => hex::decode(h).map_err(|_| {
+            anyhow!(
+                "boot entry {:?} of the restore point has optional data that is not hex",
+                e.description
+            )
+        })?,
+        None => Vec::new(),
+    };
+    let attributes = if e.active { LOAD_OPTION_ACTIVE } else { 0 };
+    load_option_with(&e.description, attributes, p, &e.path, data)
+}
+
+fn load_option_with(
+    description: &str,
+    attributes: u32,
+    p: &GptPartition,
+    path: &str,
+    optional_data: Vec<u8>,
+) -> Result<Vec<u8>> {
+    let device_path = partition_file_path(&PartitionFile {
+        partition: p.number,
+        start_lba: p.first_lba,
+        size_lba: p.last_lba - p.first_lba + 1,
+        guid: p.unique_guid.clone(),
+        path: path.to_string(),
+    })
+    .ok_or_else(|| anyhow!("partition {} has no valid GUID", p.number))?;
+    Ok(LoadOption {
+        attributes,
+        description: description.to_string(),
+        device_path,
+        optional_data,
+    }
+    .encode())
 }
 
 /// The firmware's boot variables as efivarfs shows them.
@@ -202,24 +205,14 @@ mod tests {
     }
 
     #[test]
-    fn guids_are_mixed_endian() {
-        let g = guid_bytes("C12A7328-F81F-11D2-BA4B-00A0C93EC93B").unwrap();
-        assert_eq!(
-            g,
-            [
-                0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
-                0xc9, 0x3b
-            ]
-        );
-        assert_eq!(guid_bytes("not-a-guid"), None);
-    }
-
-    #[test]
     fn load_option_layout() {
         let o = load_option("debian", &esp(), "EFI/debian/shimx64.efi").unwrap();
         assert_eq!(&o[..4], &1u32.to_le_bytes());
         let path_len = u16::from_le_bytes([o[4], o[5]]) as usize;
-        let desc = utf16z("debian");
+        let desc: Vec<u8> = "debian\0"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
         assert_eq!(&o[6..6 + desc.len()], desc.as_slice());
         let path = &o[6 + desc.len()..];
         assert_eq!(path.len(), path_len);
@@ -230,7 +223,10 @@ mod tests {
         assert_eq!(&path[16..24], &131_072u64.to_le_bytes());
         assert_eq!(&path[40..42], &[2, 2]);
         // File node, then the end node.
-        let file = utf16z("\\EFI\\debian\\shimx64.efi");
+        let file: Vec<u8> = "\\EFI\\debian\\shimx64.efi\0"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
         assert_eq!(&path[42..44], &[4, 4]);
         assert_eq!(
             u16::from_le_bytes([path[44], path[45]]) as usize,
@@ -238,6 +234,33 @@ mod tests {
         );
         assert_eq!(&path[46..46 + file.len()], file.as_slice());
         assert_eq!(&path[path.len() - 4..], &[0x7f, 0xff, 4, 0]);
+    }
+
+    #[test]
+    fn a_recorded_entry_is_rebuilt_for_the_restored_partition() {
+        let e = BootEntry {
+            number: 9,
+            description: "debian".into(),
+            active: false,
+            booted: false,
+            disk: "disk0".into(),
+            partition: 1,
+            partition_guid: esp().unique_guid.to_lowercase(),
+            path: "\\EFI\\debian\\shimx64.efi".into(),
+            optional_data: Some("2d2d6e6f".into()),
+        };
+        // Restored onto a layout where the partition starts elsewhere.
+        let mut p = esp();
+        p.first_lba = 4096;
+        p.last_lba = 4096 + 999;
+        let o = LoadOption::parse(&recorded_option(&e, &p).unwrap()).unwrap();
+        assert_eq!(o.attributes, 0);
+        assert_eq!(o.description, "debian");
+        assert_eq!(o.optional_data, b"--no");
+        let f = o.partition_file().unwrap();
+        assert_eq!((f.start_lba, f.size_lba), (4096, 1000));
+        assert_eq!(f.path, e.path);
+        assert_eq!(f.guid, e.partition_guid);
     }
 
     #[test]

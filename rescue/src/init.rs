@@ -3,7 +3,7 @@
 //! a shell. A failure never reboots: it says what is wrong and opens a shell.
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,27 +22,34 @@ const REPO_MOUNT: &str = "/run/repository";
 const ESP_MOUNT: &str = "/run/esp";
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
 
-/// Every line goes to each active console (serial and screen), prefixed for grepping.
+/// Every line goes to each active console (serial and screen), prefixed for grepping; a
+/// question is answered on whichever of them a person types first.
 pub struct Console {
     outs: Mutex<Vec<std::fs::File>>,
+    /// Device names of the active consoles ("ttyS0", "tty0"), for reading answers.
+    names: Vec<String>,
 }
 
 impl Console {
     pub fn open() -> Console {
         let mut outs = Vec::new();
+        let mut names = Vec::new();
         let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
         for name in active.split_whitespace() {
             if let Ok(f) = OpenOptions::new().write(true).open(format!("/dev/{name}")) {
                 outs.push(f);
+                names.push(name.to_string());
             }
         }
         if outs.is_empty() {
             if let Ok(f) = OpenOptions::new().write(true).open("/dev/console") {
                 outs.push(f);
+                names.push("console".to_string());
             }
         }
         Console {
             outs: Mutex::new(outs),
+            names,
         }
     }
 
@@ -56,13 +63,66 @@ impl Console {
         }
     }
 
-    /// Asks on /dev/console and returns the answer, trimmed.
+    /// Asks on every console and returns the first line typed on any of them, trimmed.
     fn ask(&self, question: &str) -> Result<String> {
+        self.ask_with(question, false)
+    }
+
+    /// As `ask`, with the consoles' echo off (a secret).
+    fn ask_secret(&self, question: &str) -> Result<String> {
+        let answer = self.ask_with(question, true);
+        self.line("");
+        answer
+    }
+
+    fn ask_with(&self, question: &str, secret: bool) -> Result<String> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        use std::io::Read;
+        use std::os::fd::AsFd;
         self.line(question);
-        let f = std::fs::File::open("/dev/console").context("opening /dev/console")?;
-        let mut line = String::new();
-        std::io::BufReader::new(f).read_line(&mut line)?;
-        Ok(line.trim().to_string())
+        let ttys: Vec<std::fs::File> = self
+            .names
+            .iter()
+            .filter_map(|n| std::fs::File::open(format!("/dev/{n}")).ok())
+            .collect();
+        if ttys.is_empty() {
+            bail!("no console to ask on: set unattended = true (or bkimg.auto=1)");
+        }
+        let mut saved = Vec::new();
+        if secret {
+            for t in &ttys {
+                if let Ok(old) = tcgetattr(t.as_fd()) {
+                    let mut quiet = old.clone();
+                    quiet.local_flags.remove(LocalFlags::ECHO);
+                    let _ = tcsetattr(t.as_fd(), SetArg::TCSANOW, &quiet);
+                    saved.push((t, old));
+                }
+            }
+        }
+        let answer = (|| loop {
+            let mut fds: Vec<PollFd> = ttys
+                .iter()
+                .map(|t| PollFd::new(t.as_fd(), PollFlags::POLLIN))
+                .collect();
+            poll(&mut fds, PollTimeout::NONE).context("waiting for an answer")?;
+            let ready = fds.iter().position(|f| {
+                f.revents()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP))
+            });
+            let Some(i) = ready else {
+                continue;
+            };
+            // In canonical mode one read returns one typed line.
+            let mut buf = [0u8; 1024];
+            let n = (&ttys[i]).read(&mut buf).context("reading the answer")?;
+            let text = String::from_utf8_lossy(&buf[..n]);
+            return Ok::<String, anyhow::Error>(text.trim().to_string());
+        })();
+        for (t, old) in saved {
+            let _ = tcsetattr(t.as_fd(), SetArg::TCSANOW, &old);
+        }
+        answer
     }
 }
 
@@ -178,15 +238,9 @@ fn load_modules(console: &Console) -> Result<()> {
 
 /// One attempt: config, media, repository, point, disk map, restore.
 fn session(console: &Console, cmdline: &str) -> Result<After> {
-    let site = match std::fs::read_to_string(format!("/{INITRD_CONFIG}")) {
-        Ok(text) => SiteConfig::parse(&text)
-            .map_err(|e| anyhow!("the built-in config file is invalid: {e}"))?,
-        Err(_) => SiteConfig::default(),
-    };
-    let mut config = site.rescue.clone();
-    config
-        .apply_cmdline(cmdline)
-        .map_err(|e| anyhow!("kernel command line: {e}"))?;
+    let built_in = std::fs::read_to_string(format!("/{INITRD_CONFIG}")).unwrap_or_default();
+    SiteConfig::parse(&built_in)
+        .map_err(|e| anyhow!("the built-in config file is invalid: {e}"))?;
     let wait = Duration::from_secs(60);
     // Booted from the network: no media to wait for.
     let media = if cmdline.split_whitespace().any(|w| w == "bkimg.media=none") {
@@ -194,6 +248,20 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     } else {
         find_media(console, wait)?
     };
+    let site_partition = site_partition(console, media.as_ref())?;
+    let site = match &site_partition {
+        Some(p) => SiteConfig::parse_layers(&[&built_in, &p.text]).map_err(|e| {
+            anyhow!(
+                "{SITE_FILE} on {} ({SITE_LABEL}) is invalid: {e}",
+                p.dev.display()
+            )
+        })?,
+        None => SiteConfig::parse(&built_in).unwrap_or_default(),
+    };
+    let mut config = site.rescue.clone();
+    config
+        .apply_cmdline(cmdline)
+        .map_err(|e| anyhow!("kernel command line: {e}"))?;
     let host = identify(&config);
     if let Some((name, how)) = &host {
         console.line(&format!("this machine is host {name} ({how})"));
@@ -241,6 +309,12 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
             c.holds_repository = true;
         }
     }
+    // The disk carrying the site's settings belongs to the rescue media.
+    if let Some(p) = &site_partition {
+        for c in candidates.iter_mut().filter(|c| c.name == p.disk) {
+            c.is_media = true;
+        }
+    }
     for c in &candidates {
         console.line(&format!(
             "disk {}: {}{}{}",
@@ -259,13 +333,18 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
                 .unwrap_or_default()
         ));
     }
-    let targets = disks::map_disks(
+    let automatic = disks::map_disks(
         &sources,
         &candidates,
         &config.disks,
         config.overwrite,
         &resolve_link,
-    )?;
+    );
+    let targets = if config.unattended {
+        automatic?
+    } else {
+        choose_targets(console, &sources, &candidates, automatic)?
+    };
     for (disk, target) in &targets {
         let size = sources
             .iter()
@@ -324,6 +403,89 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     Ok(config.after)
 }
 
+/// The disk menu: for each source disk, the disks that can take it, numbered, the
+/// automatic choice (when there is one) taken with Enter.
+fn choose_targets(
+    console: &Console,
+    sources: &[SourceDisk],
+    candidates: &[disks::Candidate],
+    automatic: Result<Vec<(String, PathBuf)>, disks::MapError>,
+) -> Result<Vec<(String, PathBuf)>> {
+    let proposed = match automatic {
+        Ok(plan) => plan,
+        Err(e) => {
+            console.line(&format!("no automatic choice: {e}"));
+            Vec::new()
+        }
+    };
+    let mut chosen: Vec<(String, PathBuf)> = Vec::new();
+    for source in sources {
+        let taken: Vec<&str> = chosen
+            .iter()
+            .filter_map(|(_, t)| candidates.iter().find(|c| &c.dev == t))
+            .map(|c| c.name.as_str())
+            .collect();
+        let options = disks::eligible(source, candidates, &taken);
+        if options.is_empty() {
+            bail!(
+                "no disk of this machine can take {} ({}, {}-byte sectors): attach one at \
+                 least that large; nothing was written",
+                source.name,
+                disks::size(source.size),
+                source.sector
+            );
+        }
+        console.line(&format!(
+            "disks that can take {} ({}):",
+            source.name,
+            disks::size(source.size)
+        ));
+        for (i, c) in options.iter().enumerate() {
+            console.line(&format!(
+                "  [{}] {}: {}{}",
+                i + 1,
+                c.dev.display(),
+                disks::describe(c),
+                c.holds
+                    .as_deref()
+                    .map(|h| format!(", holds {h}: it will be overwritten"))
+                    .unwrap_or_default()
+            ));
+        }
+        let default = proposed
+            .iter()
+            .find(|(d, _)| d == &source.name)
+            .and_then(|(_, t)| options.iter().position(|c| &c.dev == t));
+        let question = match default {
+            Some(i) => format!(
+                "restore {} onto which disk? [1-{}, Enter for {}]",
+                source.name,
+                options.len(),
+                options[i].dev.display()
+            ),
+            None => format!(
+                "restore {} onto which disk? [1-{}]",
+                source.name,
+                options.len()
+            ),
+        };
+        let pick = loop {
+            let answer = console.ask(&question)?;
+            if answer.is_empty() {
+                if let Some(i) = default {
+                    break i;
+                }
+            }
+            match answer.parse::<usize>() {
+                Ok(n) if (1..=options.len()).contains(&n) => break n - 1,
+                _ => console.line(&format!("{answer:?} is not one of the numbers listed")),
+            }
+        };
+        chosen.push((source.name.clone(), options[pick].dev.clone()));
+    }
+    Ok(chosen)
+}
+
 /// A repository in a bucket: the network first, then credentials from the config or the
 /// kernel command line, the endpoint and region from the config file's [s3].
 fn open_s3(
@@ -343,6 +505,15 @@ fn open_s3(
     if let Some(k) = &config.aws_secret_access_key {
         std::env::set_var("AWS_SECRET_ACCESS_KEY", k);
     }
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() && !config.unattended {
+        console.line(&format!("{url} needs S3 credentials"));
+        let id = console.ask("S3 access key id:")?;
+        let secret = console.ask_secret("S3 secret access key (not shown):")?;
+        if !id.is_empty() {
+            std::env::set_var("AWS_ACCESS_KEY_ID", id);
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
+        }
+    }
     if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
         bail!(
             "no S3 credentials: set aws-access-key-id and aws-secret-access-key in [rescue] \
@@ -359,6 +530,88 @@ fn open_s3(
         .check_config()
         .with_context(|| format!("reaching the repository {url}"))?;
     Ok(Repository::new(Box::new(store)))
+}
+
+/// Settings kept apart from the image (credentials, the site's repository): a small
+/// filesystem labelled BKIMG-CONF, on a second partition of the stick or another stick,
+/// holding bkimg-rescue.toml. Layered over the built-in config file.
+struct SitePartition {
+    dev: PathBuf,
+    /// Whole disk (kernel name): never a restore target.
+    disk: String,
+    text: String,
+}
+
+const SITE_LABEL: &str = "BKIMG-CONF";
+const SITE_FILE: &str = "bkimg-rescue.toml";
+const SITE_MOUNT: &str = "/run/site-config";
+
+fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<SitePartition>> {
+    let Some(dev) = std::process::Command::new("/bin/busybox")
+        .args(["findfs", &format!("LABEL={SITE_LABEL}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    else {
+        return Ok(None);
+    };
+    let fs = fs_type(&dev).ok_or_else(|| {
+        anyhow!(
+            "{} ({SITE_LABEL}) holds no filesystem the rescue reads: make it vfat or ext4",
+            dev.display()
+        )
+    })?;
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let disk = block_devices()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(name, |(_, whole)| whole);
+    // A partition of the stick cannot be mounted while the whole stick is (the kernel
+    // holds the disk for the media's filesystem): the media steps aside meanwhile.
+    let shared = media.filter(|m| m.disk == disk);
+    if shared.is_some() {
+        nix::mount::umount(MEDIA_MOUNT).context("unmounting the media to read BKIMG-CONF")?;
+    }
+    std::fs::create_dir_all(SITE_MOUNT)?;
+    let mounted = nix::mount::mount(
+        Some(dev.as_path()),
+        SITE_MOUNT,
+        Some(fs),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting {} ({SITE_LABEL}) read-only", dev.display()));
+    let text = mounted.map(|()| {
+        let text = std::fs::read_to_string(Path::new(SITE_MOUNT).join(SITE_FILE));
+        let _ = nix::mount::umount(SITE_MOUNT);
+        text
+    });
+    if let Some(m) = shared {
+        nix::mount::mount(
+            Some(m.dev.as_str()),
+            MEDIA_MOUNT,
+            Some(m.fs),
+            nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting the media {} again", m.dev))?;
+    }
+    let text = text?.with_context(|| {
+        format!(
+            "{} is labelled {SITE_LABEL} but has no readable /{SITE_FILE}",
+            dev.display()
+        )
+    })?;
+    console.line(&format!(
+        "site settings from {} ({SITE_LABEL}): {}",
+        dev.display(),
+        crate::config::settings_in(&text).join(", ")
+    ));
+    Ok(Some(SitePartition { dev, disk, text }))
 }
 
 /// The whole disk (kernel name) whose filesystem holds `path`, from /proc/mounts.
@@ -381,29 +634,108 @@ fn disk_holding(path: &Path) -> Option<String> {
     }
 }
 
-/// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the EFI
-/// system partition of the first restored disk that has one, its loader found by looking.
+/// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the entries
+/// the restore point recorded for the restored disks (spec/format.md §7.6), else one for
+/// the loader found on the first restored EFI system partition.
 fn boot_entry(console: &Console, point: &Point, targets: &[(String, PathBuf)]) -> Result<()> {
-    use bkimg_format::manifest::PartitionTable;
-    let found = targets.iter().find_map(|(disk, target)| {
-        let d = point.manifest.disks.iter().find(|d| &d.name == disk)?;
+    use bkimg_format::manifest::{GptPartition, PartitionTable};
+    let partition = |disk: &str, pick: &dyn Fn(&GptPartition) -> bool| {
+        let target = targets.iter().find(|(d, _)| d == disk)?.1.clone();
+        let d = point.manifest.disks.iter().find(|d| d.name == disk)?;
         let PartitionTable::Gpt(t) = &d.table else {
             return None;
         };
-        let esp = t
-            .partitions
-            .iter()
-            .find(|p| p.type_guid.eq_ignore_ascii_case(crate::efi::ESP_TYPE))?;
-        Some((target.clone(), esp.clone()))
-    });
-    let Some((target, esp)) = found else {
+        Some((target, t.partitions.iter().find(|p| pick(p))?.clone()))
+    };
+    let vars = crate::efi::BootVars::new(Path::new(EFIVARS));
+    let recorded = point
+        .manifest
+        .firmware
+        .as_ref()
+        .map(|f| f.uefi_boot_entries.as_slice())
+        .unwrap_or_default();
+    let mut made = 0;
+    // Last first, so that the recorded first ends first in BootOrder.
+    for e in recorded.iter().rev() {
+        let Some((target, p)) = partition(&e.disk, &|p| {
+            p.number == e.partition && p.unique_guid.eq_ignore_ascii_case(&e.partition_guid)
+        }) else {
+            if targets.iter().any(|(d, _)| d == &e.disk) {
+                console.line(&format!(
+                    "warning: boot entry {:?} of the restore point names partition {} \
+                     ({}) of {}, which it does not have: skipped",
+                    e.description, e.partition, e.partition_guid, e.disk
+                ));
+            }
+            continue;
+        };
+        let dev = partition_device(&target, p.number, Duration::from_secs(30))?;
+        let loader = e.path.trim_start_matches('\\').replace('\\', "/");
+        if !with_esp(&dev, |esp| esp.join(&loader).is_file())? {
+            console.line(&format!(
+                "warning: boot entry {:?}: {} is not on the restored {}: skipped",
+                e.description,
+                e.path,
+                dev.display()
+            ));
+            continue;
+        }
+        let option = crate::efi::recorded_option(e, &p)?;
+        let (number, before) = vars.add_first(&option)?;
+        made += 1;
+        console.line(&format!(
+            "UEFI boot entry Boot{number:04X} \"{}\" (recorded by the capture): {} on {}, \
+             first in BootOrder (was {})",
+            e.description,
+            e.path,
+            dev.display(),
+            order_text(&before)
+        ));
+    }
+    if made > 0 {
+        return Ok(());
+    }
+    let Some((target, esp)) = targets.iter().find_map(|(disk, _)| {
+        partition(disk, &|p| {
+            p.type_guid.eq_ignore_ascii_case(crate::efi::ESP_TYPE)
+        })
+    }) else {
         console.line("no UEFI boot entry: the restored disks have no EFI system partition");
         return Ok(());
     };
     let dev = partition_device(&target, esp.number, Duration::from_secs(30))?;
+    let loader = with_esp(&dev, crate::efi::find_loader)?.ok_or_else(|| {
+        anyhow!(
+            "{} holds none of the known loaders ({} ...)",
+            dev.display(),
+            crate::efi::LOADERS[..3].join(", ")
+        )
+    })?;
+    let description = format!("{} (restored by bkimg)", point.manifest.host);
+    let option = crate::efi::load_option(&description, &esp, loader)?;
+    let (number, before) = vars.add_first(&option)?;
+    console.line(&format!(
+        "UEFI boot entry Boot{number:04X} \"{description}\": \\{} on {}, first in BootOrder (was {})",
+        loader.replace('/', "\\"),
+        dev.display(),
+        order_text(&before)
+    ));
+    Ok(())
+}
+
+fn order_text(order: &[u16]) -> String {
+    order
+        .iter()
+        .map(|n| format!("{n:04X}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs `f` on the restored EFI system partition `dev`, mounted read-only.
+fn with_esp<T>(dev: &Path, f: impl FnOnce(&Path) -> T) -> Result<T> {
     std::fs::create_dir_all(ESP_MOUNT)?;
     nix::mount::mount(
-        Some(dev.as_path()),
+        Some(dev),
         ESP_MOUNT,
         Some("vfat"),
         nix::mount::MsFlags::MS_RDONLY,
@@ -415,30 +747,9 @@ fn boot_entry(console: &Console, point: &Point, targets: &[(String, PathBuf)]) -
             dev.display()
         )
     })?;
-    let loader = crate::efi::find_loader(Path::new(ESP_MOUNT));
+    let out = f(Path::new(ESP_MOUNT));
     let _ = nix::mount::umount(ESP_MOUNT);
-    let loader = loader.ok_or_else(|| {
-        anyhow!(
-            "{} holds none of the known loaders ({} ...)",
-            dev.display(),
-            crate::efi::LOADERS[..3].join(", ")
-        )
-    })?;
-    let description = format!("{} (restored by bkimg)", point.manifest.host);
-    let option = crate::efi::load_option(&description, &esp, loader)?;
-    let vars = crate::efi::BootVars::new(Path::new(EFIVARS));
-    let (number, before) = vars.add_first(&option)?;
-    console.line(&format!(
-        "UEFI boot entry Boot{number:04X} \"{description}\": \\{} on {}, first in BootOrder (was {})",
-        loader.replace('/', "\\"),
-        dev.display(),
-        before
-            .iter()
-            .map(|n| format!("{n:04X}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    ));
-    Ok(())
+    Ok(out)
 }
 
 /// The device of partition `number` of the disk `disk` (/dev/nvme0n1 → /dev/nvme0n1p1),
@@ -471,6 +782,9 @@ fn partition_device(disk: &Path, number: u32, wait: Duration) -> Result<PathBuf>
 struct Media {
     /// Kernel name of the whole disk holding it ("sda", "sr0").
     disk: String,
+    /// The device mounted at MEDIA_MOUNT, and its filesystem.
+    dev: String,
+    fs: &'static str,
 }
 
 /// Mounts the media this initramfs was built with (it carries the same media id), waiting
@@ -513,7 +827,11 @@ fn find_media(console: &Console, wait: Duration) -> Result<Option<Media>> {
                 .is_ok_and(|s| s.trim() == id);
             if found {
                 console.line(&format!("rescue media: {dev}"));
-                return Ok(Some(Media { disk: whole }));
+                return Ok(Some(Media {
+                    disk: whole,
+                    dev: dev.clone(),
+                    fs,
+                }));
             }
             let _ = nix::mount::umount(MEDIA_MOUNT);
         }
@@ -808,18 +1126,18 @@ fn choose_point(
         let m = &p.manifest;
         console.line(&format!("  [{}] {} {} {}", i + 1, m.id, m.host, m.created));
     }
-    let answer = console.ask(&format!(
-        "restore which point? [1-{}, Enter for the newest]",
-        ids.len()
-    ))?;
-    let pick = if answer.is_empty() {
-        ids.len()
-    } else {
-        answer
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=ids.len()).contains(n))
-            .ok_or_else(|| anyhow!("{answer:?} is not one of the numbers listed"))?
+    let pick = loop {
+        let answer = console.ask(&format!(
+            "restore which point? [1-{}, Enter for the newest]",
+            ids.len()
+        ))?;
+        if answer.is_empty() {
+            break ids.len();
+        }
+        match answer.parse::<usize>() {
+            Ok(n) if (1..=ids.len()).contains(&n) => break n,
+            _ => console.line(&format!("{answer:?} is not one of the numbers listed")),
+        }
     };
     Ok(repo.resolve(&ids[pick - 1])?)
 }
