@@ -724,3 +724,57 @@ impl Read for IndexReader {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> (tempfile::TempDir, Identity) {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::tls::keygen(dir.path()).unwrap();
+        let id = Identity::load(dir.path()).unwrap();
+        (dir, id)
+    }
+
+    #[test]
+    fn a_standby_that_is_down_is_unreachable_and_named() {
+        // A port nothing listens on: bound by us, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (_dir, id) = identity();
+        let fp = id.fingerprint();
+        let url = format!("bkimg://127.0.0.1:{port}");
+        let mut cfg = ReaderConfig::new(&url, id, fp).unwrap();
+        cfg.retries = 0;
+        let notes = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = notes.clone();
+        cfg.notify = Some(Arc::new(move |m: &str| lock(&seen).push(m.to_string())));
+        let e = StandbyStore::connect(cfg).err().unwrap();
+        let r = crate::remote_error(&e).expect("a remote error");
+        assert!(matches!(r, RemoteError::Unreachable(_)), "{e:#}");
+        let msg = format!("{e:#}");
+        assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+        assert!(msg.contains("bkimg standby serve"), "{msg}");
+        // No retries asked for: nothing noted.
+        assert!(lock(&notes).is_empty());
+    }
+
+    #[test]
+    fn urls_and_keys_are_checked_before_connecting() {
+        let (dir, id) = identity();
+        let fp = id.fingerprint();
+        assert!(ReaderConfig::new("s3://bucket", id.clone(), fp.clone()).is_err());
+        assert!(ReaderConfig::new("bkimg://host", id, fp.clone()).is_err());
+        let e = StandbyStore::open("bkimg://127.0.0.1:1", dir.path(), "not-hex")
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("fingerprint"), "{e:#}");
+        let e = StandbyStore::open_pem("bkimg://127.0.0.1:1", "", "", &fp.0)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("PEM"), "{e:#}");
+    }
+}
