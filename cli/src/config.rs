@@ -52,8 +52,12 @@ pub struct StandbyConfig {
     /// This host's key directory: `replicate --key`, `standby serve --key`, `standby
     /// keygen --dir`, `standby fingerprint --dir`.
     pub key: Option<PathBuf>,
-    /// `replicate --server-fingerprint`.
+    /// `--server-fingerprint` of `replicate` and of the commands that read a bkimg://
+    /// repository.
     pub server_fingerprint: Option<String>,
+    /// `standby serve --allow-reader`: keys that may only read (fingerprints or files of
+    /// them).
+    pub allow_reader: Option<Vec<String>>,
 }
 
 /// The `--keep-*` rules of `prune` and `replicate --continuous`, under the flags' names.
@@ -137,8 +141,9 @@ impl Config {
 /// `--repo`, shared by every command that opens a repository.
 #[derive(Args, Clone, Debug, Default)]
 pub struct RepoArgs {
-    /// Repository: a directory, or s3://BUCKET[/PREFIX] for the commands that read one
-    /// [default: `repository` in the config file]
+    /// Repository: a directory; for the commands that only read one also an export file,
+    /// s3://BUCKET[/PREFIX] or a standby host bkimg://HOST:PORT [default: `repository` in
+    /// the config file]
     #[arg(long = "repo", env = "BKIMG_REPOSITORY", value_name = "REPO")]
     repo: Option<PathBuf>,
 }
@@ -175,6 +180,20 @@ impl RepoArgs {
             .as_deref()
             .expect("settle() gives every command its repository before it runs")
     }
+
+    /// Refuses a standby host (bkimg://) where the command writes to the repository or
+    /// needs it on this host; `instead` says what to do. Only after `settle`.
+    pub fn require_local(&self, command: &str, instead: &str) -> Result<()> {
+        match self.path().to_str() {
+            Some(url) if url.starts_with("bkimg://") => Err(Usage(format!(
+                "bkimg {command} cannot use --repo {url}: a standby host's repository is read \
+                 over the network (list, info, verify, restore, export) and written only by \
+                 `bkimg replicate --to {url}`; {instead}"
+            ))
+            .into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +212,7 @@ region = "eu-west-1"
 [standby]
 key = "/etc/bkimg/key"
 server-fingerprint = "ab12"
+allow-reader = ["cd34", "/etc/bkimg/readers"]
 
 [retention]
 keep-last = 3
@@ -215,6 +235,10 @@ keep-within = "1d 12h"
         assert_eq!(c.s3.region.as_deref(), Some("eu-west-1"));
         assert_eq!(c.standby.key.as_deref(), Some(Path::new("/etc/bkimg/key")));
         assert_eq!(c.standby.server_fingerprint.as_deref(), Some("ab12"));
+        assert_eq!(
+            c.standby.allow_reader.as_deref(),
+            Some(&["cd34".to_string(), "/etc/bkimg/readers".to_string()][..])
+        );
         let r = &c.retention;
         assert_eq!(
             (
@@ -293,6 +317,24 @@ keep-within = "1d 12h"
             assert!(msg.contains(way), "{msg}");
         }
         assert_eq!(crate::exit::code_for(&e), crate::exit::USAGE);
+    }
+
+    #[test]
+    fn standby_hosts_are_refused_where_a_command_writes() {
+        let standby = RepoArgs::new("bkimg://sb:7070".into());
+        let e = standby
+            .require_local("capture", "capture into a directory")
+            .unwrap_err();
+        let msg = format!("{e}");
+        assert!(
+            msg.contains("bkimg replicate --to bkimg://sb:7070"),
+            "{msg}"
+        );
+        assert!(msg.contains("capture into a directory"), "{msg}");
+        assert_eq!(crate::exit::code_for(&e), crate::exit::USAGE);
+        RepoArgs::new("/var/lib/bkimg".into())
+            .require_local("capture", "")
+            .unwrap();
     }
 
     #[test]

@@ -165,17 +165,29 @@ fn out_json(value: &serde_json::Value) {
     out(&serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }
 
-/// Opens a repository directory, an export file, or s3://BUCKET[/PREFIX] (endpoint and
+/// Opens a repository directory, an export file, s3://BUCKET[/PREFIX] (endpoint and
 /// credentials from the AWS chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...; then
-/// the config file's endpoint and region).
-fn open_repository(location: &Path, config: &Config) -> Result<Repository> {
+/// the config file's endpoint and region) or a standby host's, bkimg://HOST:PORT (with
+/// `standby`'s key and pinned fingerprint, `workers` requests in flight at most).
+fn open_repository(
+    location: &Path,
+    standby: &standby::StandbyArgs,
+    workers: usize,
+    config: &Config,
+) -> Result<Repository> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
             s3cmd::open(url, &prune::s3_settings(None, &config.s3))
         }
+        Some(url) if url.starts_with("bkimg://") => {
+            standby::open_reader(url, standby, workers.clamp(1, STANDBY_CONNECTIONS))
+        }
         _ => Ok(Repository::open(location)?),
     }
 }
+
+/// Connections to a standby host at most (each carries one request at a time).
+const STANDBY_CONNECTIONS: usize = bkimg_replicate::standby::reader::DEFAULT_CONNECTIONS;
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -191,10 +203,20 @@ fn workers(threads: Option<usize>) -> usize {
 
 /// Restore is bound by reading many chunk objects: more requests in flight than CPUs
 /// hide storage latency (measured: 8 threads restore twice as fast as 2 on 2 CPUs; from
-/// S3 on loopback, 32 threads three times as fast as 8: every GET waits ~40 ms).
+/// S3 on loopback, 32 threads three times as fast as 8: every GET waits ~40 ms). A
+/// standby host serves at most [`STANDBY_CONNECTIONS`] requests at once; twice as many
+/// workers decode and write while those are in flight.
 fn io_workers(threads: Option<usize>, repo: &Path) -> usize {
-    let remote = repo.to_str().is_some_and(|r| r.starts_with("s3://"));
-    threads.unwrap_or_else(|| if remote { 32 } else { cpus() * 4 })
+    let url = repo.to_str().unwrap_or("");
+    threads.unwrap_or_else(|| {
+        if url.starts_with("s3://") {
+            32
+        } else if url.starts_with("bkimg://") {
+            2 * STANDBY_CONNECTIONS
+        } else {
+            cpus() * 4
+        }
+    })
 }
 
 /// Fills in what the command line left out from the config file: each setting comes
@@ -202,15 +224,37 @@ fn io_workers(threads: Option<usize>, repo: &Path) -> usize {
 /// else the built-in default.
 fn settle(command: &mut Command, config: &Config) -> Result<()> {
     match command {
-        Command::Capture(cmd::capture::CaptureArgs { repo, threads, .. })
-        | Command::Restore(cmd::restore::RestoreArgs { repo, threads, .. })
-        | Command::Verify(cmd::verify::VerifyArgs { repo, threads, .. }) => {
+        Command::Capture(cmd::capture::CaptureArgs { repo, threads, .. }) => {
             repo.settle(config)?;
+            repo.require_local(
+                "capture",
+                "capture into a local repository, then ship its restore points with `bkimg \
+                 replicate --repo DIR --to bkimg://HOST:PORT`",
+            )?;
             *threads = config.threads(*threads);
         }
-        Command::List(cmd::list::ListArgs { repo, .. })
-        | Command::Info(cmd::info::InfoArgs { repo, .. })
-        | Command::Export(cmd::export::ExportArgs { repo, .. }) => repo.settle(config)?,
+        Command::Restore(cmd::restore::RestoreArgs {
+            repo,
+            threads,
+            standby,
+            ..
+        })
+        | Command::Verify(cmd::verify::VerifyArgs {
+            repo,
+            threads,
+            standby,
+            ..
+        }) => {
+            repo.settle(config)?;
+            standby.settle(&config.standby);
+            *threads = config.threads(*threads);
+        }
+        Command::List(cmd::list::ListArgs { repo, standby, .. })
+        | Command::Info(cmd::info::InfoArgs { repo, standby, .. })
+        | Command::Export(cmd::export::ExportArgs { repo, standby, .. }) => {
+            repo.settle(config)?;
+            standby.settle(&config.standby);
+        }
         Command::Prune(args) => args.settle(config)?,
         Command::Replicate(args) => args.settle(config)?,
         Command::Standby(cmd) => cmd.settle(config)?,

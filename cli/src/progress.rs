@@ -1,12 +1,26 @@
 //! Progress bars on a terminal; silence otherwise (notes still go to stderr).
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
 
 use bkimg_format::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Bar {
     bar: Option<ProgressBar>,
+}
+
+/// The bar on screen, if any: for notes from code that has no [`Bar`] to hand (a remote
+/// store retrying).
+static SHOWN: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// A note on stderr, above the bar on screen if there is one.
+pub fn note(text: &str) {
+    let shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match shown {
+        Some(b) => b.suspend(|| eprintln!("bkimg: {text}")),
+        None => eprintln!("bkimg: {text}"),
+    }
 }
 
 impl Bar {
@@ -22,6 +36,7 @@ impl Bar {
                     .expect("valid template")
                     .progress_chars("=> "),
                 );
+                *SHOWN.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
                 bar
             }),
         }
@@ -30,6 +45,7 @@ impl Bar {
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+            *SHOWN.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }

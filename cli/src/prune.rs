@@ -106,6 +106,11 @@ pub struct PruneArgs {
 impl PruneArgs {
     pub fn settle(&mut self, config: &Config) -> Result<()> {
         self.repo.settle(config)?;
+        self.repo.require_local(
+            "prune",
+            "a standby prunes its own repository: run `bkimg prune --repo DIR` on the \
+             standby host, DIR being the directory its `bkimg standby serve --repo` names",
+        )?;
         self.keep.settle(&config.retention);
         self.s3_config = config.s3.clone();
         Ok(())

@@ -46,6 +46,11 @@ pub struct ReplicateArgs {
 impl ReplicateArgs {
     pub fn settle(&mut self, config: &Config) -> Result<()> {
         self.repo.settle(config)?;
+        self.repo.require_local(
+            "replicate",
+            "--repo names the local repository to ship from (and --to where to); to copy a \
+             restore point out of a standby, restore or export it",
+        )?;
         self.threads = config.threads(self.threads);
         self.standby.settle(&config.standby);
         self.s3_config = config.s3.clone();

@@ -1,11 +1,13 @@
-//! `bkimg standby ...` (the receiving host) and `bkimg replicate --to bkimg://HOST:PORT`.
-//! Set-up and failure behaviour: docs/standby.md; wire protocol: spec/standby-protocol.md.
+//! `bkimg standby ...` (the receiving host), `bkimg replicate --to bkimg://HOST:PORT`, and
+//! the read commands on `--repo bkimg://HOST:PORT`. Set-up and failure behaviour:
+//! docs/standby.md; wire protocol: spec/standby-protocol.md.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bkimg_replicate::standby::{self, replica, tls, ServeConfig};
+use bkimg_format::repo::Repository;
+use bkimg_replicate::standby::{self, replica, tls, ReaderConfig, ServeConfig, StandbyStore};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -13,24 +15,28 @@ use crate::config::{Config, RepoArgs, StandbyConfig};
 use crate::exit;
 use crate::Common;
 
-/// Options of `bkimg replicate` that only standby targets (bkimg://) use.
-#[derive(Args)]
+/// Options for a standby host (bkimg://HOST:PORT): `replicate --to` one, or read one with
+/// `--repo` (list, info, verify, restore, export).
+#[derive(Args, Clone)]
 pub struct StandbyArgs {
     /// Key directory of this host (made by `bkimg standby keygen`) [default: `key` in
     /// the config file's [standby]].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = HEADING)]
     pub key: Option<PathBuf>,
     /// The standby's certificate fingerprint, as printed by keygen on the standby
     /// [default: `server-fingerprint` in the config file's [standby]].
-    #[arg(long, value_name = "FP")]
+    #[arg(long, value_name = "FP", help_heading = HEADING)]
     pub server_fingerprint: Option<String>,
     /// Further attempts after the connection breaks, with backoff (1, 2, 4... s).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = standby::reader::DEFAULT_RETRIES, help_heading = HEADING)]
     pub retries: u32,
     /// Time without progress after which the connection counts as dead (e.g. 30s, 2m).
-    #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "30s")]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "30s", help_heading = HEADING)]
     pub timeout: Duration,
 }
+
+/// Where `--help` lists the options of [`StandbyArgs`].
+const HEADING: &str = "Standby host (bkimg://HOST:PORT)";
 
 impl StandbyArgs {
     pub fn settle(&mut self, file: &StandbyConfig) {
@@ -40,6 +46,26 @@ impl StandbyArgs {
             .take()
             .or_else(|| file.server_fingerprint.clone());
     }
+}
+
+/// The repository of the standby host `url` (bkimg://HOST:PORT), for the read commands;
+/// `connections`: requests in flight at most.
+pub fn open_reader(url: &str, args: &StandbyArgs, connections: usize) -> Result<Repository> {
+    let key = args.key.as_ref().context(
+        "--key DIR is needed to read a standby host, or `key` in the config file's [standby]: \
+         a key directory made by `bkimg standby keygen --dir DIR`, whose fingerprint the \
+         standby allows (standby serve --allow-reader FP)",
+    )?;
+    let fp = args.server_fingerprint.as_ref().context(
+        "--server-fingerprint FP is needed to read a standby host, or `server-fingerprint` in \
+         the config file's [standby] (`bkimg standby fingerprint` on the standby prints it)",
+    )?;
+    let mut cfg = ReaderConfig::new(url, tls::Identity::load(key)?, tls::Fingerprint::parse(fp)?)?;
+    cfg.retries = args.retries;
+    cfg.timeout = args.timeout;
+    cfg.connections = connections;
+    cfg.notify = Some(std::sync::Arc::new(crate::progress::note));
+    Ok(Repository::new(Box::new(StandbyStore::connect(cfg)?)))
 }
 
 #[derive(Subcommand)]
@@ -79,10 +105,15 @@ pub enum StandbyCommand {
         /// in the config file's [standby]].
         #[arg(long, value_name = "DIR")]
         key: Option<PathBuf>,
-        /// A client fingerprint allowed to send, or a file of them (one per line);
-        /// repeatable.
+        /// A client fingerprint allowed to send (and read), or a file of them (one per
+        /// line); repeatable.
         #[arg(long, value_name = "FP|FILE", required = true)]
         allow: Vec<String>,
+        /// A client fingerprint allowed only to read the repository (`--repo
+        /// bkimg://HOST:PORT`, recovery media), or a file of them; repeatable [default:
+        /// `allow-reader` in the config file's [standby]].
+        #[arg(long, value_name = "FP|FILE")]
+        allow_reader: Vec<String>,
         /// Silence after which a client is dropped (e.g. 60s, 5m).
         #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "60s")]
         timeout: Duration,
@@ -127,13 +158,31 @@ impl StandbyCommand {
                     .into());
                 }
             }
-            StandbyCommand::Serve { repo, key, .. } => {
+            StandbyCommand::Serve {
+                repo,
+                key,
+                allow_reader,
+                ..
+            } => {
                 repo.settle(config)?;
+                repo.require_local(
+                    "standby serve",
+                    "--repo names the standby's own repository directory",
+                )?;
                 *key = key.take().or_else(|| config.standby.key.clone());
+                if allow_reader.is_empty() {
+                    *allow_reader = config.standby.allow_reader.clone().unwrap_or_default();
+                }
             }
             StandbyCommand::Status { repo, .. }
             | StandbyCommand::Promote { repo, .. }
-            | StandbyCommand::Demote { repo, .. } => repo.settle(config)?,
+            | StandbyCommand::Demote { repo, .. } => {
+                repo.settle(config)?;
+                repo.require_local(
+                    "standby",
+                    "run it on the standby host, with --repo naming its repository directory",
+                )?;
+            }
         }
         Ok(())
     }
@@ -173,6 +222,7 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             replica,
             key,
             allow,
+            allow_reader,
             timeout,
         } => {
             let key = key.context(
@@ -185,6 +235,7 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
                 replicas: replica::ReplicaSpec::parse_all(&replica)?,
                 identity: tls::Identity::load(&key)?,
                 allowed: tls::allowed_list(&allow)?,
+                readers: tls::fingerprints(&allow_reader, "--allow-reader")?,
                 timeout,
             };
             standby::serve(cfg)?;

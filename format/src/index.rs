@@ -208,10 +208,16 @@ impl<R: Read> EntryReader<R> {
         }
         self.buf.resize(n * ENTRY_LEN, 0);
         self.input.read_exact(&mut self.buf).map_err(|e| {
-            FormatError::corrupt(
-                "volume index",
-                format!("entries end early at entry {}: {e}", self.next),
-            )
+            // Short is damage; anything else is the store failing to read (a remote
+            // store's lost connection, a disk error), not a verdict on the index.
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                FormatError::corrupt(
+                    "volume index",
+                    format!("entries end early at entry {}: {e}", self.next),
+                )
+            } else {
+                FormatError::io(format!("reading volume index entry {}", self.next), e)
+            }
         })?;
         self.hasher.update(&self.buf);
         out.extend(

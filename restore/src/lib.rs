@@ -279,12 +279,20 @@ fn preflight(repo: &Repository, chunk_size: u32, v: &Volume, workers: usize) -> 
                 .enumerate()
                 .map(|(n, part)| {
                     s.spawn(move || -> Result<Option<usize>> {
-                        for (i, d) in part.iter().enumerate() {
-                            if !d.is_hole() && !repo.store().has_chunk(d)? {
-                                return Ok(Some(n * share + i));
-                            }
-                        }
-                        Ok(None)
+                        // One question per part (a remote store answers it in few requests).
+                        let data: Vec<(usize, Digest)> = part
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, d)| !d.is_hole())
+                            .map(|(i, d)| (i, *d))
+                            .collect();
+                        let digests: Vec<Digest> = data.iter().map(|(_, d)| *d).collect();
+                        let present = repo.store().has_chunks(&digests)?;
+                        Ok(data
+                            .iter()
+                            .zip(present)
+                            .find(|(_, here)| !here)
+                            .map(|((i, _), _)| n * share + i))
                     })
                 })
                 .collect();

@@ -1084,3 +1084,583 @@ fn pruned_parents_travel_as_records_and_the_standby_prunes_itself() {
     assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
     assert_same(&sb.replica, &disk, "replica after pruning on the standby");
 }
+
+// ------------------------------------------------------------------------------------------
+// Reading a standby's repository (protocol version 2: `--repo bkimg://HOST:PORT`). These
+// run the standby on 127.0.0.1 (no namespace: no faults are injected into the network).
+
+/// `bkimg standby serve` on 127.0.0.1 without a replica, killed (SIGKILL) on drop; the
+/// repository is `DIR/standby-repo`.
+struct LocalStandby {
+    child: Option<Child>,
+    log: PathBuf,
+    repo: PathBuf,
+    port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl LocalStandby {
+    /// Shippers `--allow k.client_fp` and the `extra` arguments (`--allow-reader FP`...).
+    fn start(dir: &Path, k: &Keys, extra: &[&str]) -> LocalStandby {
+        let mut args: Vec<String> = ["--allow", &k.client_fp, "--key", p(&k.server)]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["--repo".into(), p(&dir.join("standby-repo")).into()]);
+        // The kernel picks a free port; another process may take it before the standby
+        // binds it: then try another.
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut sb = LocalStandby {
+                child: None,
+                log: dir.join("standby.log"),
+                repo: dir.join("standby-repo"),
+                port,
+                args: args.clone(),
+                env: Vec::new(),
+            };
+            if sb.launch() {
+                return sb;
+            }
+        }
+        panic!("no free port for the standby")
+    }
+
+    /// Starts the process and waits for it to listen; false if it exited (port taken).
+    fn launch(&mut self) -> bool {
+        let seen = fs::metadata(&self.log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut cmd = Command::new(bkimg_path());
+        cmd.args(["standby", "serve", "--listen", &listen])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting the standby");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if self
+                .log_text()
+                .get(seen..)
+                .unwrap_or("")
+                .contains("listening on")
+            {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "standby did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts it again on the same port after `kill`.
+    fn restart(&mut self) {
+        assert!(
+            self.launch(),
+            "the standby did not restart:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("bkimg://127.0.0.1:{}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Ids of the restore points in the standby's repository, read locally.
+    fn ids(&self) -> Vec<String> {
+        let v = bkimg_ok(&["list", "--repo", p(&self.repo), "--json"]).json();
+        ids_of(&v)
+    }
+}
+
+impl Drop for LocalStandby {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array()
+        .expect("list --json gives an array")
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A key for reading only: (key directory, fingerprint).
+fn reader_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&key)])
+        .stdout
+        .trim()
+        .to_string();
+    (key, fp)
+}
+
+/// `bkimg ARGS --repo URL --key KEY --server-fingerprint FP` (a read command on a standby).
+fn over(args: &[&str], url: &str, key: &Path, server_fp: &str) -> Run {
+    let mut a = args.to_vec();
+    a.extend([
+        "--repo",
+        url,
+        "--key",
+        p(key),
+        "--server-fingerprint",
+        server_fp,
+    ]);
+    bkimg(&a)
+}
+
+fn over_ok(args: &[&str], url: &str, key: &Path, server_fp: &str) -> Run {
+    let r = over(args, url, key, server_fp);
+    assert_eq!(
+        r.code, 0,
+        "bkimg {args:?} on {url} failed:\n{}\n{}",
+        r.stdout, r.stderr
+    );
+    r
+}
+
+/// An ext4 filesystem image of 48 MiB holding 24 files of 1 MiB of noise, made by
+/// `mkfs.ext4 -d` from a directory (no loop device or mount needed).
+fn ext4_image(path: &Path, scratch: &Path, seed: u64) {
+    let files = scratch.join(format!("files-{seed}"));
+    fs::create_dir_all(files.join("data")).unwrap();
+    for i in 0..24u64 {
+        fs::write(
+            files.join(format!("data/f{i:02}")),
+            noise(MIB as usize, seed * 100 + i),
+        )
+        .unwrap();
+    }
+    fs::write(
+        files.join("notes.txt"),
+        b"bkimg standby read test\n".repeat(100),
+    )
+    .unwrap();
+    bkimg_tests::sparse_file(path, 48 * MIB);
+    sh(
+        "mkfs.ext4",
+        &[
+            "-F",
+            "-q",
+            "-L",
+            "sbread",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            p(&files),
+            p(path),
+        ],
+    );
+    fs::remove_dir_all(&files).unwrap();
+}
+
+/// A source repository with one restore point of an ext4 image, shipped to a standby on
+/// 127.0.0.1 that allows a reader key: (dir, keys, reader key, its fingerprint, image,
+/// source repository, point id, standby).
+struct Shipped {
+    dir: TempDir,
+    k: Keys,
+    reader: PathBuf,
+    reader_fp: String,
+    image: PathBuf,
+    src: PathBuf,
+    id: String,
+    sb: LocalStandby,
+}
+
+fn shipped() -> Option<Shipped> {
+    if !require_root() {
+        return None;
+    }
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let k = keys(d);
+    let (reader, reader_fp) = reader_key(d, "reader-key");
+    let (image, src) = (d.join("fs.img"), d.join("src-repo"));
+    ext4_image(&image, d, 7);
+    let id = capture(&src, &image, false);
+    let sb = LocalStandby::start(d, &k, &["--allow-reader", &reader_fp]);
+    let url = sb.url();
+    let r = bkimg(&replicate_args(p(&src), &url, &k, &[]));
+    assert_eq!(r.code, 0, "replicate failed:\n{}\n{}", r.stdout, r.stderr);
+    assert_eq!(sb.ids(), [id.as_str()]);
+    Some(Shipped {
+        dir,
+        k,
+        reader,
+        reader_fp,
+        image,
+        src,
+        id,
+        sb,
+    })
+}
+
+/// A stored chunk file of a repository (the `n`th in name order).
+fn chunk_file(repo: &Path, n: usize) -> PathBuf {
+    let mut all: Vec<PathBuf> = fs::read_dir(repo.join("chunks"))
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    all.sort();
+    all[n].clone()
+}
+
+/// list, info, verify, restore and export over bkimg:// give what they give on the
+/// standby's own directory; the restored image equals the source byte for byte. The key
+/// and the pinned fingerprint also come from the config file's [standby].
+#[test]
+fn a_reader_lists_verifies_and_restores_over_bkimg() {
+    let Some(s) = shipped() else { return };
+    let d = s.dir.path();
+    let (url, key, sfp) = (s.sb.url(), s.reader.as_path(), s.k.server_fp.as_str());
+
+    let remote = over_ok(&["list", "--json"], &url, key, sfp).json();
+    let local = bkimg_ok(&["list", "--json", "--repo", p(&s.src)]).json();
+    assert_eq!(
+        remote, local,
+        "list over bkimg:// differs from the source's"
+    );
+    let info = over_ok(&["info", "--json", "latest"], &url, key, sfp).json();
+    assert_eq!(info["id"], s.id.as_str(), "{info}");
+    assert_eq!(
+        info["manifest"]["disks"][0]["source"],
+        local[0]["disks"][0]["source"]
+    );
+
+    let r = over_ok(&["verify", "--json", "--quiet"], &url, key, sfp);
+    let v = r.json();
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["chunks_checked"].as_u64().unwrap() > 90, "{v}");
+
+    let out = d.join("restored.img");
+    let r = over_ok(
+        &["restore", &s.id, "--target", p(&out), "--quiet"],
+        &url,
+        key,
+        sfp,
+    );
+    assert!(r.stderr.contains("restored"), "{}", r.stderr);
+    assert_same(&out, &s.image, "restore over bkimg://");
+    sh("e2fsck", &["-fn", p(&out)]);
+
+    // An export over bkimg:// is a repository of its own.
+    let export = d.join("point.bkimg");
+    over_ok(
+        &["export", "--quiet", "--output", p(&export)],
+        &url,
+        key,
+        sfp,
+    );
+    assert_restores_to(&export, &s.id, &s.image, d);
+
+    // Key and fingerprint from the config file.
+    let config = d.join("bkimg.toml");
+    fs::write(
+        &config,
+        format!(
+            "[standby]\nkey = \"{}\"\nserver-fingerprint = \"{}\"\n",
+            key.display(),
+            sfp
+        ),
+    )
+    .unwrap();
+    let r = bkimg_ok(&["--config", p(&config), "list", "--json", "--repo", &url]);
+    assert_eq!(r.json(), local);
+
+    // The standby logged the read sessions, under the reader's key.
+    let log = s.sb.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("read session") && l.contains(&s.reader_fp)),
+        "{log}"
+    );
+    // A local reader of the standby's repository agrees.
+    bkimg_ok(&["verify", "--repo", p(&s.sb.repo)]);
+}
+
+/// Only allowed keys read; a reader's key never ships (the attempt is refused and logged,
+/// nothing is stored); a wrong pinned fingerprint and a standby that is down are reported
+/// as such; capture and prune refuse a bkimg:// repository. The standby takes its reader
+/// keys from its config file here.
+#[test]
+fn readers_keys_read_only_and_strangers_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let k = keys(d);
+    let (reader, reader_fp) = reader_key(d, "reader-key");
+    let (stranger, _) = reader_key(d, "stranger-key");
+    let (image, src) = (d.join("fs.img"), d.join("src-repo"));
+    ext4_image(&image, d, 8);
+    let first = capture(&src, &image, false);
+    let config = d.join("standby.toml");
+    fs::write(
+        &config,
+        format!("[standby]\nallow-reader = [\"{reader_fp}\"]\n"),
+    )
+    .unwrap();
+    let mut sb = LocalStandby::start(d, &k, &["--config", p(&config)]);
+    assert!(
+        sb.log_text()
+            .contains("1 client key(s) allowed to ship, 1 to read only"),
+        "{}",
+        sb.log_text()
+    );
+    let url = sb.url();
+    let r = bkimg(&replicate_args(p(&src), &url, &k, &[]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // The reader reads.
+    let l = over_ok(&["list", "--json"], &url, &reader, &k.server_fp).json();
+    assert_eq!(ids_of(&l), [first.as_str()]);
+
+    // A key in neither set.
+    let r = over(&["list"], &url, &stranger, &k.server_fp);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(r.stderr.contains("refused our key"), "{}", r.stderr);
+    assert!(r.stderr.contains("--allow-reader"), "{}", r.stderr);
+
+    // The wrong pinned fingerprint (the reader's own).
+    let r = over(&["list"], &url, &reader, &reader_fp);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(r.stderr.contains("not the pinned"), "{}", r.stderr);
+
+    // The reader's key cannot ship a new point.
+    let second = capture(&src, &image, true);
+    let r = bkimg(&[
+        "replicate",
+        "--repo",
+        p(&src),
+        "--to",
+        &url,
+        "--key",
+        p(&reader),
+        "--server-fingerprint",
+        &k.server_fp,
+    ]);
+    assert_eq!(r.code, 8, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("may only read"), "{}", r.stderr);
+    assert_eq!(
+        sb.ids(),
+        [first.as_str()],
+        "the reader's key stored something"
+    );
+    let log = sb.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("refused")
+            && l.contains(&reader_fp)
+            && l.contains("may only read")),
+        "the refused ship attempt is not logged:\n{log}"
+    );
+    // The shipper's key still ships it.
+    let r = bkimg(&replicate_args(p(&src), &url, &k, &[]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(sb.ids(), [first, second]);
+
+    // Commands that write refuse a standby, and say how to get there.
+    let r = bkimg(&["capture", "--repo", &url, p(&image)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("bkimg replicate --to {url}")),
+        "{}",
+        r.stderr
+    );
+    let r = bkimg(&["prune", "--repo", &url, "--keep-last", "1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("on the standby host"), "{}", r.stderr);
+    assert_eq!(sb.ids().len(), 2);
+
+    // A standby that is down: which address, and what to check.
+    sb.kill();
+    let r = over(&["list", "--retries", "1"], &url, &reader, &k.server_fp);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains(&url["bkimg://".len()..]), "{}", r.stderr);
+    assert!(r.stderr.contains("bkimg standby serve"), "{}", r.stderr);
+}
+
+/// A chunk damaged and another deleted in the standby's repository: verify and restore
+/// over bkimg:// find them (the reader checks every blob itself) and name them.
+#[test]
+fn damage_on_the_standby_is_found_by_the_reader() {
+    let Some(s) = shipped() else { return };
+    let d = s.dir.path();
+    let (url, key, sfp) = (s.sb.url(), s.reader.as_path(), s.k.server_fp.as_str());
+    let damaged = chunk_file(&s.sb.repo, 3);
+    let deleted = chunk_file(&s.sb.repo, 10);
+    let name = |f: &Path| f.file_name().unwrap().to_str().unwrap().to_string();
+    let (damaged_id, deleted_id) = (name(&damaged), name(&deleted));
+    let mut bytes = fs::read(&damaged).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x55;
+    fs::write(&damaged, &bytes).unwrap();
+    let kept = d.join("deleted-chunk");
+    fs::rename(&deleted, &kept).unwrap();
+
+    let r = over(&["verify", "--quiet"], &url, key, sfp);
+    assert_eq!(r.code, 3, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.contains(&damaged_id) && l.contains("damaged")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.lines().any(|l| l.contains(&deleted_id)
+            && l.contains("missing")
+            && l.contains("on the standby")),
+        "{}",
+        r.stderr
+    );
+
+    // Restore checks that every chunk is there before writing: the missing one is named.
+    let out = d.join("restored.img");
+    let r = over(&["restore", "--target", p(&out), "--quiet"], &url, key, sfp);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&deleted_id) && r.stderr.contains("missing"),
+        "{}",
+        r.stderr
+    );
+    // With it back, the damaged one stops the restore.
+    fs::rename(&kept, &deleted).unwrap();
+    let _ = fs::remove_file(&out);
+    let r = over(&["restore", "--target", p(&out), "--quiet"], &url, key, sfp);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&damaged_id) && r.stderr.contains("damaged"),
+        "{}",
+        r.stderr
+    );
+    // The standby's own verify names the same chunk; the source's is intact.
+    let r = bkimg(&["verify", "--repo", p(&s.sb.repo), "--quiet"]);
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.contains(&damaged_id), "{}", r.stderr);
+    bkimg_ok(&["verify", "--repo", p(&s.src), "--quiet"]);
+}
+
+/// The standby is killed while a restore from it is under way (paused by a test hook after
+/// its first chunks, so that the kill falls mid-restore), and started again: the restore
+/// retries on new connections and completes, byte-identical. While the restore holds its
+/// sessions, a prune of the standby's repository is refused (it would delete under it).
+#[test]
+fn standby_killed_mid_restore_and_restarted_the_restore_completes() {
+    let Some(mut s) = shipped() else { return };
+    let d = s.dir.path();
+    let url = s.sb.url();
+    let out = d.join("restored.img");
+    let paused = d.join("paused");
+    let stderr_path = d.join("restore.stderr");
+    let mut child = Command::new(bkimg_path())
+        .args([
+            "restore",
+            "--repo",
+            &url,
+            "--key",
+            p(&s.reader),
+            "--server-fingerprint",
+            &s.k.server_fp,
+            "--target",
+            p(&out),
+            "--quiet",
+            "--retries",
+            "8",
+        ])
+        .env(
+            "BKIMG_TEST_PAUSE",
+            format!("standby-read-chunk:{}", paused.display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stderr = || fs::read_to_string(&stderr_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !paused.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before its pause point:\n{}",
+            stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the restore never reached its pause point (built without --features \
+             bkimg/test-hooks?)\n{}",
+            stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Its read sessions hold the standby repository's shared lock.
+    let r = bkimg(&["prune", "--repo", p(&s.sb.repo), "--keep-last", "1"]);
+    assert_eq!(
+        r.code, 10,
+        "prune under a reader: {}\n{}",
+        r.stdout, r.stderr
+    );
+
+    s.sb.kill();
+    fs::remove_file(&paused).unwrap();
+    // The restore notices (its connections are gone, new ones are refused) and waits.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !stderr().contains("retrying") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore gave up without retrying:\n{}",
+            stderr()
+        );
+        assert!(Instant::now() < deadline, "no retry:\n{}", stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.sb.restart();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the restore failed after the restart:\n{}\n{}",
+        stderr(),
+        s.sb.log_text()
+    );
+    assert!(stderr().contains(&url["bkimg://".len()..]), "{}", stderr());
+    assert_same(&out, &s.image, "restore across a standby restart");
+}

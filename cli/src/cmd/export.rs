@@ -22,6 +22,8 @@ pub struct ExportArgs {
     #[arg(long, short)]
     pub output: PathBuf,
     #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -30,9 +32,10 @@ pub fn run(args: ExportArgs, config: &Config) -> Result<i32> {
         repo,
         id,
         output,
+        standby,
         common,
     } = args;
-    let repo = open_repository(repo.path(), config)?;
+    let repo = open_repository(repo.path(), &standby, 1, config)?;
     let point = repo.resolve(&id)?;
     export(&repo, &point, &output, common.quiet || common.json)?;
     if common.json {

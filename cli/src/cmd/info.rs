@@ -17,12 +17,19 @@ pub struct InfoArgs {
     #[arg(default_value = "latest")]
     pub id: String,
     #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
 pub fn run(args: InfoArgs, config: &Config) -> Result<i32> {
-    let InfoArgs { repo, id, common } = args;
-    let repo = open_repository(repo.path(), config)?;
+    let InfoArgs {
+        repo,
+        id,
+        standby,
+        common,
+    } = args;
+    let repo = open_repository(repo.path(), &standby, 1, config)?;
     let point = repo.resolve(&id)?;
     if common.json {
         let mut v = point_summary(&point);

@@ -13,12 +13,18 @@ pub struct ListArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
 pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
-    let ListArgs { repo, common } = args;
-    let repo = open_repository(repo.path(), config)?;
+    let ListArgs {
+        repo,
+        standby,
+        common,
+    } = args;
+    let repo = open_repository(repo.path(), &standby, 1, config)?;
     let (points, bad) = repo.points()?;
     for (id, e) in &bad {
         eprintln!(

@@ -34,10 +34,12 @@ pub struct RestoreArgs {
     /// Do not ask before overwriting a block device.
     #[arg(long)]
     pub yes: bool,
-    /// Chunks read at once (default: 4 per CPU; 32 for s3://; or `threads` in the
-    /// config file).
+    /// Chunks read at once (default: 4 per CPU; 32 for s3://; 16 for bkimg://; or
+    /// `threads` in the config file).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -51,10 +53,11 @@ pub fn run(args: RestoreArgs, config: &Config) -> Result<i32> {
         dry_run,
         yes,
         threads,
+        standby,
         common,
     } = args;
     let workers = io_workers(threads, repo.path());
-    let repo = open_repository(repo.path(), config)?;
+    let repo = open_repository(repo.path(), &standby, workers, config)?;
     let point = repo.resolve(&id)?;
     let req = RestoreRequest {
         targets: bkimg_restore::match_targets(&point, &target)?,

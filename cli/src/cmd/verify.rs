@@ -14,10 +14,12 @@ pub struct VerifyArgs {
     pub repo: RepoArgs,
     /// Restore points to verify (default: all).
     pub ids: Vec<String>,
-    /// Chunks read and checked at once (default: 4 per CPU; 32 for s3://; or
-    /// `threads` in the config file).
+    /// Chunks read and checked at once (default: 4 per CPU; 32 for s3://; 16 for
+    /// bkimg://; or `threads` in the config file).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -27,10 +29,11 @@ pub fn run(args: VerifyArgs, config: &Config) -> Result<i32> {
         repo,
         ids,
         threads,
+        standby,
         common,
     } = args;
     let workers = io_workers(threads, repo.path());
-    let repo = open_repository(repo.path(), config)?;
+    let repo = open_repository(repo.path(), &standby, workers, config)?;
     let bar = Bar::new(common.quiet || common.json);
     let report = bkimg_restore::verify::verify(&repo, &ids, workers, &bar);
     bar.finish();

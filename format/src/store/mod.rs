@@ -29,6 +29,11 @@ pub trait StoreRead: Send + Sync {
     fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> Result<()>;
     /// Whether a complete blob for `digest` is stored.
     fn has_chunk(&self, digest: &Digest) -> Result<bool>;
+    /// [`has_chunk`](StoreRead::has_chunk) for each of `digests`, in order. Stores that
+    /// answer over a network override it to ask for many at once.
+    fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        digests.iter().map(|d| self.has_chunk(d)).collect()
+    }
     /// The prune record of restore point `id` (spec/format.md §7.5), if the store has one.
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>>;
 }
@@ -87,6 +92,9 @@ impl<T: StoreRead + ?Sized> StoreRead for std::sync::Arc<T> {
     }
     fn has_chunk(&self, digest: &Digest) -> Result<bool> {
         (**self).has_chunk(digest)
+    }
+    fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        (**self).has_chunks(digests)
     }
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
         (**self).read_prune_record(id)

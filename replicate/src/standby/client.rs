@@ -124,17 +124,35 @@ async fn connect(
     cfg: &ClientConfig,
     seen: &Seen,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = tokio::time::timeout(cfg.timeout, TcpStream::connect(&cfg.address))
+    connect_tls(
+        &cfg.address,
+        &cfg.identity,
+        &cfg.server_fingerprint,
+        cfg.timeout,
+        seen,
+    )
+    .await
+}
+
+/// TCP, then the TLS handshake pinning `pin`, each bounded by `timeout`.
+pub(crate) async fn connect_tls(
+    address: &str,
+    identity: &Identity,
+    pin: &Fingerprint,
+    timeout: Duration,
+    seen: &Seen,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
-        .map_err(|_| p::TimedOut(cfg.timeout))?
-        .with_context(|| format!("connecting to {}", cfg.address))?;
+        .map_err(|_| p::TimedOut(timeout))?
+        .with_context(|| format!("connecting to {address}"))?;
     tcp.set_nodelay(true).ok();
-    let config = tls::client_config(&cfg.identity, &cfg.server_fingerprint, seen.clone())?;
+    let config = tls::client_config(identity, pin, seen.clone())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(tls::SERVER_NAME).expect("valid name");
-    let stream = tokio::time::timeout(cfg.timeout, connector.connect(name, tcp))
+    let stream = tokio::time::timeout(timeout, connector.connect(name, tcp))
         .await
-        .map_err(|_| p::TimedOut(cfg.timeout))?
+        .map_err(|_| p::TimedOut(timeout))?
         .context("TLS handshake")?;
     Ok(stream)
 }
@@ -156,6 +174,7 @@ async fn session(
         protocol: p::PROTOCOL.into(),
         versions: p::VERSIONS.to_vec(),
         software: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
+        session: p::SessionKind::Ship,
     };
     p::write_json(&mut s, Kind::Hello, &hello, t).await?;
     p::flush(&mut s, t).await?;
@@ -395,16 +414,43 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Remembers which certificate the server showed, for the error message.
-fn attach_seen(e: anyhow::Error, seen: &Seen) -> anyhow::Error {
+pub(crate) fn attach_seen(e: anyhow::Error, seen: &Seen) -> anyhow::Error {
     match seen.lock().unwrap_or_else(|e| e.into_inner()).clone() {
         Some(fp) => e.context(format!("the standby presented certificate {fp}")),
         None => e,
     }
 }
 
-/// Turns TLS refusals into [`RemoteError::Denied`] with a message saying what to do.
+/// Turns refusals into [`RemoteError::Denied`] with a message saying what to do.
 fn classify(e: anyhow::Error, cfg: &ClientConfig) -> anyhow::Error {
+    classify_refusal(
+        e,
+        &cfg.address,
+        &cfg.identity.fingerprint(),
+        &cfg.server_fingerprint,
+        "--allow",
+    )
+}
+
+/// Turns TLS refusals (either side's) and a standby's `denied` into
+/// [`RemoteError::Denied`]: `own` is this host's certificate, `pinned` the one expected of
+/// the standby, `allow` the serve option that would let `own` in.
+pub(crate) fn classify_refusal(
+    e: anyhow::Error,
+    address: &str,
+    own: &Fingerprint,
+    pinned: &Fingerprint,
+    allow: &str,
+) -> anyhow::Error {
     for cause in e.chain() {
+        if let Some(PeerError::Reported { code, message }) = cause.downcast_ref::<PeerError>() {
+            if code == "denied" {
+                return RemoteError::Denied(format!(
+                    "standby {address} refused (certificate {own}): {message}"
+                ))
+                .into();
+            }
+        }
         let tls_err = cause
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
@@ -423,10 +469,9 @@ fn classify(e: anyhow::Error, cfg: &ClientConfig) -> anyhow::Error {
                     })
                     .unwrap_or_else(|| "an unexpected certificate".into());
                 return RemoteError::Denied(format!(
-                    "standby {} presented certificate {shown}, not the pinned {}: this is not \
-                     the standby you configured (or its key was replaced); check \
-                     --server-fingerprint against `bkimg standby fingerprint` on the standby",
-                    cfg.address, cfg.server_fingerprint
+                    "standby {address} presented certificate {shown}, not the pinned {pinned}: \
+                     this is not the standby you configured (or its key was replaced); check \
+                     --server-fingerprint against `bkimg standby fingerprint` on the standby"
                 ))
                 .into();
             }
@@ -439,10 +484,8 @@ fn classify(e: anyhow::Error, cfg: &ClientConfig) -> anyhow::Error {
                 | A::DecryptError,
             ) => {
                 return RemoteError::Denied(format!(
-                    "standby {} refused our key (certificate {}): allow it there with --allow {}",
-                    cfg.address,
-                    cfg.identity.fingerprint(),
-                    cfg.identity.fingerprint()
+                    "standby {address} refused our key (certificate {own}): allow it there \
+                     with {allow} {own}"
                 ))
                 .into();
             }
@@ -454,7 +497,7 @@ fn classify(e: anyhow::Error, cfg: &ClientConfig) -> anyhow::Error {
 
 /// Whether another attempt may succeed: network trouble yes; refusals, damage and
 /// protocol violations no.
-fn transient(e: &anyhow::Error) -> bool {
+pub(crate) fn transient(e: &anyhow::Error) -> bool {
     for cause in e.chain() {
         if cause.downcast_ref::<RemoteError>().is_some()
             || cause.downcast_ref::<FormatError>().is_some()

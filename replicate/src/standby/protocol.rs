@@ -1,6 +1,9 @@
 //! The standby wire protocol (spec/standby-protocol.md is normative): frames of
 //! `u32 length | u8 type | body` inside TLS 1.3. Every length is checked against the
 //! limit of its frame type before anything is allocated.
+//!
+//! Version 1 has ship sessions only; version 2 adds read sessions (frames 17-27), which
+//! serve the objects of the standby's repository to a reader that checks them itself.
 
 use std::time::Duration;
 
@@ -10,7 +13,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Protocol versions this build speaks.
-pub const VERSIONS: &[u32] = &[1];
+pub const VERSIONS: &[u32] = &[1, 2];
+/// The first version with read sessions.
+pub const READ_VERSION: u32 = 2;
 pub const PROTOCOL: &str = "bkimg-standby";
 
 /// Digests per chunk query.
@@ -22,6 +27,15 @@ pub const FRAME_MAX: u32 =
     32 + bkimg_format::chunk::HEADER_LEN as u32 + bkimg_format::MAX_CHUNK_SIZE;
 /// Largest JSON frame.
 pub const JSON_MAX: u32 = 4 << 20;
+/// Largest stored chunk blob (header and payload).
+pub const BLOB_MAX: u32 = bkimg_format::chunk::HEADER_LEN as u32 + bkimg_format::MAX_CHUNK_SIZE;
+/// Largest manifest or prune record file (a sealed document).
+pub const SEALED_MAX: u32 = bkimg_format::sealed::MAX_BODY_LEN as u32 + 64;
+/// Largest volume index object: header and one entry per chunk of the largest volume in
+/// the smallest chunks.
+pub const INDEX_MAX: u64 = bkimg_format::index::HEADER_LEN as u64
+    + (bkimg_format::index::MAX_VOLUME_SIZE / bkimg_format::MIN_CHUNK_SIZE as u64)
+        * bkimg_format::index::ENTRY_LEN as u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -42,6 +56,18 @@ pub enum Kind {
     Commit = 14,
     Committed = 15,
     Bye = 16,
+    // Version 2: read sessions.
+    List = 17,
+    Listing = 18,
+    GetManifest = 19,
+    ManifestData = 20,
+    GetIndex = 21,
+    IndexData = 22,
+    GetChunk = 23,
+    ChunkData = 24,
+    GetPruneRecord = 25,
+    PruneRecordData = 26,
+    NotFound = 27,
 }
 
 impl Kind {
@@ -64,6 +90,17 @@ impl Kind {
             14 => Commit,
             15 => Committed,
             16 => Bye,
+            17 => List,
+            18 => Listing,
+            19 => GetManifest,
+            20 => ManifestData,
+            21 => GetIndex,
+            22 => IndexData,
+            23 => GetChunk,
+            24 => ChunkData,
+            25 => GetPruneRecord,
+            26 => PruneRecordData,
+            27 => NotFound,
             _ => return None,
         })
     }
@@ -72,14 +109,18 @@ impl Kind {
     pub fn max_body(self) -> u32 {
         use Kind::*;
         match self {
-            Hello | Welcome | Error | Begin | Plan | BatchOk | Committed => JSON_MAX,
+            Hello | Welcome | Error | Begin | Plan | BatchOk | Committed | Listing => JSON_MAX,
             Query => (QUERY_MAX * 32) as u32,
             Lacks => QUERY_MAX as u32,
             Chunk => FRAME_MAX,
             IndexPart => (32 + 8 + INDEX_PART_MAX) as u32,
-            IndexEnd => 32,
-            Commit => bkimg_format::sealed::MAX_BODY_LEN as u32 + 64,
-            BatchEnd | IndexOk | Bye => 0,
+            IndexEnd | GetChunk => 32,
+            Commit | ManifestData | PruneRecordData => SEALED_MAX,
+            BatchEnd | IndexOk | Bye | List | NotFound => 0,
+            GetManifest | GetPruneRecord => bkimg_format::manifest::MAX_ID_LEN as u32,
+            GetIndex => 32 + 8,
+            IndexData => (8 + INDEX_PART_MAX) as u32,
+            ChunkData => BLOB_MAX,
         }
     }
 }
@@ -89,6 +130,19 @@ pub struct Hello {
     pub protocol: String,
     pub versions: Vec<u32>,
     pub software: String,
+    /// What the client means to do (version 2; absent: ship).
+    #[serde(default)]
+    pub session: SessionKind,
+}
+
+/// The two kinds of session: a ship session writes restore points to the standby, a read
+/// session (version 2) only reads its repository.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionKind {
+    #[default]
+    Ship,
+    Read,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +160,8 @@ pub struct Welcome {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorMsg {
-    /// "unsupported", "damaged", "conflict", "refused", "internal".
+    /// "unsupported", "violation", "damaged", "incomplete", "conflict", "internal", "busy",
+    /// and (version 2) "denied".
     pub code: String,
     pub message: String,
 }
@@ -136,6 +191,63 @@ pub struct BatchOk {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Committed {
     pub id: String,
+}
+
+/// The answer to List: the ids of the restore points the standby holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Listing {
+    pub ids: Vec<String>,
+}
+
+/// A GetIndex request: the index and the byte offset to read from.
+pub fn get_index(id: &Digest, offset: u64) -> [u8; 40] {
+    let mut body = [0u8; 40];
+    body[..32].copy_from_slice(&id.0);
+    body[32..].copy_from_slice(&offset.to_le_bytes());
+    body
+}
+
+pub fn parse_get_index(body: &[u8]) -> Result<(Digest, u64)> {
+    if body.len() != 40 {
+        bail!(PeerError::Violation(format!(
+            "GetIndex of {} bytes, not 40",
+            body.len()
+        )));
+    }
+    let offset = u64::from_le_bytes(body[32..].try_into().expect("8 bytes"));
+    Ok((digest_at(body, 0)?, offset))
+}
+
+/// An IndexData answer to a request for `offset`: the index's whole length and its bytes
+/// from `offset`, checked to be exactly what such an answer must carry (no more than a
+/// part, and a short part only at the end).
+pub fn parse_index_data(body: &[u8], offset: u64) -> Result<(u64, &[u8])> {
+    if body.len() < 8 {
+        bail!(PeerError::Violation(
+            "IndexData shorter than its head".into()
+        ));
+    }
+    let total = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+    let data = &body[8..];
+    if total > INDEX_MAX {
+        bail!(PeerError::Violation(format!(
+            "an index of {total} bytes is larger than any index can be"
+        )));
+    }
+    let expected = total.saturating_sub(offset).min(INDEX_PART_MAX as u64);
+    if offset > total || data.len() as u64 != expected {
+        bail!(PeerError::Violation(format!(
+            "IndexData of {} bytes at offset {offset} of a {total}-byte index",
+            data.len()
+        )));
+    }
+    Ok((total, data))
+}
+
+/// A restore-point id in a GetManifest or GetPruneRecord request.
+pub fn parse_id(body: &[u8]) -> Result<String> {
+    String::from_utf8(body.to_vec())
+        .map_err(|_| PeerError::Violation("an id that is not UTF-8".into()).into())
 }
 
 /// The peer said something the protocol does not allow, or reported an error.
@@ -293,5 +405,136 @@ mod tests {
         // Truncated body.
         let bad = [10, 0, 0, 0, Kind::Query as u8, 1, 2];
         assert!(read_frame(&mut bad.as_slice(), t).await.is_err());
+    }
+
+    /// A frame head claiming `len` bytes of `kind`, with no body.
+    fn head(kind: u8, len: u32) -> Vec<u8> {
+        let mut h = len.to_le_bytes().to_vec();
+        h.push(kind);
+        h
+    }
+
+    #[tokio::test]
+    async fn read_frames_round_trip() {
+        let t = Duration::from_secs(1);
+        let id = Digest([9u8; 32]);
+        let mut buf = Vec::new();
+        write_frame(&mut buf, Kind::List, &[], t).await.unwrap();
+        let listing = Listing {
+            ids: vec!["a".into(), "b".into()],
+        };
+        write_json(&mut buf, Kind::Listing, &listing, t)
+            .await
+            .unwrap();
+        write_frame(&mut buf, Kind::GetManifest, &[b"point-1"], t)
+            .await
+            .unwrap();
+        write_frame(&mut buf, Kind::GetIndex, &[&get_index(&id, 1 << 20)], t)
+            .await
+            .unwrap();
+        let part = vec![7u8; INDEX_PART_MAX];
+        let total = (INDEX_PART_MAX as u64 * 2 + 5).to_le_bytes();
+        write_frame(&mut buf, Kind::IndexData, &[&total, &part], t)
+            .await
+            .unwrap();
+        write_frame(&mut buf, Kind::GetChunk, &[&id.0], t)
+            .await
+            .unwrap();
+        let blob = vec![1u8; BLOB_MAX as usize];
+        write_frame(&mut buf, Kind::ChunkData, &[&blob], t)
+            .await
+            .unwrap();
+        write_frame(&mut buf, Kind::NotFound, &[], t).await.unwrap();
+
+        let mut r = buf.as_slice();
+        assert_eq!(read_frame(&mut r, t).await.unwrap().kind, Kind::List);
+        let l: Listing = read_frame(&mut r, t).await.unwrap().json().unwrap();
+        assert_eq!(l.ids, ["a", "b"]);
+        let f = read_frame(&mut r, t).await.unwrap();
+        assert_eq!(f.kind, Kind::GetManifest);
+        assert_eq!(parse_id(&f.body).unwrap(), "point-1");
+        let f = read_frame(&mut r, t).await.unwrap();
+        assert_eq!(parse_get_index(&f.body).unwrap(), (id, 1 << 20));
+        let f = read_frame(&mut r, t).await.unwrap();
+        let (n, data) = parse_index_data(&f.body, 1 << 20).unwrap();
+        assert_eq!(
+            (n, data.len()),
+            (INDEX_PART_MAX as u64 * 2 + 5, INDEX_PART_MAX)
+        );
+        let f = read_frame(&mut r, t).await.unwrap();
+        assert_eq!(digest_at(&f.body, 0).unwrap(), id);
+        let f = read_frame(&mut r, t).await.unwrap();
+        assert_eq!((f.kind, f.body.len()), (Kind::ChunkData, BLOB_MAX as usize));
+        let f = read_frame(&mut r, t).await.unwrap();
+        assert_eq!((f.kind, f.body.len()), (Kind::NotFound, 0));
+        assert!(r.is_empty());
+    }
+
+    #[tokio::test]
+    async fn read_frames_over_their_limits_are_refused_on_the_head() {
+        let t = Duration::from_secs(1);
+        for (kind, len) in [
+            (Kind::List, 1),
+            (Kind::NotFound, 1),
+            (Kind::GetChunk, 33),
+            (Kind::GetIndex, 41),
+            (Kind::GetManifest, 65),
+            (Kind::GetPruneRecord, 65),
+            (Kind::IndexData, 8 + INDEX_PART_MAX as u32 + 1),
+            (Kind::ChunkData, BLOB_MAX + 1),
+            (Kind::ManifestData, SEALED_MAX + 1),
+            (Kind::PruneRecordData, SEALED_MAX + 1),
+            (Kind::Listing, JSON_MAX + 1),
+        ] {
+            // No body follows: refusing on the head alone is what is tested.
+            let h = head(kind as u8, len);
+            let e = read_frame(&mut h.as_slice(), t).await.err().unwrap();
+            assert!(e.to_string().contains("over its limit"), "{kind:?}: {e}");
+            // The writer refuses to send it too.
+            let body = vec![0u8; len as usize];
+            assert!(write_frame(&mut Vec::new(), kind, &[&body], t)
+                .await
+                .is_err());
+        }
+        // The first type after version 2's.
+        let h = head(28, 0);
+        let e = read_frame(&mut h.as_slice(), t).await.err().unwrap();
+        assert!(e.to_string().contains("unknown frame type 28"), "{e}");
+    }
+
+    #[test]
+    fn index_answers_must_carry_exactly_their_part() {
+        let total = INDEX_PART_MAX as u64 + 100;
+        let answer = |total: u64, n: usize| {
+            let mut b = total.to_le_bytes().to_vec();
+            b.resize(8 + n, 3);
+            b
+        };
+        assert!(parse_index_data(&answer(total, INDEX_PART_MAX), 0).is_ok());
+        assert!(parse_index_data(&answer(total, 100), INDEX_PART_MAX as u64).is_ok());
+        // At the end: empty.
+        assert!(parse_index_data(&answer(total, 0), total).is_ok());
+        // Short in the middle, long at the end, past the end, no head, absurd length.
+        assert!(parse_index_data(&answer(total, 10), 0).is_err());
+        assert!(parse_index_data(&answer(total, 101), INDEX_PART_MAX as u64).is_err());
+        assert!(parse_index_data(&answer(total, 0), total + 1).is_err());
+        assert!(parse_index_data(&[1, 2, 3], 0).is_err());
+        assert!(parse_index_data(&answer(INDEX_MAX + 1, 0), INDEX_MAX + 1).is_err());
+        assert!(parse_get_index(&[0u8; 39]).is_err());
+        assert!(parse_id(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn hello_without_a_session_kind_is_a_ship_session() {
+        // What a version-1 client sends.
+        let h: Hello =
+            serde_json::from_str(r#"{"protocol":"bkimg-standby","versions":[1],"software":"x"}"#)
+                .unwrap();
+        assert_eq!(h.session, SessionKind::Ship);
+        let h: Hello = serde_json::from_str(
+            r#"{"protocol":"bkimg-standby","versions":[1,2],"software":"x","session":"read","later":1}"#,
+        )
+        .unwrap();
+        assert_eq!(h.session, SessionKind::Read);
     }
 }

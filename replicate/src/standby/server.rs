@@ -4,13 +4,18 @@
 //! manifest is committed only after the whole point and its digest-chain link are checked.
 //! Writes go through [`LocalDir`], which is crash-safe: a broken session leaves only
 //! complete objects, which the next session skips.
+//!
+//! Read sessions (protocol version 2) serve stored objects as they are, for readers that
+//! check them themselves; they run alongside ship sessions and each other, and hold the
+//! repository's shared lock like ship sessions, so a prune waits for them. Keys allowed
+//! with `--allow-reader` may open read sessions only.
 
 use bkimg_format::time::now_rfc3339;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +43,10 @@ pub struct ServeConfig {
     /// Replicas kept equal to the latest point, one per disk (empty: none).
     pub replicas: Vec<ReplicaSpec>,
     pub identity: Identity,
+    /// Client keys that may ship restore points (and read).
     pub allowed: BTreeSet<Fingerprint>,
+    /// Client keys that may only read (`--allow-reader`).
+    pub readers: BTreeSet<Fingerprint>,
     /// A peer silent for this long is dropped.
     pub timeout: Duration,
 }
@@ -50,6 +58,7 @@ pub fn log(line: &str) {
 
 struct Ctx {
     cfg: ServeConfig,
+    /// Every key that may connect: the shippers and the readers.
     allowed: Arc<BTreeSet<Fingerprint>>,
     /// One session writes to the repository at a time.
     writer: tokio::sync::Mutex<()>,
@@ -85,7 +94,7 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the I/O runtime")?;
     let ctx = Arc::new(Ctx {
-        allowed: Arc::new(cfg.allowed.clone()),
+        allowed: Arc::new(cfg.allowed.union(&cfg.readers).cloned().collect()),
         cfg,
         writer: tokio::sync::Mutex::new(()),
         applier: Mutex::new(applier),
@@ -140,8 +149,10 @@ async fn accept_loop(ctx: Arc<Ctx>) -> Result<()> {
     let listener = TcpListener::bind(&ctx.cfg.listen)
         .await
         .with_context(|| format!("listening on {}", ctx.cfg.listen))?;
+    let readers = ctx.cfg.readers.difference(&ctx.cfg.allowed).count();
     log(&format!(
-        "listening on {} for repository {}{}; certificate {}; {} client key(s) allowed",
+        "listening on {} for repository {}{}; certificate {}; {} client key(s) allowed to \
+         ship, {readers} to read only",
         listener
             .local_addr()
             .map(|a| a.to_string())
@@ -152,7 +163,7 @@ async fn accept_loop(ctx: Arc<Ctx>) -> Result<()> {
             Err(_) => String::new(),
         },
         ctx.cfg.identity.fingerprint(),
-        ctx.allowed.len()
+        ctx.cfg.allowed.len()
     ));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -201,25 +212,40 @@ async fn accept_loop(ctx: Arc<Ctx>) -> Result<()> {
                 }
                 Ok(Ok(s)) => s,
             };
+            let may_ship = shown.as_ref().is_some_and(|f| ctx.cfg.allowed.contains(f));
             let who = format!("{peer} ({})", shown.map(|f| f.0).unwrap_or_default());
             let start = Instant::now();
             let mut stats = Stats::default();
-            match session(&mut stream, &ctx, &mut stats).await {
+            let result = session(&mut stream, &ctx, may_ship, &mut stats).await;
+            let secs = start.elapsed().as_secs_f64();
+            match result {
+                Ok(()) if stats.read => log(&format!(
+                    "read session {who}: {} request(s), {} chunks ({} bytes) sent, {} object(s) not found, {secs:.1} s",
+                    stats.requests, stats.chunks_sent, stats.bytes_sent, stats.not_found
+                )),
                 Ok(()) => log(&format!(
-                    "session {who}: {} restore point(s) committed{}, {} chunks stored ({} bytes), {} already present, {:.1} s",
+                    "session {who}: {} restore point(s) committed{}, {} chunks stored ({} bytes), {} already present, {secs:.1} s",
                     stats.committed.len(),
                     if stats.committed.is_empty() { String::new() } else { format!(" ({})", stats.committed.join(", ")) },
                     stats.chunks_stored,
                     stats.bytes_stored,
                     stats.chunks_present,
-                    start.elapsed().as_secs_f64()
                 )),
                 Err(e) => {
-                    log(&format!(
-                        "session {who} ended: {e:#} (after {} restore point(s) committed, {} chunks stored; a rerun resumes)",
-                        stats.committed.len(),
-                        stats.chunks_stored
-                    ));
+                    if e.chain().any(|c| c.is::<Denied>()) {
+                        log(&format!("refused {who}: {e:#}"));
+                    } else if stats.read {
+                        log(&format!(
+                            "read session {who} ended: {e:#} (after {} request(s))",
+                            stats.requests
+                        ));
+                    } else {
+                        log(&format!(
+                            "session {who} ended: {e:#} (after {} restore point(s) committed, {} chunks stored; a rerun resumes)",
+                            stats.committed.len(),
+                            stats.chunks_stored
+                        ));
+                    }
                     let msg = p::ErrorMsg {
                         code: error_code(&e).into(),
                         message: format!("{e:#}"),
@@ -263,6 +289,9 @@ fn error_code(e: &anyhow::Error) -> &'static str {
         if c.downcast_ref::<Conflict>().is_some() {
             return "conflict";
         }
+        if c.downcast_ref::<Denied>().is_some() {
+            return "denied";
+        }
     }
     "internal"
 }
@@ -271,12 +300,23 @@ fn error_code(e: &anyhow::Error) -> &'static str {
 #[error("{0}")]
 struct Conflict(String);
 
+/// The key may not do what the session asked (a read-only key asking to ship).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Denied(String);
+
 #[derive(Default)]
 struct Stats {
     committed: Vec<String>,
     chunks_stored: u64,
     bytes_stored: u64,
     chunks_present: u64,
+    /// A read session: what it served.
+    read: bool,
+    requests: u64,
+    chunks_sent: u64,
+    bytes_sent: u64,
+    not_found: u64,
 }
 
 /// An index being received: scratch file and bytes so far.
@@ -286,9 +326,11 @@ struct Incoming {
     len: u64,
 }
 
+/// One session; `may_ship`: the client's key is in the allowed set (not only a reader's).
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     ctx: &Ctx,
+    may_ship: bool,
     stats: &mut Stats,
 ) -> Result<()> {
     let t = ctx.cfg.timeout;
@@ -311,6 +353,26 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .into());
     };
+    if hello.session == p::SessionKind::Read {
+        if version < p::READ_VERSION {
+            return Err(PeerError::Violation(format!(
+                "a read session needs protocol version {} or later, and version {version} \
+                 was agreed",
+                p::READ_VERSION
+            ))
+            .into());
+        }
+        stats.read = true;
+        return read_session(s, ctx, version, stats).await;
+    }
+    if !may_ship {
+        return Err(Denied(
+            "this key may only read (it is allowed with --allow-reader), and it asked to \
+             ship restore points: nothing was written; allow it with --allow to let it ship"
+                .into(),
+        )
+        .into());
+    }
     let _writer = ctx.writer.lock().await;
     let root = ctx.cfg.repo.clone();
     let (store, reader) =
@@ -499,6 +561,132 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
+}
+
+/// A read session: answers requests for stored objects, one after another, until Bye. It
+/// does not wait for ship sessions (it reads only committed objects, which are complete
+/// files renamed into place) but holds the repository's shared lock like them, so that a
+/// prune cannot delete under it.
+async fn read_session<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    ctx: &Ctx,
+    version: u32,
+    stats: &mut Stats,
+) -> Result<()> {
+    let t = ctx.cfg.timeout;
+    let root = ctx.cfg.repo.clone();
+    let store = blocking(|| LocalDir::open(&root))?;
+    let welcome = p::Welcome {
+        version,
+        software: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
+        points: Vec::new(),
+    };
+    p::write_json(s, Kind::Welcome, &welcome, t).await?;
+    p::flush(s, t).await?;
+    loop {
+        let f = p::read_frame(s, t).await?;
+        stats.requests += 1;
+        // The answer: a frame, or None for "not found".
+        let answer: Option<(Kind, Vec<u8>)> = match f.kind {
+            Kind::List => {
+                let ids = blocking(|| store.list_manifests())?;
+                let body = serde_json::to_vec(&p::Listing { ids }).expect("serializes");
+                Some((Kind::Listing, body))
+            }
+            Kind::GetManifest => {
+                let id = p::parse_id(&f.body)?;
+                found(blocking(|| store.read_manifest(&id)))?.map(|b| (Kind::ManifestData, b))
+            }
+            Kind::GetIndex => {
+                let (id, offset) = p::parse_get_index(&f.body)?;
+                blocking(|| index_part(&store.index_path(&id), &id, offset))?
+                    .map(|body| (Kind::IndexData, body))
+            }
+            Kind::GetChunk => {
+                let d = p::digest_at(&f.body, 0)?;
+                let mut blob = Vec::new();
+                let got = found(blocking(|| store.read_chunk(&d, &mut blob)))?;
+                got.map(|()| {
+                    stats.chunks_sent += 1;
+                    stats.bytes_sent += blob.len() as u64;
+                    (Kind::ChunkData, blob)
+                })
+            }
+            Kind::Query => {
+                let ds = p::unpack_digests(&f.body)?;
+                let lacks = blocking(|| -> Result<Vec<u8>> {
+                    ds.iter()
+                        .map(|d| Ok(u8::from(!store.has_chunk(d)?)))
+                        .collect()
+                })?;
+                Some((Kind::Lacks, lacks))
+            }
+            Kind::GetPruneRecord => {
+                let id = p::parse_id(&f.body)?;
+                blocking(|| store.read_prune_record(&id))?.map(|b| (Kind::PruneRecordData, b))
+            }
+            Kind::Bye => return Ok(()),
+            other => {
+                return Err(PeerError::Violation(format!(
+                    "a {other:?} frame in a read session (which reads, and never writes)"
+                ))
+                .into())
+            }
+        };
+        match answer {
+            Some((kind, body)) => p::write_frame(s, kind, &[&body], t).await?,
+            None => {
+                stats.not_found += 1;
+                p::write_frame(s, Kind::NotFound, &[], t).await?
+            }
+        }
+        p::flush(s, t).await?;
+    }
+}
+
+/// A missing object is an answer (None), not a failure of the session.
+fn found<T>(r: bkimg_format::Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(FormatError::Missing { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The body of an IndexData answer: the index's length (u64 LE), then up to
+/// [`p::INDEX_PART_MAX`] bytes of it from `offset`; None if the index is not stored.
+fn index_part(path: &Path, id: &Digest, offset: u64) -> Result<Option<Vec<u8>>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("opening {}", path.display()))),
+    };
+    let total = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if total > p::INDEX_MAX {
+        return Err(FormatError::corrupt(
+            format!("volume index {id}"),
+            format!(
+                "{} is {total} bytes, more than any index can be",
+                path.display()
+            ),
+        )
+        .into());
+    }
+    if offset > total {
+        return Err(PeerError::Violation(format!(
+            "index {id} asked from byte {offset}, past its end at {total}"
+        ))
+        .into());
+    }
+    let n = (total - offset).min(p::INDEX_PART_MAX as u64) as usize;
+    let mut body = vec![0u8; 8 + n];
+    body[..8].copy_from_slice(&total.to_le_bytes());
+    file.read_exact_at(&mut body[8..], offset)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(body))
 }
 
 /// Checks a received index (header names it, entries match their digest, every chunk it
@@ -745,17 +933,38 @@ mod tests {
         F: FnOnce(tokio::io::DuplexStream) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        run_session(true, false, &[], |c, _| script(c))
+    }
+
+    /// Runs a session against a fresh standby repository holding the points `stored`;
+    /// `may_ship`: the client's key may ship; `hold_writer`: a ship session holds the
+    /// writer's turn meanwhile. The client side is `script`, given the repository's path.
+    fn run_session<F, Fut>(
+        may_ship: bool,
+        hold_writer: bool,
+        stored: &[&Sent],
+        script: F,
+    ) -> (tempfile::TempDir, Result<()>)
+    where
+        F: FnOnce(tokio::io::DuplexStream, PathBuf) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
-        LocalDir::open_or_create(&repo, "test", "2026-11-21T12:00:00Z").unwrap();
+        let store = LocalDir::open_or_create(&repo, "test", "2026-11-21T12:00:00Z").unwrap();
+        for point in stored {
+            store_point(&store, point);
+        }
+        drop(store);
         tls::keygen(&dir.path().join("key")).unwrap();
         let ctx = Ctx {
             cfg: ServeConfig {
                 listen: String::new(),
-                repo,
+                repo: repo.clone(),
                 replicas: Vec::new(),
                 identity: Identity::load(&dir.path().join("key")).unwrap(),
                 allowed: BTreeSet::new(),
+                readers: BTreeSet::new(),
                 timeout: Duration::from_secs(5),
             },
             allowed: Arc::new(BTreeSet::new()),
@@ -768,29 +977,62 @@ mod tests {
             .build()
             .unwrap();
         let result = rt.block_on(async {
+            let _turn = hold_writer.then(|| ctx.writer.try_lock().unwrap());
             let (mut server_end, client_end) = tokio::io::duplex(1 << 20);
             let ctx = &ctx;
             // The server's end closes when its session ends, as a connection would.
             let server = async move {
                 let mut stats = Stats::default();
-                session(&mut server_end, ctx, &mut stats).await
+                session(&mut server_end, ctx, may_ship, &mut stats).await
             };
-            let (r, ()) = tokio::join!(server, script(client_end));
+            let (r, ()) = tokio::join!(server, script(client_end, repo));
             r
         });
         (dir, result)
     }
 
+    /// Stores a point as a commit on the standby would have.
+    fn store_point(store: &LocalDir, s: &Sent) {
+        for (d, blob) in &s.chunks {
+            store.put_chunk(d, blob).unwrap();
+        }
+        let (mut f, path) = store.scratch_file().unwrap();
+        std::io::Write::write_all(&mut f, &s.index).unwrap();
+        store.put_index(&s.index_id, &path).unwrap();
+        store.commit_manifest(&s.id, &s.manifest).unwrap();
+    }
+
     const T: Duration = Duration::from_secs(5);
 
     async fn hello(c: &mut tokio::io::DuplexStream) -> p::Welcome {
+        hello_as(c, &[1], p::SessionKind::Ship)
+            .await
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Sends Hello; returns the answer. (A refusal ends the session: the Error frame is
+    /// the accept loop's, so here the connection just closes.)
+    async fn hello_as(
+        c: &mut tokio::io::DuplexStream,
+        versions: &[u32],
+        session: p::SessionKind,
+    ) -> Result<Frame> {
         let h = p::Hello {
             protocol: p::PROTOCOL.into(),
-            versions: vec![1],
+            versions: versions.to_vec(),
             software: "test".into(),
+            session,
         };
         p::write_json(c, Kind::Hello, &h, T).await.unwrap();
-        p::read_frame(c, T).await.unwrap().json().unwrap()
+        p::read_frame(c, T).await
+    }
+
+    /// Sends a read request; returns the answer.
+    async fn ask(c: &mut tokio::io::DuplexStream, kind: Kind, body: &[u8]) -> Frame {
+        p::write_frame(c, kind, &[body], T).await.unwrap();
+        p::read_frame(c, T).await.unwrap()
     }
 
     async fn begin(c: &mut tokio::io::DuplexStream, s: &Sent) {
@@ -834,7 +1076,10 @@ mod tests {
     fn a_complete_point_is_committed() {
         let a = point("a", 1, None);
         let (dir, r) = with_session(|mut c| async move {
-            assert!(hello(&mut c).await.points.is_empty());
+            // A version-1 client: the server speaks its version.
+            let w = hello(&mut c).await;
+            assert_eq!(w.version, 1);
+            assert!(w.points.is_empty());
             begin(&mut c, &a).await;
             send_chunks(&mut c, &a.chunks)
                 .await
@@ -942,5 +1187,113 @@ mod tests {
         });
         let e = r.unwrap_err();
         assert_eq!(error_code(&e), "violation", "{e:#}");
+    }
+
+    #[test]
+    fn a_read_session_serves_committed_objects_and_says_what_is_missing() {
+        let a = point("a", 1, None);
+        let sent = point("a", 1, None);
+        let absent = Digest([0xee; 32]);
+        // A reader's key, while a ship session holds the writer's turn: reads do not wait.
+        let (dir, r) = run_session(false, true, &[&a], |mut c, repo| async move {
+            let w: p::Welcome = hello_as(&mut c, &[1, 2], p::SessionKind::Read)
+                .await
+                .unwrap()
+                .expect(Kind::Welcome)
+                .unwrap()
+                .json()
+                .unwrap();
+            assert_eq!(w.version, 2);
+
+            let f = ask(&mut c, Kind::List, &[]).await;
+            let l: p::Listing = f.expect(Kind::Listing).unwrap().json().unwrap();
+            assert_eq!(l.ids, ["a"]);
+            let f = ask(&mut c, Kind::GetManifest, b"a").await;
+            assert_eq!(f.expect(Kind::ManifestData).unwrap().body, sent.manifest);
+            for (kind, body) in [
+                (Kind::GetManifest, &b"b"[..]),
+                (Kind::GetManifest, &b"../config"[..]),
+                (Kind::GetPruneRecord, &b"a"[..]),
+                (Kind::GetChunk, &absent.0[..]),
+                (Kind::GetIndex, &p::get_index(&absent, 0)[..]),
+            ] {
+                let f = ask(&mut c, kind, body).await;
+                assert_eq!((f.kind, f.body.len()), (Kind::NotFound, 0), "{kind:?}");
+            }
+
+            let total = sent.index.len() as u64;
+            let f = ask(&mut c, Kind::GetIndex, &p::get_index(&sent.index_id, 0)).await;
+            let f = f.expect(Kind::IndexData).unwrap();
+            assert_eq!(
+                p::parse_index_data(&f.body, 0).unwrap(),
+                (total, &sent.index[..])
+            );
+            let f = ask(&mut c, Kind::GetIndex, &p::get_index(&sent.index_id, 5)).await;
+            let f = f.expect(Kind::IndexData).unwrap();
+            assert_eq!(p::parse_index_data(&f.body, 5).unwrap().1, &sent.index[5..]);
+            let f = ask(&mut c, Kind::GetIndex, &p::get_index(&sent.index_id, total)).await;
+            let f = f.expect(Kind::IndexData).unwrap();
+            assert!(p::parse_index_data(&f.body, total).unwrap().1.is_empty());
+
+            let (d0, blob0) = &sent.chunks[0];
+            let f = ask(&mut c, Kind::GetChunk, &d0.0).await;
+            assert_eq!(&f.expect(Kind::ChunkData).unwrap().body, blob0);
+            let f = ask(&mut c, Kind::Query, &p::pack_digests(&[*d0, absent])).await;
+            assert_eq!(f.expect(Kind::Lacks).unwrap().body, [0, 1]);
+
+            // The session holds the repository's shared lock: a prune is refused.
+            let e = LocalDir::open_exclusive(&repo, false).err().unwrap();
+            assert!(matches!(e, FormatError::Busy(_)), "{e}");
+            p::write_frame(&mut c, Kind::Bye, &[], T).await.unwrap();
+        });
+        r.unwrap();
+        // Released when the session ended.
+        LocalDir::open_exclusive(&dir.path().join("repo"), false).unwrap();
+    }
+
+    #[test]
+    fn a_readers_key_cannot_ship() {
+        for versions in [&[1][..], &[1, 2]] {
+            let a = point("a", 1, None);
+            let (dir, r) = run_session(false, false, &[], |mut c, _| async move {
+                // No Welcome, no list of points.
+                assert!(hello_as(&mut c, versions, p::SessionKind::Ship)
+                    .await
+                    .is_err());
+                // Whatever it sends next is not read.
+                let _ = p::write_frame(&mut c, Kind::Commit, &[&a.manifest], T).await;
+            });
+            let e = r.unwrap_err();
+            assert_eq!(error_code(&e), "denied", "{e:#}");
+            assert!(format!("{e}").contains("--allow-reader"), "{e}");
+            let store = LocalDir::open(&dir.path().join("repo")).unwrap();
+            assert!(store.list_manifests().unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_read_session_never_writes() {
+        let a = point("a", 1, None);
+        let (dir, r) = run_session(true, false, &[], |mut c, _| async move {
+            hello_as(&mut c, &[2], p::SessionKind::Read)
+                .await
+                .unwrap()
+                .expect(Kind::Welcome)
+                .unwrap();
+            let _ = send_chunks(&mut c, &a.chunks).await;
+        });
+        let e = r.unwrap_err();
+        assert_eq!(error_code(&e), "violation", "{e:#}");
+        let store = LocalDir::open(&dir.path().join("repo")).unwrap();
+        let a = point("a", 1, None);
+        assert!(!store.has_chunk(&a.chunks[0].0).unwrap());
+    }
+
+    #[test]
+    fn a_read_session_needs_version_2() {
+        let (_dir, r) = run_session(true, false, &[], |mut c, _| async move {
+            assert!(hello_as(&mut c, &[1], p::SessionKind::Read).await.is_err());
+        });
+        assert_eq!(error_code(&r.unwrap_err()), "violation");
     }
 }

@@ -98,6 +98,20 @@ impl Identity {
             .with_context(|| format!("reading the private key {}", key_path.display()))?;
         Ok(Identity { cert, key })
     }
+
+    /// An identity given inline: the private key and the certificate as PEM text (the
+    /// contents of standby.key and standby.crt), e.g. from recovery media's configuration.
+    pub fn from_pem(key_pem: &str, cert_pem: &str) -> Result<Identity> {
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context(
+            "the certificate is not PEM (give the contents of standby.crt, from `bkimg \
+             standby keygen`)",
+        )?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context(
+            "the private key is not PEM (give the contents of standby.key, from `bkimg \
+             standby keygen`)",
+        )?;
+        Ok(Identity { cert, key })
+    }
 }
 
 /// Makes a new key pair and self-signed certificate in `dir` (created if missing). Refuses
@@ -135,6 +149,16 @@ pub fn keygen(dir: &Path) -> Result<(Fingerprint, PathBuf)> {
 /// Reads allowed fingerprints: each `--allow` value is a fingerprint or a file with one
 /// per line ('#' starts a comment; anything after the fingerprint on a line is a label).
 pub fn allowed_list(values: &[String]) -> Result<BTreeSet<Fingerprint>> {
+    let out = fingerprints(values, "--allow")?;
+    if out.is_empty() {
+        bail!("no client is allowed: give --allow FINGERPRINT (or a file of them)");
+    }
+    Ok(out)
+}
+
+/// Reads the fingerprints `option`'s values name (each a fingerprint or a file of them,
+/// as for `--allow`); may be empty.
+pub fn fingerprints(values: &[String], option: &str) -> Result<BTreeSet<Fingerprint>> {
     let mut out = BTreeSet::new();
     for v in values {
         if let Ok(fp) = Fingerprint::parse(v) {
@@ -142,7 +166,7 @@ pub fn allowed_list(values: &[String]) -> Result<BTreeSet<Fingerprint>> {
             continue;
         }
         let text = fs::read_to_string(v).with_context(|| {
-            format!("--allow {v:?} is neither a fingerprint nor a readable file of fingerprints")
+            format!("{option} {v:?} is neither a fingerprint nor a readable file of fingerprints")
         })?;
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
@@ -151,9 +175,6 @@ pub fn allowed_list(values: &[String]) -> Result<BTreeSet<Fingerprint>> {
             };
             out.insert(Fingerprint::parse(first).with_context(|| format!("{v} line {}", n + 1))?);
         }
-    }
-    if out.is_empty() {
-        bail!("no client is allowed: give --allow FINGERPRINT (or a file of them)");
     }
     Ok(out)
 }
@@ -346,6 +367,12 @@ mod tests {
         let id = Identity::load(dir.path()).unwrap();
         assert_eq!(id.fingerprint(), fp);
         assert!(keygen(dir.path()).is_err());
+        // The same key given inline.
+        let pem = |f| fs::read_to_string(dir.path().join(f)).unwrap();
+        let inline = Identity::from_pem(&pem(KEY_FILE), &pem(CERT_FILE)).unwrap();
+        assert_eq!(inline.fingerprint(), fp);
+        assert!(Identity::from_pem("not a key", &pem(CERT_FILE)).is_err());
+        assert!(Identity::from_pem(&pem(KEY_FILE), &pem(KEY_FILE)).is_err());
         client_config(&id, &fp, Seen::default()).unwrap();
         server_config(&id, Arc::new([fp].into()), Seen::default()).unwrap();
     }
