@@ -66,6 +66,10 @@ pub struct RescueConfig {
     pub aws_access_key_id: Option<String>,
     #[serde(default)]
     pub aws_secret_access_key: Option<String>,
+    /// A standby host as the repository (`repository = "bkimg://HOST:PORT"`): its pinned
+    /// fingerprint and this stick's reader key.
+    #[serde(default)]
+    pub standby: StandbyAccess,
     /// How the rescue system reaches a remote repository [default: DHCP on every
     /// interface with a link].
     #[serde(default)]
@@ -78,6 +82,21 @@ pub struct RescueConfig {
     /// MAC address → host name (one stick for a whole site).
     #[serde(default)]
     pub hosts: std::collections::BTreeMap<String, String>,
+}
+
+/// How the rescue reads a standby host: the standby's certificate fingerprint (as `bkimg
+/// standby keygen` printed it there) and a key pair the standby accepts as a reader
+/// (`bkimg standby serve --allow-reader FP`), the PEM texts of its standby.key and
+/// standby.crt.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StandbyAccess {
+    #[serde(default)]
+    pub server_fingerprint: Option<String>,
+    #[serde(default)]
+    pub key_pem: Option<String>,
+    #[serde(default)]
+    pub cert_pem: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -223,9 +242,16 @@ fn walk(table: &toml::Table, prefix: &str, found: &mut Vec<String>) {
         let path = format!("{prefix}{k}");
         if let Some(t) = v.as_table() {
             walk(t, &format!("{path}."), found);
-        } else if ["secret", "password", "token", "credential", "access-key"]
-            .iter()
-            .any(|s| k.to_lowercase().contains(s))
+        } else if [
+            "secret",
+            "password",
+            "token",
+            "credential",
+            "access-key",
+            "key-pem",
+        ]
+        .iter()
+        .any(|s| k.to_lowercase().contains(s))
         {
             found.push(path);
         }
@@ -317,6 +343,8 @@ serial = "S1"
             "[rescue]\nunattended = true\n[s3]\nsecret-access-key = \"x\"\n[standby]\nkey = \"/etc/k\"\n",
         );
         assert_eq!(s, ["s3.secret-access-key"]);
+        let s = secrets_in("[rescue.standby]\nserver-fingerprint = \"ab\"\nkey-pem = \"x\"\n");
+        assert_eq!(s, ["rescue.standby.key-pem"]);
         assert!(secrets_in("unattended = true").is_empty());
     }
 }

@@ -274,14 +274,12 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         host.as_deref(),
     )?;
     console.line(&format!("repository: {}", repo_path.display()));
-    let remote = repo_path.to_str().is_some_and(|p| p.starts_with("s3://"));
-    let repo = if remote {
-        open_s3(
-            console,
-            &config,
-            &site,
-            repo_path.to_str().unwrap_or_default(),
-        )?
+    let url = repo_path.to_str().unwrap_or_default();
+    let remote = url.starts_with("s3://") || url.starts_with("bkimg://");
+    let repo = if url.starts_with("s3://") {
+        open_s3(console, &config, &site, url)?
+    } else if url.starts_with("bkimg://") {
+        open_standby(console, &config, url)?
     } else {
         Repository::open(&repo_path)
             .with_context(|| format!("opening the repository {}", repo_path.display()))?
@@ -367,8 +365,14 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     let req = RestoreRequest {
         targets,
         volume: None,
-        // Many requests in flight hide S3's latency (as bkimg restore does).
-        workers: config.threads.unwrap_or(if remote { 32 } else { 8 }),
+        // Many requests in flight hide the network's latency (as bkimg restore does).
+        workers: config.threads.unwrap_or(if url.starts_with("s3://") {
+            32
+        } else if remote {
+            16
+        } else {
+            8
+        }),
     };
     let progress = ConsoleProgress::new(console);
     let started = Instant::now();
@@ -612,6 +616,27 @@ fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<Sit
         crate::config::settings_in(&text).join(", ")
     ));
     Ok(Some(SitePartition { dev, disk, text }))
+}
+
+/// A standby host's repository, read over the standby protocol with this stick's reader
+/// key (`[rescue.standby]`), the standby's certificate pinned.
+fn open_standby(console: &Console, config: &RescueConfig, url: &str) -> Result<Repository> {
+    let access = &config.standby;
+    let (Some(fp), Some(key), Some(cert)) = (
+        access.server_fingerprint.as_deref(),
+        access.key_pem.as_deref(),
+        access.cert_pem.as_deref(),
+    ) else {
+        bail!(
+            "{url} is a standby host: set server-fingerprint, key-pem and cert-pem in \
+             [rescue.standby] (a key the standby allows with --allow-reader; docs/rescue.md)"
+        );
+    };
+    let how = crate::net::bring_up(&config.network, Duration::from_secs(60))?;
+    console.line(&format!("network: {how}"));
+    let store = bkimg_replicate::standby::reader::StandbyStore::open_pem(url, key, cert, fp)
+        .with_context(|| format!("reaching the standby {url}"))?;
+    Ok(Repository::new(Box::new(store)))
 }
 
 /// The whole disk (kernel name) whose filesystem holds `path`, from /proc/mounts.
@@ -905,7 +930,7 @@ fn repository_path(
             .as_deref()
             .or(if has_exports { None } else { site_repository });
     if let Some(r) = configured {
-        if r.starts_with("s3://") {
+        if r.starts_with("s3://") || r.starts_with("bkimg://") {
             return Ok(PathBuf::from(r));
         }
         if r.starts_with("LABEL=") || r.starts_with("UUID=") {

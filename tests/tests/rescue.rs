@@ -1608,6 +1608,142 @@ fn restores_from_s3_over_dhcp_and_boots() {
     assert_system_up(&console, "/dev/nvme0n1p");
 }
 
+/// A standby host as the repository: it serves a reader key the stick carries
+/// (`--allow-reader`), the stick pins the standby's certificate. A wrong pin (from a
+/// BKIMG-CONF partition) is refused with nothing written; the right one restores.
+#[test]
+fn restores_from_a_standby_host() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = f.dir.path().join("standby");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut site = Site::start(&dir);
+    let keygen = |name: &str| {
+        let d = dir.join(name);
+        let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&d)])
+            .stdout
+            .trim()
+            .to_string();
+        (d, fp)
+    };
+    let (server, server_fp) = keygen("standby-key");
+    let (shipper, shipper_fp) = keygen("shipper-key");
+    let (reader, reader_fp) = keygen("rescue-key");
+    let listen = format!("{SITE_IP}:7070");
+    let bin = bkimg_path();
+    site.spawn(
+        &[
+            p(&bin),
+            "standby",
+            "serve",
+            "--listen",
+            &listen,
+            "--repo",
+            p(&dir.join("standby-repo")),
+            "--key",
+            p(&server),
+            "--allow",
+            &shipper_fp,
+            "--allow-reader",
+            &reader_fp,
+        ],
+        &dir.join("standby.log"),
+    );
+    let url = format!("bkimg://{listen}");
+    let repo = f.dir.path().join("demo/repo");
+    let ship = [
+        "replicate",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--key",
+        p(&shipper),
+        "--server-fingerprint",
+        &server_fp,
+        "-q",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while let Err(e) = site.try_bkimg(&ship) {
+        assert!(
+            Instant::now() < deadline,
+            "could not ship to the standby in the namespace: {e}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let pem = |name: &str| std::fs::read_to_string(reader.join(name)).unwrap();
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repository = \"{url}\"\n[rescue]\nunattended = true\nafter = \"poweroff\"\n\
+             [rescue.standby]\nserver-fingerprint = \"{server_fp}\"\n\
+             key-pem = \"\"\"\n{}\"\"\"\ncert-pem = \"\"\"\n{}\"\"\"\n",
+            pem("standby.key"),
+            pem("standby.crt")
+        ),
+    )
+    .unwrap();
+    let image = dir.join("rescue.img");
+    let build = bkimg(&["--config", p(&config), "rescue", "build", "-o", p(&image)]);
+    assert_eq!(build.code, 0, "{}", build.stderr);
+    assert!(
+        build.stderr.contains("carries credentials") && build.stderr.contains("key-pem"),
+        "the build did not say it carries a key:\n{}",
+        build.stderr
+    );
+    let size = std::fs::metadata(&f.source).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+
+    settings_partition(
+        &image,
+        &format!("[rescue.standby]\nserver-fingerprint = \"{shipper_fp}\"\n"),
+    );
+    let mut vm = Vm::start_net(
+        &dir,
+        "standby",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target],
+        Some(&site.ns),
+        &[],
+    );
+    let console = vm.wait_for("bkimg-rescue: starting a shell");
+    drop(vm);
+    assert!(console.contains("RESTORE FAILED"), "{console}");
+    assert!(
+        console.contains("fingerprint") || console.contains("denied"),
+        "the console does not say the standby's identity is wrong:\n{console}"
+    );
+    assert!(all_zero(&target), "the target was written to");
+
+    settings_partition(&image, "# the built-in settings hold\n");
+    let mut vm = Vm::start_net(
+        &dir,
+        "standby",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target],
+        Some(&site.ns),
+        &[],
+    );
+    let console = vm.wait_poweroff();
+    assert!(
+        console.contains(&format!("bkimg-rescue: repository: {url}")),
+        "{console}"
+    );
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&f.source, size),
+        "the disk restored from the standby differs; console:\n{console}"
+    );
+}
+
 /// One stick for a site: it carries the exports of two machines, and a map from DMI system
 /// UUID to host name. The machine whose firmware says it is web2 gets web2's newest point;
 /// with no map the rescue refuses to guess.
