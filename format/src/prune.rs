@@ -155,6 +155,38 @@ pub struct PruneReport {
     pub bytes_kept: u64,
 }
 
+/// How many ancestors of `p` the listing holds (0 for a full point), memoized; walks
+/// iteratively, a chain may be long.
+fn depth_of<'a>(
+    p: &'a Point,
+    by_id: &HashMap<&str, &'a Point>,
+    memo: &mut HashMap<&'a str, usize>,
+) -> usize {
+    let mut chain: Vec<&'a Point> = Vec::new();
+    let mut next = Some(p);
+    let mut base = None;
+    while let Some(q) = next {
+        if let Some(&d) = memo.get(q.manifest.id.as_str()) {
+            base = Some(d);
+            break;
+        }
+        chain.push(q);
+        if chain.len() > by_id.len() {
+            break;
+        }
+        next = q
+            .manifest
+            .parent
+            .as_ref()
+            .and_then(|l| by_id.get(l.id.as_str()))
+            .copied();
+    }
+    for (d, q) in (base.map_or(0, |b| b + 1)..).zip(chain.iter().rev()) {
+        memo.insert(q.manifest.id.as_str(), d);
+    }
+    memo.get(p.manifest.id.as_str()).copied().unwrap_or(0)
+}
+
 /// Deletes the restore points `remove` names (ids of points in `repo`) and everything
 /// only they used. `store` is the same store `repo` reads, opened so that nobody else
 /// writes meanwhile; `listing` is `repo.points()`, read under that lock. `now` (RFC 3339)
@@ -237,7 +269,15 @@ pub fn prune(
         for r in &records {
             store.put_prune_record(&r.id, &r.encode())?;
         }
-        for p in &gone {
+        // Children before their parents: stopped between two deletions, every manifest
+        // left still has its parent, or a record for it.
+        let mut depth: HashMap<&str, usize> = HashMap::new();
+        let mut order = gone.clone();
+        for p in &order {
+            depth_of(p, &by_id, &mut depth);
+        }
+        order.sort_by_key(|p| std::cmp::Reverse(depth.get(p.manifest.id.as_str()).copied()));
+        for p in &order {
             store.delete_manifest(&p.manifest.id)?;
         }
         // Tests kill a prune here, between the manifests and the data.

@@ -101,18 +101,20 @@ impl LocalDir {
     }
 
     /// Opens the repository at `root`, creating it if the directory is missing or empty.
+    ///
+    /// Every step of the creation can be repeated: a creation that was killed half-way
+    /// (directories made, no config yet) is finished by the next one, and two creating at
+    /// once end up with the same repository (the config is linked into place, never
+    /// replaced).
     pub fn open_or_create(root: &Path, repository_id: &str, created: &str) -> Result<LocalDir> {
         if Self::is_repository(root) {
             return Self::open(root);
         }
-        if root.exists() {
-            let mut entries = fs::read_dir(root).ctx(|| format!("reading {}", root.display()))?;
-            if entries.next().is_some() {
-                return Err(FormatError::NotRepository(format!(
-                    "{} is neither empty nor a bkimg repository: name an empty or new directory",
-                    root.display()
-                )));
-            }
+        if root.exists() && !unfinished_or_empty(root)? {
+            return Err(FormatError::NotRepository(format!(
+                "{} is neither empty nor a bkimg repository: name an empty or new directory",
+                root.display()
+            )));
         }
         for sub in [names::CHUNKS, names::INDEXES, names::POINTS, "tmp"] {
             let dir = root.join(sub);
@@ -127,7 +129,33 @@ impl LocalDir {
             created: created.to_string(),
         };
         let bytes = sealed::seal(&CONFIG_KIND, Features::default(), &config);
-        write_durably(&root.join(names::CONFIG), &bytes, &root.join("tmp"))?;
+        let dest = root.join(names::CONFIG);
+        let tmp = root.join("tmp").join(format!(
+            ".config.{}-{}",
+            std::process::id(),
+            Digest::of_bytes(repository_id.as_bytes())
+                .to_hex()
+                .get(..8)
+                .unwrap_or("0")
+        ));
+        let mut f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        drop(f);
+        // link(2) fails if another creation got there first: its config stands.
+        match fs::hard_link(&tmp, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(FormatError::io(format!("creating {}", dest.display()), e));
+            }
+        }
+        let _ = fs::remove_file(&tmp);
+        File::open(root)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("syncing {}", root.display()))?;
         Self::open(root)
     }
 
@@ -405,6 +433,41 @@ impl StoreWrite for LocalDir {
 }
 
 /// Temp file in `scratch`, fsync, rename to `dest`, fsync the directory.
+/// Whether `root` holds nothing, or only what an unfinished repository creation leaves
+/// before its config: the empty fan-out directories, the lock, scratch files (and a
+/// filesystem's lost+found).
+fn unfinished_or_empty(root: &Path) -> Result<bool> {
+    let list = |dir: &Path| -> Result<Vec<String>> {
+        fs::read_dir(dir)
+            .ctx(|| format!("reading {}", dir.display()))?
+            .map(|e| {
+                e.map(|e| e.file_name().to_string_lossy().into_owned())
+                    .ctx(|| format!("reading {}", dir.display()))
+            })
+            .collect()
+    };
+    for name in list(root)? {
+        let path = root.join(&name);
+        let fine = match name.as_str() {
+            "lost+found" | names::LOCK | "tmp" => true,
+            names::INDEXES | names::POINTS => path.is_dir() && list(&path)?.is_empty(),
+            names::CHUNKS => {
+                path.is_dir()
+                    && list(&path)?.iter().all(|fan| {
+                        fan.len() == 2
+                            && fan.bytes().all(|b| b.is_ascii_hexdigit())
+                            && list(&path.join(fan)).is_ok_and(|c| c.is_empty())
+                    })
+            }
+            _ => false,
+        };
+        if !fine {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn write_durably(dest: &Path, bytes: &[u8], scratch: &Path) -> Result<()> {
     let tmp = scratch.join(format!(
         ".{}.tmp",
