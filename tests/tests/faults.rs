@@ -1106,3 +1106,49 @@ fn not_a_repository() {
     assert_eq!(before, after, "the directory was changed");
     assert!(entries(&other.join("points")).is_empty());
 }
+
+/// A regular file that backs a loop device (mounted or not) is in use: restoring into it
+/// would write under a filesystem or a program that has it open. Refused, untouched, with
+/// the loop device named; once detached, the same restore goes through.
+#[test]
+fn a_file_backing_a_loop_device_is_refused() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    noise_image(&img, 4 * MIB, 91);
+    let id = capture(&["--repo", p(&repo), "--raw", p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = t.path().join("busy.img");
+    fs::write(&target, noise(8 * MIB as usize, 92)).unwrap();
+    let before = sha256_file(&target);
+    let restore = || {
+        bkimg(&[
+            "restore",
+            "--repo",
+            p(&repo),
+            &id,
+            "--target",
+            p(&target),
+            "--yes",
+            "--quiet",
+        ])
+    };
+    {
+        let lo = Loop::attach(&target, 0, None, false);
+        let r = restore();
+        assert_eq!(r.code, 5, "{}", show(&r));
+        assert!(
+            r.stderr.contains(&lo.dev) && r.stderr.contains("losetup -d"),
+            "the message does not name the loop device and what to do: {}",
+            r.stderr
+        );
+        assert_eq!(sha256_file(&target), before, "the busy file was written to");
+    }
+    let r = restore();
+    assert_eq!(r.code, 0, "{}", show(&r));
+}
