@@ -135,6 +135,8 @@ pub fn capture_checked(
         .collect::<Result<Vec<_>>>()?;
     let total: u64 = sources.iter().map(|s| s.region.len()).sum();
     progress.begin("capture", total);
+    // Tests stop a capture here, its repository open, to signal it.
+    bkimg_format::testhook::pause("capture-reading");
 
     let mut disks = Vec::new();
     let mut reports = Vec::new();

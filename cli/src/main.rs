@@ -10,6 +10,7 @@ mod config;
 mod continuous;
 mod demo;
 mod exit;
+mod interrupt;
 mod live;
 mod progress;
 mod prune;
@@ -283,6 +284,9 @@ fn run(cli: Cli) -> Result<i32> {
     let explicit_config = config.clone();
     let config = Config::load(config.as_deref())?;
     settle(&mut command, &config)?;
+    if let Some(leaves) = interrupt::leaves(&command) {
+        interrupt::exit_on_signal(leaves)?;
+    }
     match command {
         Command::Replicate(args) => cmd::replicate::run(*args),
         Command::Prune(args) => prune::run(&args),

@@ -179,6 +179,8 @@ fn restore_all(
     }
 
     let mut report = RestoreReport::default();
+    // Tests stop a restore here, its targets open, to signal it.
+    bkimg_format::testhook::pause("restore-writing");
     progress.begin("restore", total);
     for (disk, plan, target) in &opened {
         for vp in &plan.volumes {

@@ -352,3 +352,125 @@ fn two_captures_creating_one_repository_at_once() {
         bkimg_ok(&["verify", "--repo", p(&repo), "-q"]);
     }
 }
+
+/// Runs `args` until it reaches the test pause point `point`, sends it `signal`, and
+/// returns its exit code and error output.
+fn signalled(
+    dir: &Path,
+    point: &str,
+    signal: nix_signal::Signal,
+    args: &[String],
+) -> (Option<i32>, String) {
+    let paused = dir.join(format!("paused-{point}"));
+    let _ = std::fs::remove_file(&paused);
+    let mut child = Command::new(bkimg_path())
+        .args(args)
+        .env("BKIMG_TEST_PAUSE", format!("{point}:{}", paused.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !paused.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{args:?} ended before its pause point {point} (built without --features \
+             bkimg/test-hooks?)"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{args:?} never reached {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args([&format!("-{}", signal.name()), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&paused);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Tiny stand-in for the signal names `kill` takes.
+mod nix_signal {
+    #[derive(Clone, Copy, Debug)]
+    pub enum Signal {
+        Int,
+        Term,
+    }
+    impl Signal {
+        pub fn name(self) -> &'static str {
+            match self {
+                Signal::Int => "INT",
+                Signal::Term => "TERM",
+            }
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM to a capture, restore, export or prune: exit 130 (as docs/cli.md
+/// says; a capture used to die of SIGTERM, 143), a line saying what is left, and nothing
+/// half-made: no restore point, no export file, a repository that verifies; the rerun
+/// completes.
+#[test]
+fn signals_stop_long_commands_with_130() {
+    use nix_signal::Signal;
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let disk = image(d, "disk.img", 8);
+    let repo = d.join("repo");
+    let capture = strings(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
+    for signal in [Signal::Term, Signal::Int] {
+        let (code, err) = signalled(d, "capture-reading", signal, &capture);
+        assert_eq!(code, Some(130), "capture, SIG{}: {err}", signal.name());
+        assert!(err.contains("interrupted"), "{err}");
+        if repo.join("config").exists() {
+            assert!(bkimg_tests::list_json(&repo).is_empty());
+        }
+    }
+    bkimg_ok(&capture.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(bkimg_tests::list_json(&repo).len(), 1);
+
+    let target = d.join("restored.img");
+    let restore = strings(&[
+        "restore",
+        "--repo",
+        p(&repo),
+        "--target",
+        p(&target),
+        "--yes",
+        "-q",
+    ]);
+    let (code, err) = signalled(d, "restore-writing", Signal::Term, &restore);
+    assert_eq!(code, Some(130), "restore: {err}");
+    assert!(err.contains("partly written"), "{err}");
+
+    let out = d.join("out.bkimg");
+    let export = strings(&["export", "--repo", p(&repo), "-o", p(&out), "-q"]);
+    let (code, err) = signalled(d, "export-writing", Signal::Int, &export);
+    assert_eq!(code, Some(130), "export: {err}");
+    assert!(
+        !out.exists(),
+        "an interrupted export left {}",
+        out.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+
+    bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
+    let prune = strings(&["prune", "--repo", p(&repo), "--keep-last", "1", "-q"]);
+    let (code, err) = signalled(d, "prune-manifests-deleted", Signal::Term, &prune);
+    assert_eq!(code, Some(130), "prune: {err}");
+    bkimg_ok(&["verify", "--repo", p(&repo), "-q"]);
+    bkimg_ok(&prune.iter().map(String::as_str).collect::<Vec<_>>());
+    bkimg_ok(&["verify", "--repo", p(&repo), "-q"]);
+}

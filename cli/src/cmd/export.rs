@@ -60,11 +60,14 @@ fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Resul
         .context("--output must name a file")?
         .to_string_lossy();
     let tmp = output.with_file_name(format!(".{name}.bkimg-partial"));
+    crate::interrupt::remove_on_signal(&tmp);
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let bar = Bar::new(quiet);
     bkimg_format::progress::Progress::begin(&bar, "export", 0);
     let result = (|| -> Result<()> {
+        // Tests stop an export here, its partial file made, to signal it.
+        bkimg_format::testhook::pause("export-writing");
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
         repo.export(point, &mut w, &mut |n| {
             bkimg_format::progress::Progress::advance(&bar, n)
@@ -72,12 +75,14 @@ fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Resul
         w.flush()?;
         drop(w);
         file.sync_all()?;
-        std::fs::rename(&tmp, output)?;
         Ok(())
     })();
     bar.finish();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::interrupt::finish_partial(&tmp, || match result {
+        Ok(()) => Ok(std::fs::rename(&tmp, output)?),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    })
 }
