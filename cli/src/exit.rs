@@ -130,7 +130,15 @@ pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
                 );
             }
             if io.kind() == std::io::ErrorKind::PermissionDenied {
-                return Some("permission denied: run as root to read or write block devices");
+                // Root is the answer for devices, not for a repository or image file
+                // another user owns.
+                return Some(if format!("{err:#}").contains("/dev/") {
+                    "permission denied: run as root to read or write block devices"
+                } else {
+                    "permission denied: the user running bkimg must be allowed to read (and, for \
+                     a repository or target, write) the path named above: check its owner and \
+                     mode"
+                });
             }
         }
     }

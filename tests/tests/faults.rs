@@ -1152,3 +1152,39 @@ fn a_file_backing_a_loop_device_is_refused() {
     let r = restore();
     assert_eq!(r.code, 0, "{}", show(&r));
 }
+
+/// Captures with a wrong --repo or source: the right exit code, one line naming the object
+/// and what to do, and nothing created (a capture used to make the repository directory
+/// before finding its source missing, and to answer a file as --repo with exit 1 and an
+/// I/O message).
+#[test]
+fn capture_into_a_file_or_from_a_missing_source() {
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    noise_image(&img, MIB, 93);
+    let file = t.path().join("file");
+    fs::write(&file, b"hello").unwrap();
+    let r = bkimg(&["capture", "--repo", p(&file), p(&img), "-q"]);
+    assert_eq!(r.code, 4, "{}", show(&r));
+    assert!(
+        r.stderr.contains(p(&file)) && r.stderr.contains("not a bkimg repository"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"hello");
+
+    let repo = t.path().join("new-repo");
+    let missing = t.path().join("missing.img");
+    let r = bkimg(&["capture", "--repo", p(&repo), p(&missing), "-q"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(p(&missing)) && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !repo.exists(),
+        "a capture with no source created {}",
+        repo.display()
+    );
+}

@@ -84,6 +84,16 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
     if changed_blocks.len() > sources.len() {
         bail!("more --changed-blocks than sources: give one per SOURCE, in order");
     }
+    // A source that cannot be read creates no repository.
+    for source in &sources {
+        std::fs::File::open(source).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open source {}: {e}; name a disk, partition or image file that exists \
+                 and that this user may read",
+                source.display()
+            )
+        })?;
+    }
     let (id, created) = bkimg_capture::new_point_id()?;
     let store = LocalDir::open_or_create(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
     let reader = Repository::new(Box::new(LocalDir::open(repo)?));

@@ -110,6 +110,12 @@ impl LocalDir {
         if Self::is_repository(root) {
             return Self::open(root);
         }
+        if root.exists() && !root.is_dir() {
+            return Err(FormatError::NotRepository(format!(
+                "{} is a file, not a bkimg repository: name a new or empty directory",
+                root.display()
+            )));
+        }
         if root.exists() && !unfinished_or_empty(root)? {
             return Err(FormatError::NotRepository(format!(
                 "{} is neither empty nor a bkimg repository: name an empty or new directory",
