@@ -6,6 +6,7 @@
 //! only allocated blocks; anything else is read raw, with all-zero chunks stored as holes.
 #![forbid(unsafe_code)]
 
+pub mod claim;
 pub mod firmware;
 pub mod fs;
 pub mod layout;
@@ -67,6 +68,8 @@ pub struct CaptureOptions {
     pub created: String,
     pub host: String,
     pub tool: String,
+    /// What the manifest says of the capture's consistency.
+    pub consistency: claim::Consistency,
 }
 
 /// Where a source's change map comes from.
@@ -240,6 +243,7 @@ pub fn capture_checked(
         },
         disks,
         firmware,
+        consistency: Some(opts.consistency.as_str().to_string()),
     };
     before_commit()?;
     store
@@ -419,6 +423,7 @@ mod tests {
             created: format!("2026-01-01T00:00:0{}Z", &id[1..]),
             host: "test".into(),
             tool: "test".into(),
+            consistency: crate::claim::Consistency::Offline,
         }
     }
 

@@ -54,6 +54,12 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<Refused>().is_some() {
             return TARGET_REFUSED;
         }
+        if cause
+            .downcast_ref::<bkimg_capture::claim::InUse>()
+            .is_some()
+        {
+            return TARGET_REFUSED;
+        }
         if cause.downcast_ref::<Usage>().is_some() {
             return USAGE;
         }

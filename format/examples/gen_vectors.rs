@@ -575,6 +575,7 @@ fn tiny_restore_point() -> Res<TinyPoint> {
             None,
         )],
         firmware: None,
+        consistency: None,
     };
     let parent_bytes = parent.encode();
     let child = Manifest {
@@ -1046,6 +1047,7 @@ fn layout_manifest() -> Manifest {
         },
         disks: vec![gpt_disk, msdos_disk],
         firmware: None,
+        consistency: None,
     }
 }
 
@@ -1115,6 +1117,7 @@ fn manifests(p: &TinyPoint) -> Value {
     let booting = Manifest {
         id: "20240105T000000Z-0d0e0f".into(),
         created: "2024-01-05T00:00:00Z".into(),
+        consistency: Some("frozen-snapshot".into()),
         firmware: Some(Firmware {
             uefi_boot_entries: vec![
                 BootEntry {
@@ -1205,7 +1208,7 @@ fn manifests(p: &TinyPoint) -> Value {
             "layout's disks with the captured machine's UEFI boot entries (member firmware, \
              compatible feature bit 0x1 set): two entries booting files of disk0's partition \
              1, the first the one the machine booted through, the second inactive with \
-             optional data",
+             optional data; and consistency \"frozen-snapshot\" (bit 0x2)",
             &booting_bytes,
             &booting,
             true,

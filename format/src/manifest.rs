@@ -17,6 +17,8 @@ pub const KIND: Kind = Kind {
 
 /// Compatible feature bit: the manifest records firmware boot entries (`firmware`).
 pub const COMPAT_FIRMWARE: u32 = 0x1;
+/// Compatible feature bit: the manifest says how consistent the capture is (`consistency`).
+pub const COMPAT_CONSISTENCY: u32 = 0x2;
 
 /// Longest restore-point id accepted (ids are file names).
 pub const MAX_ID_LEN: usize = 64;
@@ -36,6 +38,10 @@ pub struct Manifest {
     /// The captured machine's UEFI boot entries for its captured disks (§7.6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<crate::firmware::Firmware>,
+    /// How consistent the captured disks are with one instant (§7.7): "frozen-snapshot",
+    /// "snapshot", "offline" or "inconsistent"; absent in manifests of older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
 }
 
 /// Link to the parent restore point: its id and the SHA-256 of its manifest file, so that
@@ -191,6 +197,10 @@ impl Manifest {
             incompat: 0,
             compat: if self.firmware.is_some() {
                 COMPAT_FIRMWARE
+            } else {
+                0
+            } | if self.consistency.is_some() {
+                COMPAT_CONSISTENCY
             } else {
                 0
             },

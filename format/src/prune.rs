@@ -437,6 +437,7 @@ mod tests {
                 },
                 disks: Vec::new(),
                 firmware: None,
+                consistency: None,
             },
             manifest_sha256: Digest::of_bytes(id.as_bytes()),
         }

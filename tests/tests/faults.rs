@@ -1188,3 +1188,60 @@ fn capture_into_a_file_or_from_a_missing_source() {
         repo.display()
     );
 }
+
+/// A capture (not live) of a mounted source is refused, naming the source and the ways
+/// out; with --allow-inconsistent it goes through and the restore point says it may be
+/// inconsistent; unmounted, the capture is "offline". (It used to copy a mounted disk
+/// silently.)
+#[test]
+fn a_source_in_use_is_refused_unless_allowed() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("fs.img");
+    fs::File::create(&img).unwrap().set_len(32 * MIB).unwrap();
+    sh("mkfs.ext4", &["-q", "-F", p(&img)]);
+    let repo = t.path().join("repo");
+    let lo = Loop::attach(&img, 0, None, false);
+    let consistency = |repo: &Path| {
+        bkimg_ok(&["info", "--repo", p(repo), "--json"]).json()["consistency"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    {
+        let _m = Mount::new(&lo.dev, "rw");
+        for source in [lo.dev.as_str(), p(&img)] {
+            let r = bkimg(&["capture", "--repo", p(&repo), source, "-q"]);
+            assert_eq!(r.code, 5, "{source}: {}", show(&r));
+            assert!(
+                r.stderr.contains(source)
+                    && r.stderr.contains("--live")
+                    && r.stderr.contains("--allow-inconsistent"),
+                "{}",
+                r.stderr
+            );
+            assert!(!repo.exists(), "a refused capture created the repository");
+        }
+        bkimg_ok(&[
+            "capture",
+            "--repo",
+            p(&repo),
+            &lo.dev,
+            "--allow-inconsistent",
+            "-q",
+        ]);
+        assert_eq!(consistency(&repo), "inconsistent");
+        let text = bkimg_ok(&["list", "--repo", p(&repo)]).stdout;
+        assert!(text.contains("may be inconsistent"), "{text}");
+    }
+    // Unmounted (the loop device still attached, idle): offline.
+    bkimg_ok(&["capture", "--repo", p(&repo), &lo.dev, "-q"]);
+    assert_eq!(consistency(&repo), "offline");
+    let text = bkimg_ok(&["info", "--repo", p(&repo)]).stdout;
+    assert!(
+        text.contains("offline: no disk was mounted or in use"),
+        "{text}"
+    );
+}

@@ -1306,7 +1306,10 @@ const SK: &str = "bkimg-rescue-secret-0123456789";
 
 impl Site {
     fn start(dir: &Path) -> Site {
-        let ns = format!("bkrescue{}", std::process::id());
+        // One per site: the tests of this process run at the same time.
+        static SITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("bkrescue{}-{n}", std::process::id());
         sh("ip", &["netns", "add", &ns]);
         let mut site = Site {
             ns,

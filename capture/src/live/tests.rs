@@ -235,6 +235,7 @@ fn setup() -> Option<Setup> {
             created: "2026-01-01T00:00:01Z".into(),
             host: "test".into(),
             tool: "test".into(),
+            consistency: crate::claim::Consistency::FrozenSnapshot,
         },
         live,
         repo,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use bkimg_capture::claim::Consistency;
 use bkimg_capture::{CaptureOptions, ChangeSource};
 use bkimg_format::repo::Repository;
 use bkimg_format::store::LocalDir;
@@ -48,6 +49,10 @@ pub struct CaptureArgs {
     /// Hash/compress threads (default: 4 per CPU, or `threads` in the config file).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Capture sources even when they are mounted or in use (without --live): the copy may
+    /// be inconsistent, and the restore point says so.
+    #[arg(long, conflicts_with = "live")]
+    pub allow_inconsistent: bool,
     #[command(flatten)]
     pub live: live::LiveArgs,
     #[command(flatten)]
@@ -65,6 +70,7 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
         level,
         raw,
         threads,
+        allow_inconsistent,
         live,
         common,
     } = args;
@@ -94,6 +100,19 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
             )
         })?;
     }
+    // Offline: nothing else may mount, claim or lock a source while it is read.
+    let _claim = if live.live || allow_inconsistent {
+        None
+    } else {
+        Some(bkimg_capture::claim::claim_offline(&sources)?)
+    };
+    let consistency = if live.live {
+        Consistency::FrozenSnapshot
+    } else if allow_inconsistent {
+        Consistency::Inconsistent
+    } else {
+        Consistency::Offline
+    };
     let (id, created) = bkimg_capture::new_point_id()?;
     let store = LocalDir::open_or_create(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
     let reader = Repository::new(Box::new(LocalDir::open(repo)?));
@@ -120,6 +139,7 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
         tool: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
+        consistency,
     };
     let session = live::start(&live, &mut opts, parent_point.as_ref(), &bar)?;
     let result = match &session {

@@ -49,6 +49,7 @@ pub fn point_summary(p: &Point) -> serde_json::Value {
         "created": m.created,
         "host": m.host,
         "tool": m.tool,
+        "consistency": m.consistency,
         "manifest_sha256": p.manifest_sha256.to_hex(),
         "size": m.disks.iter().map(|d| d.size).sum::<u64>(),
         "stored_new": m.disks.iter().flat_map(|d| &d.volumes).map(|v| match v.content {
@@ -79,6 +80,17 @@ fn print_info(m: &Manifest, p: &Point) {
             .map_or("none (full)".to_string(), |p| p.id.clone())
     ));
     out(&format!("  manifest  sha256 {}", p.manifest_sha256));
+    out(&format!(
+        "  taken     {}",
+        match m.consistency.as_deref() {
+            Some("frozen-snapshot") => "from one snapshot of every disk, filesystems frozen",
+            Some("snapshot") => "from one snapshot of every disk",
+            Some("offline") => "offline: no disk was mounted or in use",
+            Some("inconsistent") => "while in use (--allow-inconsistent): may be inconsistent",
+            Some(_) => "(a consistency this bkimg does not know)",
+            None => "(consistency not recorded: written by an older bkimg)",
+        }
+    ));
     out(&format!(
         "  chunks    {} KiB, zstd level {}",
         m.chunk_size / 1024,

@@ -58,7 +58,7 @@ pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
         for p in &points {
             let m = &p.manifest;
             out(&format!(
-                "{:<24} {:<24} {:<22} {:>10}  {}",
+                "{:<24} {:<24} {:<22} {:>10}  {}{}",
                 m.id,
                 match &m.parent {
                     None => "-".to_string(),
@@ -71,7 +71,12 @@ pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
                     .iter()
                     .map(|d| d.source.as_str())
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join(" "),
+                if m.consistency.as_deref() == Some("inconsistent") {
+                    "  (taken in use: may be inconsistent)"
+                } else {
+                    ""
+                }
             ));
         }
     }

@@ -58,9 +58,17 @@ impl Capture for LocalCapture {
             created,
             host: self.host.clone(),
             tool: self.tool.clone(),
+            consistency: if self.live.is_some() {
+                bkimg_capture::claim::Consistency::FrozenSnapshot
+            } else {
+                bkimg_capture::claim::Consistency::Offline
+            },
         };
         let result = match &self.live {
-            None => bkimg_capture::capture(&reader, &store, parent.as_ref(), &opts, &Silent)?,
+            None => {
+                let _claim = bkimg_capture::claim::claim_offline(&opts.sources)?;
+                bkimg_capture::capture(&reader, &store, parent.as_ref(), &opts, &Silent)?
+            }
             Some(live) => {
                 let mut session = Session::new(
                     live,

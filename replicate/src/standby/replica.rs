@@ -980,6 +980,7 @@ mod tests {
                 created: format!("2026-01-01T00:00:{n:02}Z"),
                 host: "test".into(),
                 tool: "test".into(),
+                consistency: bkimg_capture::claim::Consistency::Offline,
             };
             bkimg_capture::capture(
                 &repo,

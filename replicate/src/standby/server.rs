@@ -917,6 +917,7 @@ mod tests {
                 tracking: None,
             }],
             firmware: None,
+            consistency: None,
         };
         Sent {
             chunks,
