@@ -43,15 +43,20 @@ fn have_strace() -> bool {
 
 /// How often `args` makes each write-side call, traced once (in a scratch copy of the
 /// state `setup` makes).
-fn count_calls(setup: &dyn Fn(&Path), args: &dyn Fn(&Path) -> Vec<String>) -> Vec<(String, u32)> {
+fn count_calls(
+    setup: &dyn Fn(&Path) -> Guard,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    env: &dyn Fn(&Path) -> Vec<(String, String)>,
+) -> Vec<(String, u32)> {
     let dir = TempDir::new().unwrap();
-    setup(dir.path());
+    let _guard = setup(dir.path());
     let log = dir.path().join("strace.log");
     let status = Command::new("strace")
         .args(["-f", "-qq", "-o", p(&log), "-e"])
         .arg(format!("trace={}", WRITE_SIDE.join(",")))
         .arg(bkimg_path())
         .args(args(dir.path()))
+        .envs(env(dir.path()))
         .output()
         .unwrap();
     assert!(
@@ -88,7 +93,13 @@ fn positions(count: u32) -> Vec<u32> {
     v
 }
 
-fn killed_run(dir: &Path, syscall: &str, when: u32, args: &[String]) -> std::process::Output {
+fn killed_run(
+    dir: &Path,
+    syscall: &str,
+    when: u32,
+    args: &[String],
+    env: Vec<(String, String)>,
+) -> std::process::Output {
     Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-e"])
         .arg(format!("trace={syscall}"))
@@ -96,10 +107,14 @@ fn killed_run(dir: &Path, syscall: &str, when: u32, args: &[String]) -> std::pro
         .arg(format!("inject={syscall}:signal=SIGKILL:when={when}"))
         .arg(bkimg_path())
         .args(args)
+        .envs(env)
         .current_dir(dir)
         .output()
         .unwrap()
 }
+
+/// What a setup keeps alive while its state is used (a server it started).
+type Guard = Box<dyn std::any::Any>;
 
 fn show(r: &Run) -> String {
     format!("exit {}: {}{}", r.code, r.stdout, r.stderr)
@@ -114,15 +129,42 @@ fn kill_everywhere(
     args: &dyn Fn(&Path) -> Vec<String>,
     check: &dyn Fn(&Path) -> Result<(), String>,
 ) -> usize {
-    let counts = count_calls(setup, args);
+    kill_everywhere_with(
+        what,
+        &|d| {
+            setup(d);
+            Box::new(())
+        },
+        args,
+        &|_| Vec::new(),
+        check,
+    )
+}
+
+/// As `kill_everywhere`, with the environment `env` gives the command, and a setup that
+/// returns what must live while the state is used.
+fn kill_everywhere_with(
+    what: &str,
+    setup: &dyn Fn(&Path) -> Guard,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    env: &dyn Fn(&Path) -> Vec<(String, String)>,
+    check: &dyn Fn(&Path) -> Result<(), String>,
+) -> usize {
+    let counts = count_calls(setup, args, env);
     assert!(!counts.is_empty(), "{what}: no write-side call was traced");
     let mut failures = Vec::new();
     let mut tried = 0;
     for (syscall, count) in &counts {
         for when in positions(*count) {
             let dir = TempDir::new().unwrap();
-            setup(dir.path());
-            let out = killed_run(dir.path(), syscall, when, &args(dir.path()));
+            let _guard = setup(dir.path());
+            let out = killed_run(
+                dir.path(),
+                syscall,
+                when,
+                &args(dir.path()),
+                env(dir.path()),
+            );
             tried += 1;
             if let Err(e) = check(dir.path()) {
                 failures.push(format!(
@@ -473,4 +515,388 @@ fn signals_stop_long_commands_with_130() {
     bkimg_ok(&["verify", "--repo", p(&repo), "-q"]);
     bkimg_ok(&prune.iter().map(String::as_str).collect::<Vec<_>>());
     bkimg_ok(&["verify", "--repo", p(&repo), "-q"]);
+}
+
+// ---- replication: the sender killed anywhere, and the standby killed anywhere ----------
+
+/// A source repository with a full point and an incremental of it, made once.
+fn source_repository(dir: &Path) -> PathBuf {
+    let disk = image(dir, "disk.img", 9);
+    let repo = dir.join("source");
+    bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7; 512 << 10], 2 * MIB).unwrap();
+    bkimg_ok(&[
+        "capture",
+        "--repo",
+        p(&repo),
+        "--parent",
+        "latest",
+        p(&disk),
+        "-q",
+    ]);
+    repo
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16, child: &mut std::process::Child) {
+    assert!(
+        listening_or_ended(port, child),
+        "the server ended before it listened on {port}"
+    );
+}
+
+/// Waits until something listens on `port` (true) or `child` ends first (false).
+fn listening_or_ended(port: u16, child: &mut std::process::Child) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "nothing listens on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `bkimg ARGS` with extra environment.
+fn bkimg_env(args: &[String], env: &[(String, String)]) -> Run {
+    let out = Command::new(bkimg_path())
+        .args(args)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The replica at `url` verifies, or holds nothing yet (exit 4); the rerun completes and
+/// it verifies.
+fn remote_verifies_and_reruns(
+    url: &str,
+    rerun: &[String],
+    env: &[(String, String)],
+    verify_extra: &[String],
+) -> Result<(), String> {
+    let mut verify = strings(&["verify", "--repo", url, "-q"]);
+    verify.extend(verify_extra.iter().cloned());
+    let v = bkimg_env(&verify, env);
+    if v.code != 0 && v.code != 4 {
+        return Err(format!("verify after the kill: {}", show(&v)));
+    }
+    let r = bkimg_env(rerun, env);
+    if r.code != 0 {
+        return Err(format!("the rerun: {}", show(&r)));
+    }
+    let v = bkimg_env(&verify, env);
+    if v.code != 0 {
+        return Err(format!("verify after the rerun: {}", show(&v)));
+    }
+    Ok(())
+}
+
+/// `bkimg replicate --to s3://...` killed anywhere: the bucket shows only complete points
+/// and the rerun resumes.
+#[test]
+fn a_replication_to_s3_killed_anywhere() {
+    if !have_strace() || !bkimg_tests::require_root() {
+        return;
+    }
+    let top = TempDir::new().unwrap();
+    let source = source_repository(top.path());
+    let root = top.path().join("s3");
+    std::fs::create_dir_all(root.join("backups")).unwrap();
+    let port = free_port();
+    let mut server = Killed(
+        Command::new(bkimg_tests::s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--access-key",
+                "crashkey",
+                "--secret-key",
+                "crash-secret-0123456789",
+            ])
+            .arg(&root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port, &mut server.0);
+    let env = move |_: &Path| {
+        [
+            ("AWS_ACCESS_KEY_ID", "crashkey".to_string()),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                "crash-secret-0123456789".to_string(),
+            ),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_CONFIG_FILE", "/nonexistent/bkimg-test".to_string()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/bkimg-test".to_string(),
+            ),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<Vec<_>>()
+    };
+    // Each kill ships into a prefix of its own.
+    let url = |d: &Path| {
+        format!(
+            "s3://backups/{}",
+            d.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches('.')
+        )
+    };
+    let args = |d: &Path| strings(&["replicate", "--repo", p(&source), "--to", &url(d), "-q"]);
+    kill_everywhere_with("replicate to S3", &|_| Box::new(()), &args, &env, &|d| {
+        remote_verifies_and_reruns(&url(d), &args(d), &env(d), &[])
+    });
+}
+
+/// Keys of a standby and of the host shipping to it.
+struct StandbyKeys {
+    server: PathBuf,
+    server_fp: String,
+    client: PathBuf,
+    client_fp: String,
+}
+
+fn standby_keys(dir: &Path) -> StandbyKeys {
+    let gen = |name: &str| {
+        let d = dir.join(name);
+        let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&d)])
+            .stdout
+            .trim()
+            .to_string();
+        (d, fp)
+    };
+    let (server, server_fp) = gen("standby-key");
+    let (client, client_fp) = gen("client-key");
+    StandbyKeys {
+        server,
+        server_fp,
+        client,
+        client_fp,
+    }
+}
+
+fn serve_args(k: &StandbyKeys, port: u16, repo: &Path) -> Vec<String> {
+    strings(&[
+        "standby",
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--repo",
+        p(repo),
+        "--key",
+        p(&k.server),
+        "--allow",
+        &k.client_fp,
+    ])
+}
+
+fn ship_args(k: &StandbyKeys, port: u16, source: &Path) -> Vec<String> {
+    strings(&[
+        "replicate",
+        "--repo",
+        p(source),
+        "--to",
+        &format!("bkimg://127.0.0.1:{port}"),
+        "--key",
+        p(&k.client),
+        "--server-fingerprint",
+        &k.server_fp,
+        "-q",
+    ])
+}
+
+/// The sender to a standby killed anywhere: the standby holds only complete points and
+/// the rerun completes.
+#[test]
+fn a_replication_to_a_standby_killed_anywhere() {
+    if !have_strace() {
+        return;
+    }
+    let top = TempDir::new().unwrap();
+    let source = source_repository(top.path());
+    let keys = standby_keys(top.path());
+    let port_of = |d: &Path| -> u16 {
+        std::fs::read_to_string(d.join("port"))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let setup = |d: &Path| -> Guard {
+        let port = free_port();
+        std::fs::write(d.join("port"), port.to_string()).unwrap();
+        let mut child = Killed(
+            Command::new(bkimg_path())
+                .args(serve_args(&keys, port, &d.join("standby")))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_listening(port, &mut child.0);
+        Box::new(child)
+    };
+    let args = |d: &Path| ship_args(&keys, port_of(d), &source);
+    kill_everywhere_with(
+        "replicate to a standby",
+        &setup,
+        &args,
+        &|_| Vec::new(),
+        &|d| {
+            verifies_and_reruns(&d.join("standby"), &args(d))?;
+            let a = bkimg_tests::list_json(&source);
+            let b = bkimg_tests::list_json(&d.join("standby"));
+            if a.len() != b.len() {
+                return Err(format!(
+                    "the standby holds {} points, not {}",
+                    b.len(),
+                    a.len()
+                ));
+            }
+            Ok(())
+        },
+    );
+}
+
+/// The standby killed anywhere while it receives: restarted, it holds only complete
+/// points and takes the rest.
+#[test]
+fn a_standby_killed_anywhere_while_receiving() {
+    if !have_strace() {
+        return;
+    }
+    let top = TempDir::new().unwrap();
+    let source = source_repository(top.path());
+    let keys = standby_keys(top.path());
+    // One traced, undisturbed session counts the standby's calls.
+    let serve = |d: &Path, port: u16, inject: Option<(&str, u32)>| -> Killed {
+        let mut c = Command::new("strace");
+        c.args(["-f", "-qq"]);
+        match inject {
+            None => {
+                c.args(["-o", p(&d.join("strace.log")), "-e"])
+                    .arg(format!("trace={}", WRITE_SIDE.join(",")));
+            }
+            Some((syscall, when)) => {
+                c.args(["-o", "/dev/null", "-e"])
+                    .arg(format!("trace={syscall}"))
+                    .arg("-e")
+                    .arg(format!("inject={syscall}:signal=SIGKILL:when={when}"));
+            }
+        }
+        let mut child = Killed(
+            c.arg(bkimg_path())
+                .args(serve_args(&keys, port, &d.join("standby")))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Killed while starting (creating its repository) is a case too.
+        let up = listening_or_ended(port, &mut child.0);
+        assert!(up || inject.is_some(), "the standby did not start");
+        child
+    };
+    let counts = {
+        let d = TempDir::new().unwrap();
+        let port = free_port();
+        let server = serve(d.path(), port, None);
+        bkimg_ok(
+            &ship_args(&keys, port, &source)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        drop(server);
+        let text = std::fs::read_to_string(d.path().join("strace.log")).unwrap();
+        WRITE_SIDE
+            .iter()
+            .map(|s| {
+                let n = text
+                    .lines()
+                    .filter(|l| {
+                        l.split_once(' ')
+                            .map(|(_, rest)| rest.trim_start())
+                            .is_some_and(|rest| rest.starts_with(&format!("{s}(")))
+                    })
+                    .count() as u32;
+                (s.to_string(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect::<Vec<_>>()
+    };
+    let mut failures = Vec::new();
+    let mut tried = 0;
+    for (syscall, count) in &counts {
+        for when in positions(*count) {
+            let d = TempDir::new().unwrap();
+            let port = free_port();
+            let server = serve(d.path(), port, Some((syscall, when)));
+            // No retries: the standby is dead once killed.
+            let mut ship = ship_args(&keys, port, &source);
+            ship.extend(strings(&["--retries", "0"]));
+            let first = bkimg_env(&ship, &[]);
+            drop(server);
+            tried += 1;
+            // Restarted without faults: what it holds verifies, the rerun completes.
+            let port = free_port();
+            let mut again = Killed(
+                Command::new(bkimg_path())
+                    .args(serve_args(&keys, port, &d.path().join("standby")))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            wait_listening(port, &mut again.0);
+            let repo = d.path().join("standby");
+            let result = verifies_and_reruns(&repo, &ship_args(&keys, port, &source));
+            drop(again);
+            if let Err(e) = result {
+                failures.push(format!(
+                    "standby killed at {syscall} #{when} of {count} (sender exit {}): {e}",
+                    first.code
+                ));
+            }
+        }
+    }
+    eprintln!("standby receiving: {tried} kills at {counts:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {tried} kills broke the standby:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
