@@ -42,3 +42,19 @@ pub fn efivars_dir() -> std::path::PathBuf {
     }
     std::path::PathBuf::from("/sys/firmware/efi/efivars")
 }
+
+/// The wall clock as bkimg reads it for lock ages: with the `test-hooks` feature shifted
+/// by `BKIMG_TEST_CLOCK_SKEW` seconds (negative: behind), so a test can run a process whose
+/// clock is wrong.
+pub fn wall_clock() -> std::time::SystemTime {
+    let now = std::time::SystemTime::now();
+    #[cfg(feature = "test-hooks")]
+    if let Some(skew) = std::env::var("BKIMG_TEST_CLOCK_SKEW")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+    {
+        let by = std::time::Duration::from_secs(skew.unsigned_abs());
+        return if skew >= 0 { now + by } else { now - by };
+    }
+    now
+}

@@ -157,6 +157,9 @@ pub struct S3Store {
     scratch_seq: AtomicU64,
     /// Requests made, for measurements (`requests()`).
     requests: AtomicU64,
+    /// The lock this process holds on the prefix (maintain.rs), which its commits and
+    /// deletions check first.
+    lease: Mutex<Option<std::sync::Arc<maintain::Lease>>>,
 }
 
 impl S3Store {
@@ -225,6 +228,7 @@ impl S3Store {
             chunks: Mutex::new(None),
             scratch_seq: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            lease: Mutex::new(None),
         };
         store
             .check_bucket()
@@ -1028,6 +1032,7 @@ impl StoreWrite for S3Store {
 
     fn commit_manifest(&self, id: &str, bytes: &[u8]) -> bkimg_format::Result<()> {
         assert!(valid_id(id), "restore point ids are generated valid");
+        self.check_lease()?;
         let what = format!("restore point {id}");
         let key = self.key_point(id);
         // Every object it names was acknowledged by the server before this point (a PUT

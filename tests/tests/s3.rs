@@ -1049,3 +1049,75 @@ fn continuous_mode_prunes_both_ends() {
     assert_eq!(sha256_file(&from_bucket), sha256_file(&img));
     bkimg_tests::bkimg_ok(&["verify", "--repo", p(&repo)]);
 }
+
+/// A prune whose clock is an hour ahead (or behind) must still see a running
+/// replication's lock as live: lock ages come from the server's times, not the local
+/// clock (a prune an hour ahead used to take the live lock for a dead process's and go on
+/// deleting what the replication relies on).
+#[test]
+fn a_skewed_clock_does_not_make_a_live_lock_stale() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let s = Server::start();
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    let repo = t.path().join("repo");
+    let url = format!("s3://{BUCKET}/skewed");
+    make_image(&img, 11);
+    capture(&["--repo", p(&repo), "--raw", p(&img)]);
+    s.replicate(&repo, &url, &[]);
+    write_at(&img, 3 * MIB, &noise(MIB as usize, 12));
+    capture(&["--repo", p(&repo), "--raw", "--parent", "latest", p(&img)]);
+    // A replication holding its lock, paused (its clock an hour behind).
+    let paused = t.path().join("paused");
+    let mut ship = s
+        .command(&["replicate", "--repo", p(&repo), "--to", &url, "-q"], SK)
+        .env(
+            "BKIMG_TEST_PAUSE",
+            format!("s3-ship-locked:{}", paused.display()),
+        )
+        .env("BKIMG_TEST_CLOCK_SKEW", "-3600")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(300);
+    while !paused.exists() {
+        assert!(
+            ship.try_wait().unwrap().is_none(),
+            "the replication ended before its pause point (built without --features bkimg/test-hooks?)"
+        );
+        assert!(
+            Instant::now() < until,
+            "the replication never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for skew in ["3600", "-3600"] {
+        let out = s
+            .command(&["prune", "--repo", &url, "--keep-last", "1", "-q"], SK)
+            .env("BKIMG_TEST_CLOCK_SKEW", skew)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(10), "clock {skew} s off: {err}");
+        assert!(err.contains("a replication is writing to it"), "{err}");
+    }
+    std::fs::remove_file(&paused).unwrap();
+    let out = ship.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.ok(&["verify", "--repo", &url, "-q"]);
+    assert_eq!(
+        s.ok(&["list", "--repo", &url, "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}

@@ -9,7 +9,7 @@
 //! rewritten every [`REFRESH`] while held; one not rewritten for [`STALE_AFTER`] belongs to
 //! a process that died and is ignored (and removed by the next prune).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use bkimg_format::manifest::valid_id;
@@ -51,7 +51,30 @@ pub struct S3Lock<'a> {
 impl Drop for S3Lock<'_> {
     fn drop(&mut self) {
         self.refresh.abort();
+        *self.store.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = self.store.delete_key(&self.key);
+    }
+}
+
+/// What a held lock guarantees, for the store's commits and deletions to check.
+pub(crate) struct Lease {
+    kind: LockKind,
+    /// The server's time (LastModified, Unix seconds) of the lock's first write: when
+    /// this holder started, on the server's clock.
+    started: i64,
+    /// The last time (this host's monotonic clock) the lock object was written.
+    renewed: std::sync::Mutex<std::time::Instant>,
+}
+
+/// A lock not renewed for this long may already count as stale to others (who wait
+/// [`STALE_AFTER`] on their own side of the network): stop before writing more.
+const LEASE: Duration = Duration::from_secs(STALE_AFTER.as_secs() - 2 * REFRESH.as_secs());
+
+impl Lease {
+    fn lapsed(&self) -> Option<Duration> {
+        let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        let since = renewed.elapsed();
+        (since > LEASE).then_some(since)
     }
 }
 
@@ -97,8 +120,28 @@ impl S3Store {
         })
         .to_string()
         .into_bytes();
+        let written = std::time::Instant::now();
         self.put_unretained(&key, body.clone())
             .map_err(|f| f.into_format(what()))?;
+        let locks = self.list_locks().map_err(|f| f.into_format(what()))?;
+        let started = locks
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.modified)
+            .ok_or_else(|| {
+                FormatError::io(
+                    what(),
+                    std::io::Error::other(format!(
+                        "the lock just written ({LOCKS}/{name}) is not listed: the server does \
+                         not list what it stored"
+                    )),
+                )
+            })?;
+        let lease = std::sync::Arc::new(Lease {
+            kind,
+            started,
+            renewed: std::sync::Mutex::new(written),
+        });
         let lock = S3Lock {
             store: self,
             key: key.clone(),
@@ -107,9 +150,13 @@ impl S3Store {
                 self.names.bucket.clone(),
                 key,
                 body,
+                lease.clone(),
             )),
         };
-        for (other, age) in self.list_locks().map_err(|f| f.into_format(what()))? {
+        for LockEntry {
+            name: other, age, ..
+        } in locks
+        {
             if other == name || age > STALE_AFTER {
                 continue;
             }
@@ -124,20 +171,48 @@ impl S3Store {
                 return Ok(Err(format!("{holder} (lock {LOCKS}/{other})")));
             }
         }
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
         Ok(Ok(lock))
     }
 
-    /// Lock names with their age.
-    fn list_locks(&self) -> Res<Vec<(String, Duration)>> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        Ok(self
-            .list_with_times(&format!("{LOCKS}/"))?
+    /// Refuses to go on when the lock this process holds could not be renewed for so long
+    /// that another may have taken it for a dead process's.
+    pub(crate) fn check_lease(&self) -> bkimg_format::Result<()> {
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        match lease.as_ref().and_then(|l| l.lapsed()) {
+            None => Ok(()),
+            Some(since) => Err(FormatError::Busy(format!(
+                "the lock on {} was not renewed for {} s (the server did not take the \
+                 rewrite): another process may have taken it for stale, so nothing more is \
+                 written or deleted; run the command again",
+                self.url(),
+                since.as_secs()
+            ))),
+        }
+    }
+
+    /// When a prune this process runs started, on the server's clock.
+    fn prune_started(&self) -> Option<i64> {
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        lease
+            .as_ref()
+            .filter(|l| l.kind == LockKind::Prune)
+            .map(|l| l.started)
+    }
+
+    /// The locks with their age on the server's clock: how much older each is than the
+    /// newest lock written (a caller lists right after writing or renewing its own, so
+    /// that is about the server's "now"). The local clock plays no part: a host whose
+    /// clock is off by an hour sees the same ages as every other.
+    fn list_locks(&self) -> Res<Vec<LockEntry>> {
+        let listed = self.list_with_times(&format!("{LOCKS}/"))?;
+        let newest = listed.iter().map(|(_, m)| *m).max().unwrap_or(0);
+        Ok(listed
             .into_iter()
-            .map(|(k, modified)| {
-                let age = Duration::from_secs(now.saturating_sub(modified).max(0) as u64);
-                (k, age)
+            .map(|(name, modified)| LockEntry {
+                name,
+                modified,
+                age: Duration::from_secs(newest.saturating_sub(modified).max(0) as u64),
             })
             .collect())
     }
@@ -146,7 +221,8 @@ impl S3Store {
     pub fn remove_stale_locks(&self) -> bkimg_format::Result<usize> {
         let what = || format!("the locks of {}", self.url());
         let mut n = 0;
-        for (name, age) in self.list_locks().map_err(|f| f.into_format(what()))? {
+        self.check_lease()?;
+        for LockEntry { name, age, .. } in self.list_locks().map_err(|f| f.into_format(what()))? {
             if age > STALE_AFTER {
                 self.delete_key(&format!("{}{LOCKS}/{name}", self.prefix))
                     .map_err(|f| f.into_format(what()))?;
@@ -212,17 +288,38 @@ impl S3Store {
     }
 }
 
-/// Rewrites the lock object every [`REFRESH`] so that others see it is alive.
-async fn refresh(client: aws_sdk_s3::Client, bucket: String, key: String, body: Vec<u8>) {
+/// A lock object as listed.
+struct LockEntry {
+    name: String,
+    /// LastModified, Unix seconds (server's clock).
+    modified: i64,
+    age: Duration,
+}
+
+/// Rewrites the lock object every [`REFRESH`] so that others see it is alive, and notes
+/// each rewrite the server took (a failed one is retried at the next turn; the holder
+/// stops writing once the lock may have lapsed: [`S3Store::check_lease`]).
+async fn refresh(
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    body: Vec<u8>,
+    lease: std::sync::Arc<Lease>,
+) {
     loop {
         tokio::time::sleep(REFRESH).await;
-        let _ = client
+        let sent = std::time::Instant::now();
+        let ok = client
             .put_object()
             .bucket(&bucket)
             .key(&key)
             .body(body.clone().into())
             .send()
-            .await;
+            .await
+            .is_ok();
+        if ok {
+            *lease.renewed.lock().unwrap_or_else(|e| e.into_inner()) = sent;
+        }
     }
 }
 
@@ -257,9 +354,12 @@ impl StoreMaintain for S3Store {
         let what = || format!("the chunks of {}", self.url());
         let mut batch = Vec::new();
         let mut failed = None;
+        // A chunk stored after this prune began may belong to a replication that started
+        // meanwhile: never offered for deletion (a later prune judges it).
+        let newer_than = self.prune_started().unwrap_or(i64::MAX);
         self.list_objects(&format!("{}/", names::CHUNKS), &mut |page| {
             batch.clear();
-            for o in page {
+            for o in page.iter().filter(|o| o.modified < newer_than) {
                 let Some((fan, hex)) = o.key.split_once('/') else {
                     continue;
                 };
@@ -293,21 +393,25 @@ impl StoreMaintain for S3Store {
     }
 
     fn put_prune_record(&self, id: &str, bytes: &[u8]) -> bkimg_format::Result<()> {
+        self.check_lease()?;
         self.put(&self.key_prune_record(id), bytes.to_vec())
             .map_err(|f| f.into_format(format!("prune record of {id}")))
     }
 
     fn delete_manifest(&self, id: &str) -> bkimg_format::Result<()> {
+        self.check_lease()?;
         self.delete_key(&self.key_point(id))
             .map_err(|f| f.into_format(format!("restore point {id}")))
     }
 
     fn delete_index(&self, id: &Digest) -> bkimg_format::Result<()> {
+        self.check_lease()?;
         self.delete_key(&self.key_index(id))
             .map_err(|f| f.into_format(format!("volume index {id}")))
     }
 
     fn delete_chunks(&self, digests: &[Digest]) -> bkimg_format::Result<()> {
+        self.check_lease()?;
         for group in digests.chunks(1000) {
             let keys: Vec<String> = group.iter().map(|d| self.key_chunk(d)).collect();
             self.delete_keys(&keys)
@@ -323,6 +427,7 @@ impl StoreMaintain for S3Store {
     }
 
     fn delete_prune_record(&self, id: &str) -> bkimg_format::Result<()> {
+        self.check_lease()?;
         self.delete_key(&self.key_prune_record(id))
             .map_err(|f| f.into_format(format!("prune record of {id}")))
     }

@@ -55,6 +55,8 @@ pub fn replicate(
 
     // Keeps a prune of the bucket from deleting chunks this run counts on.
     let _lock = store.lock(super::LockKind::Ship, false)?;
+    // Tests hold a replication here, its lock taken.
+    bkimg_format::testhook::pause("s3-ship-locked");
     let present: HashSet<String> = store
         .point_ids()
         .map_err(remote("the restore points in the bucket"))
