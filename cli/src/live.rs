@@ -144,7 +144,14 @@ fn handle_signals(session: Interrupter) -> Result<()> {
                     Interruption::Committing => {}
                     Interruption::Done => std::process::exit(crate::exit::INTERRUPTED),
                     _ if count >= 2 => {
-                        session.remove_store();
+                        if let Some(kept) = session.remove_store() {
+                            eprintln!(
+                                "bkimg: warning: the store {} is kept, as the snapshot may still \
+                                 write to it: remove it after `bkimg snapshot list` shows no \
+                                 snapshot using it (or `bkimg snapshot destroy ID` succeeded)",
+                                kept.display()
+                            );
+                        }
                         eprintln!("bkimg: error: {}", Interrupted);
                         std::process::exit(crate::exit::INTERRUPTED);
                     }

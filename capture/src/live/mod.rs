@@ -84,6 +84,9 @@ struct Shared {
     store_path: PathBuf,
     /// Whether we created the store file (only then may it be removed by path).
     store_created: AtomicBool,
+    /// A destroy failed: the kernel may still write into the store's blocks, so the file
+    /// must stay (removed, the filesystem would hand its blocks to other files).
+    store_in_use: AtomicBool,
 }
 
 /// One disk read from the snapshot.
@@ -157,17 +160,30 @@ impl Interrupter {
         };
         announce(what);
         if let Interruption::Releasing(id) = what {
-            let _ = self.control.destroy(id);
-            *phase = Phase::Released;
+            match self.control.destroy(id) {
+                Ok(()) => *phase = Phase::Released,
+                Err(e) if e.kind() == ErrorKind::NotFound => *phase = Phase::Released,
+                Err(_) => self.shared.store_in_use.store(true, Ordering::SeqCst),
+            }
         }
         then(what);
     }
 
-    /// Removes the store file if the session created it (before exiting at once).
-    pub fn remove_store(&self) {
-        if self.shared.store_created.load(Ordering::SeqCst) {
-            let _ = std::fs::remove_file(&self.shared.store_path);
+    /// Removes the store file if the session created it and no snapshot may still write
+    /// to it (before exiting at once). Returns the path when it had to be kept.
+    pub fn remove_store(&self) -> Option<PathBuf> {
+        if !self.shared.store_created.load(Ordering::SeqCst) {
+            return None;
         }
+        let holding = matches!(
+            *self.shared.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            Phase::Holding(_) | Phase::Committing
+        );
+        if holding || self.shared.store_in_use.load(Ordering::SeqCst) {
+            return Some(self.shared.store_path.clone());
+        }
+        let _ = std::fs::remove_file(&self.shared.store_path);
+        None
     }
 }
 
@@ -224,6 +240,7 @@ impl Session {
                 stop: AtomicBool::new(false),
                 store_path,
                 store_created: AtomicBool::new(false),
+                store_in_use: AtomicBool::new(false),
             }),
             options: options.clone(),
             devices: devices.to_vec(),
@@ -492,6 +509,7 @@ impl Session {
             if matches!(*phase, Phase::Holding(_) | Phase::Committing) {
                 if let Err(e) = self.control.destroy(self.id) {
                     if e.kind() != ErrorKind::NotFound {
+                        self.shared.store_in_use.store(true, Ordering::SeqCst);
                         (self.log)(&format!(
                             "warning: {e}; release it with: bkimg snapshot destroy {}",
                             self.id
@@ -501,8 +519,19 @@ impl Session {
             }
             *phase = Phase::Done;
         }
-        if let Some(file) = self.store.lock().expect("store lock").take() {
-            if let Err(e) = file.remove() {
+        if let Some(mut file) = self.store.lock().expect("store lock").take() {
+            if self.shared.store_in_use.load(Ordering::SeqCst) {
+                // Still the kernel's: freeing its blocks would let it write into other
+                // files.
+                (self.log)(&format!(
+                    "warning: the store {} is kept, as snapshot {} may still write to it: \
+                     remove it once `bkimg snapshot destroy {}` has succeeded",
+                    self.shared.store_path.display(),
+                    self.id,
+                    self.id
+                ));
+                file.keep(true);
+            } else if let Err(e) = file.remove() {
                 (self.log)(&format!("warning: {e}"));
             }
         }

@@ -36,6 +36,8 @@ struct Fake {
     state: Mutex<FakeState>,
     /// Report low space once, then clear.
     low_space: AtomicBool,
+    /// Refuse to destroy snapshots (as a busy or confused module would).
+    refuse_destroy: AtomicBool,
 }
 
 fn not_found(what: &str) -> KmodError {
@@ -55,6 +57,7 @@ impl Fake {
                 ..Default::default()
             }),
             low_space: AtomicBool::new(false),
+            refuse_destroy: AtomicBool::new(false),
         })
     }
 
@@ -151,6 +154,13 @@ impl SnapshotControl for Fake {
     }
 
     fn destroy(&self, id: u64) -> Result<(), KmodError> {
+        if self.refuse_destroy.load(Ordering::SeqCst) {
+            return Err(KmodError::Ioctl {
+                what: format!("destroying snapshot {id}"),
+                errno: Errno::EBUSY,
+                hint: String::new(),
+            });
+        }
         let mut s = self.state.lock().unwrap();
         s.snapshots
             .remove(&id)
@@ -391,4 +401,42 @@ fn store_growth_reaches_the_control() {
     assert_eq!(s.fake.state.lock().unwrap().store_added[0].0, 1);
     assert_eq!(report.store_grown, 1);
     assert_eq!(report.store_size, 2 << 20);
+}
+
+/// A snapshot the module will not destroy may still copy into its store: the store file
+/// stays (removing it would free blocks the kernel still writes), on finish and on a
+/// second Ctrl-C alike, and the warning says how to finish by hand.
+#[test]
+fn the_store_stays_while_the_snapshot_may_write_to_it() {
+    let Some(mut s) = setup() else { return };
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = log.clone();
+    let fake = s.fake.clone();
+    let mut session = Session::new(
+        &s.live,
+        &s.opts.sources,
+        move || Ok(fake as Arc<dyn SnapshotControl>),
+        Arc::new(move |m: &str| seen.lock().unwrap().push(m.to_string())),
+    )
+    .unwrap();
+    session.start(&mut s.opts, None, &Silent).unwrap();
+    let store = s.dir.path().join("live.store");
+    assert!(store.exists());
+    s.fake.refuse_destroy.store(true, Ordering::SeqCst);
+    // A second Ctrl-C while the snapshot is held: the store is not removed.
+    let interrupter = session.interrupter();
+    assert_eq!(interrupter.remove_store(), Some(store.clone()));
+    assert!(store.exists());
+    interrupter.interrupt(|_| {}, |_| {});
+    assert_eq!(interrupter.remove_store(), Some(store.clone()));
+    drop(session);
+    assert!(store.exists(), "the store went while the snapshot held it");
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("is kept") && log.contains("bkimg snapshot destroy 1"),
+        "{log}"
+    );
+    // Once destroyed for real, removing it is the user's to do; it is a plain file.
+    s.fake.refuse_destroy.store(false, Ordering::SeqCst);
+    std::fs::remove_file(&store).unwrap();
 }
