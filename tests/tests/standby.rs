@@ -1664,3 +1664,45 @@ fn standby_killed_mid_restore_and_restarted_the_restore_completes() {
     assert!(stderr().contains(&url["bkimg://".len()..]), "{}", stderr());
     assert_same(&out, &s.image, "restore across a standby restart");
 }
+
+/// A replica someone put a loop device over (to mount it, say) since the last apply: the
+/// incremental apply refuses to write under it, says why, and leaves it as it was; once the
+/// loop device is gone, the next commit brings the replica to the newest point. (The
+/// apply used to open the replica without restore's checks.)
+#[test]
+fn a_replica_in_use_is_not_written() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 40 * MIB, 21);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    let before = bkimg_tests::sha256_file(&sb.replica);
+
+    let lo = bkimg_tests::Loop::attach(&sb.replica, 0, None, false);
+    change_chunks(&disk, 10, 3, 200);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_log("apply failed");
+    let log = sb.log_text();
+    assert!(
+        log.contains(&lo.dev) && log.contains("losetup -d"),
+        "the standby does not say what holds the replica:\n{log}"
+    );
+    assert_eq!(
+        bkimg_tests::sha256_file(&sb.replica),
+        before,
+        "the replica was written while in use"
+    );
+    assert_eq!(sb.status()["applied"], full.as_str());
+    drop(lo);
+
+    change_chunks(&disk, 20, 2, 201);
+    let newer = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&newer);
+    assert_same(&sb.replica, &disk, "replica after the loop device went");
+    let _ = inc;
+}

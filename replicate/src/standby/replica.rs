@@ -20,7 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -700,26 +700,17 @@ fn apply_changed(
     disk: &Disk,
     target: &Path,
 ) -> Result<DiskReport> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(target)
-        .with_context(|| format!("opening the replica {}", target.display()))?;
-    let meta = file.metadata()?;
-    let size = if meta.file_type().is_block_device() {
-        use std::io::Seek;
-        (&file).seek(std::io::SeekFrom::End(0))?
-    } else {
-        meta.len()
-    };
-    if size < disk.size {
-        bail!(
-            "the replica {} is {size} bytes, disk {} of the restore point needs {}",
-            target.display(),
-            disk.name,
-            disk.size
-        );
-    }
+    // The checks a restore makes of its target: the right kind, large enough, the
+    // sector size, not mounted or held (opened exclusively), not a file under a loop
+    // device. Someone may have mounted the replica since the last apply.
+    let opened = bkimg_restore::target::Target::open(
+        target,
+        disk.size,
+        None,
+        Some(disk.logical_sector_size),
+    )
+    .with_context(|| format!("the replica of {}", disk.name))?;
+    let file = &opened.file;
     let mut report = DiskReport {
         mode: "changed-chunks".into(),
         ..Default::default()
@@ -778,7 +769,7 @@ fn apply_changed(
             }
         }
     }
-    write_gpt(disk, &file, size)?;
+    write_gpt(disk, file, opened.size)?;
     file.sync_all()
         .with_context(|| format!("flushing {}", target.display()))?;
     Ok(report)

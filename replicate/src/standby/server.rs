@@ -131,16 +131,24 @@ fn replica_loop(r: Replica, rx: mpsc::Receiver<()>) {
         if !woken {
             continue;
         }
-        match r.apply_latest() {
-            Ok(Outcome::Applied(rep)) => {
-                log(&format!("replica {}: {}", r.describe(), rep.summary()))
+        // Until up to date: finishing an apply that was interrupted (or failed) brings
+        // the replica to that apply's point, and the newest may be further on.
+        loop {
+            match r.apply_latest() {
+                Ok(Outcome::Applied(rep)) => {
+                    log(&format!("replica {}: {}", r.describe(), rep.summary()));
+                    continue;
+                }
+                Ok(Outcome::NotApplied(n)) => {
+                    log(&format!("replica {}: {}", r.describe(), n.reason))
+                }
+                Ok(Outcome::UpToDate | Outcome::Promoted) => {}
+                Err(e) => log(&format!(
+                    "replica {}: apply failed: {e:#} (retried after the next commit)",
+                    r.describe()
+                )),
             }
-            Ok(Outcome::NotApplied(n)) => log(&format!("replica {}: {}", r.describe(), n.reason)),
-            Ok(Outcome::UpToDate | Outcome::Promoted) => {}
-            Err(e) => log(&format!(
-                "replica {}: apply failed: {e:#} (retried after the next commit)",
-                r.describe()
-            )),
+            break;
         }
     }
 }
