@@ -375,6 +375,12 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         }),
     };
     let progress = ConsoleProgress::new(console);
+    if let Some(up) = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+    {
+        console.line(&format!("restore starts {up:.1} s after the kernel did"));
+    }
     let started = Instant::now();
     let report = bkimg_restore::restore(&repo, &point, &req, &progress).with_context(|| {
         format!(

@@ -185,8 +185,9 @@ impl Vm {
         firmware: Firmware,
         media: Option<(Boot, &Path)>,
         disks: &[&Path],
+        netns: Option<&str>,
     ) -> Vm {
-        Vm::spawn(dir, name, firmware, media, disks, None, &[], true)
+        Vm::spawn(dir, name, firmware, media, disks, netns, &[], true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -555,6 +556,7 @@ fn a_person_picks_the_point_and_the_disk_on_the_serial_console() {
         Firmware::Uefi,
         Some((Boot::UsbStick, &image)),
         &[&nvme, &virtio],
+        None,
     );
     vm.wait_for("restore which point?");
     vm.type_line("");
@@ -834,16 +836,28 @@ fn make_boot_disk(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::create_dir_all(root.join("boot/efi")).unwrap();
     std::fs::write(root.join("etc/hostname"), "restored\n").unwrap();
+    // What is mounted where, and (under UEFI) the entry the firmware booted and its
+    // BootOrder, as efivarfs shows them (hex, without the attribute bytes).
+    let script = root.join("usr/local/bin/bkimg-marker");
+    std::fs::create_dir_all(script.parent().unwrap()).unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nv=/sys/firmware/efi/efivars\ng=8be4df61-93ca-11d2-aa0d-00e098032b8c\n\
+             hexof() {{ od -An -tx1 -j4 \"$v/$1-$g\" 2>/dev/null | tr -d ' \\n'; }}\n\
+             echo \"{MARKER} root=$(findmnt -no SOURCE /) swap=$(swapon --noheadings --show=NAME) \
+             efi=$(findmnt -no SOURCE /boot/efi) bootcurrent=$(hexof BootCurrent) \
+             bootorder=$(hexof BootOrder)\" > /dev/ttyS0\nsystemctl poweroff\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let unit = root.join("etc/systemd/system/bkimg-marker.service");
     std::fs::write(
         &unit,
-        format!(
-            "[Unit]\nDescription=bkimg test: the restored system is up\n\
-             After=local-fs.target swap.target\n\n[Service]\nType=oneshot\n\
-             ExecStart=/bin/sh -c 'echo \"{MARKER} root=$(findmnt -no SOURCE /) \
-             swap=$(swapon --noheadings --show=NAME) efi=$(findmnt -no SOURCE /boot/efi)\" \
-             > /dev/ttyS0; systemctl poweroff'\n\n[Install]\nWantedBy=multi-user.target\n"
-        ),
+        "[Unit]\nDescription=bkimg test: the restored system is up\n\
+         After=local-fs.target swap.target\n\n[Service]\nType=oneshot\n\
+         ExecStart=/usr/local/bin/bkimg-marker\n\n[Install]\nWantedBy=multi-user.target\n",
     )
     .unwrap();
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
@@ -1118,6 +1132,26 @@ fn assert_system_up(console: &str, prefix: &str) {
     assert!(line.contains(&format!("efi={prefix}1")), "{line}");
 }
 
+/// Under UEFI, the restored system reads efivarfs: the entry it booted through is the
+/// first of BootOrder (what `efibootmgr` would show first).
+fn assert_booted_first_entry(console: &str) {
+    let line = console
+        .lines()
+        .find(|l| l.contains(MARKER))
+        .unwrap_or_else(|| panic!("the restored system did not come up:\n{console}"));
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (current, order) = (field("bootcurrent"), field("bootorder"));
+    assert!(
+        current.len() == 4 && order.starts_with(&current),
+        "BootCurrent {current:?} is not first in BootOrder {order:?}: {line}"
+    );
+}
+
 /// Under BIOS, from the rescue as a CD: the restored disk's own boot code (MBR and BIOS
 /// boot partition, restored with it) boots the restored Debian once the CD is gone.
 #[test]
@@ -1182,6 +1216,9 @@ fn boot_initramfs(modules: &Path) -> Vec<u8> {
         "vfat",
         "nls_cp437",
         "nls_ascii",
+        // The root filesystem carries no modules of this kernel: systemd mounts efivarfs
+        // only if it is loaded already.
+        "efivarfs",
     ]);
     assert!(missing.is_empty(), "{missing:?}");
     let mut a = Archive::new();
@@ -1288,6 +1325,7 @@ fn uefi_restored_system_boots() {
         "the firmware did not boot through the recreated entry:\n{console}"
     );
     assert_system_up(&console, "/dev/nvme0n1p");
+    assert_booted_first_entry(&console);
 }
 
 // ---- a repository in S3, reached over the rescue system's network ------------------------
@@ -1487,11 +1525,12 @@ fn settings_partition(stick: &Path, settings: &str) {
 }
 
 /// The data centre is gone, the bucket survived: a stick that carries neither an export
-/// nor a credential boots (UEFI), gets an address by DHCP, takes the S3 credentials from a
-/// small partition the site added to the stick (BKIMG-CONF), restores the captured Debian from the bucket and
-/// reboots into it through the boot entry the capture recorded. Wrong credentials first:
-/// a clear message, a shell, nothing written. Only the namespace's addresses exist for
-/// the VM.
+/// nor a credential boots (UEFI), gets an address by DHCP, takes the S3 credentials from
+/// a small partition the site added to the stick (BKIMG-CONF), restores the captured
+/// Debian from the bucket and reboots into it through the boot entry the capture
+/// recorded. First, with no credentials anywhere, a person types them at the serial
+/// console (the secret unechoed) and gets the secret wrong: a clear message, a shell,
+/// nothing written. Only the namespace's addresses exist for the VM.
 #[test]
 fn restores_from_s3_over_dhcp_and_boots() {
     if !available() || !require_root() {
@@ -1540,32 +1579,36 @@ fn restores_from_s3_over_dhcp_and_boots() {
     let target = dir.join("target.img");
     blank(&target, std::fs::metadata(&s.disk).unwrap().len());
 
-    settings_partition(
-        &image,
-        &format!(
-            "[rescue]\naws-access-key-id = \"{AK}\"\naws-secret-access-key = \"not-the-secret\"\n"
-        ),
-    );
-    let mut vm = Vm::start_net(
+    // First a person at the console, no credentials anywhere: asked for, the secret
+    // typed without echo, and wrong.
+    settings_partition(&image, "[rescue]\nunattended = false\n");
+    let mut vm = Vm::start_interactive(
         &dir,
         "s3",
         Firmware::Uefi,
         Some((Boot::UsbStick, &image)),
         &[&target],
         Some(&site.ns),
-        &[],
     );
+    vm.wait_for("S3 access key id:");
+    vm.type_line(AK);
+    vm.wait_for("S3 secret access key (not shown):");
+    vm.type_line("not-the-secret");
     let console = vm.wait_for("bkimg-rescue: starting a shell");
     drop(vm);
     assert!(
-        console.contains("bkimg-rescue: site settings from /dev/sda4 (BKIMG-CONF): rescue.aws-access-key-id, rescue.aws-secret-access-key"),
+        console
+            .contains("bkimg-rescue: site settings from /dev/sda4 (BKIMG-CONF): rescue.unattended"),
         "{console}"
     );
     assert!(
         console.contains("RESTORE FAILED") && console.contains("check the credentials"),
         "{console}"
     );
-    assert!(!console.contains("not-the-secret"), "{console}");
+    assert!(
+        !console.contains("not-the-secret"),
+        "the secret was echoed: {console}"
+    );
     assert!(!console.contains("rebooting"), "{console}");
     assert!(all_zero(&target), "the target was written to");
 
@@ -1609,10 +1652,11 @@ fn restores_from_s3_over_dhcp_and_boots() {
         "the firmware did not boot through the recreated entry:\n{console}"
     );
     assert_system_up(&console, "/dev/nvme0n1p");
+    assert_booted_first_entry(&console);
 }
 
-/// A standby host as the repository: it serves a reader key the stick carries
-/// (`--allow-reader`), the stick pins the standby's certificate. A wrong pin (from a
+/// A standby host as the repository, reached at a static address: it serves a reader key
+/// the stick carries (`--allow-reader`), the stick pins the standby's certificate. A wrong pin (from a
 /// BKIMG-CONF partition) is refused with nothing written; the right one restores.
 #[test]
 fn restores_from_a_standby_host() {
@@ -1683,7 +1727,7 @@ fn restores_from_a_standby_host() {
         &config,
         format!(
             "repository = \"{url}\"\n[rescue]\nunattended = true\nafter = \"poweroff\"\n\
-             [rescue.standby]\nserver-fingerprint = \"{server_fp}\"\n\
+             [rescue.network]\naddress = \"10.77.0.70/24\"\n[rescue.standby]\nserver-fingerprint = \"{server_fp}\"\n\
              key-pem = \"\"\"\n{}\"\"\"\ncert-pem = \"\"\"\n{}\"\"\"\n",
             pem("standby.key"),
             pem("standby.crt")
@@ -1737,6 +1781,11 @@ fn restores_from_a_standby_host() {
     let console = vm.wait_poweroff();
     assert!(
         console.contains(&format!("bkimg-rescue: repository: {url}")),
+        "{console}"
+    );
+    // A static address from the config (this site's DHCP server is not asked).
+    assert!(
+        console.contains("bkimg-rescue: network: eth0 10.77.0.70/24 (static)"),
         "{console}"
     );
     assert!(console.contains("bkimg-rescue: restored "), "{console}");
