@@ -125,6 +125,14 @@ pub enum StandbyCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Read every replica and compare it chunk by chunk with the restore point it holds
+    /// (exit 3 when one differs, naming where).
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Stop applying restore points to the replicas, leaving them consistent and ready
     /// to boot (an interrupted apply is finished first). Undone by `standby demote`.
     Promote {
@@ -175,6 +183,7 @@ impl StandbyCommand {
                 }
             }
             StandbyCommand::Status { repo, .. }
+            | StandbyCommand::Verify { repo, .. }
             | StandbyCommand::Promote { repo, .. }
             | StandbyCommand::Demote { repo, .. } => {
                 repo.settle(config)?;
@@ -244,6 +253,51 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
         StandbyCommand::Status { repo, common } => {
             let s = replica::status(repo.path())?;
             print_status(&s, common.json, "status");
+            Ok(exit::OK)
+        }
+        StandbyCommand::Verify { repo, common } => {
+            let checks = replica::verify_replicas(repo.path())?;
+            let differ = checks.iter().any(|c| c.differing_chunks > 0);
+            if common.json {
+                crate::out_json(&serde_json::json!({ "replicas": checks, "equal": !differ }));
+            } else {
+                for c in &checks {
+                    let Some(point) = &c.point else {
+                        crate::out(&format!(
+                            "replica {}: holds no restore point yet (nothing to compare)",
+                            c.target
+                        ));
+                        continue;
+                    };
+                    if c.differing_chunks == 0 {
+                        crate::out(&format!(
+                            "replica {}: equal to {point} ({} chunks checked)",
+                            c.target, c.chunks_checked
+                        ));
+                    } else {
+                        crate::out(&format!(
+                            "replica {}: DIFFERS from {point} in {} of {} chunks: {}{}",
+                            c.target,
+                            c.differing_chunks,
+                            c.chunks_checked,
+                            c.differences.join(", "),
+                            if c.differing_chunks > c.differences.len() as u64 {
+                                ", ..."
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                }
+            }
+            if differ {
+                eprintln!(
+                    "bkimg: a replica differs from the restore point it should hold (written \
+                     by something else, or damaged): `bkimg standby promote` then `bkimg \
+                     standby demote --yes` restores the newest point to it whole"
+                );
+                return Ok(exit::DAMAGED);
+            }
             Ok(exit::OK)
         }
         StandbyCommand::Promote { repo, common } => {
