@@ -6,7 +6,7 @@
 //! nothing mounts a source meanwhile.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The manifest's `consistency` (spec/format.md §7.7).
@@ -73,7 +73,7 @@ pub fn claim_offline(sources: &[PathBuf]) -> Result<Claim, InUse> {
                 Err(_) => {}
             }
         } else if meta.is_file() {
-            for dev in loops_over(meta.dev(), meta.ino()) {
+            for dev in bkimg_format::loopdev::over(&meta) {
                 match exclusive(Path::new(&dev)) {
                     Ok(f) => held.push(f),
                     Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
@@ -99,28 +99,6 @@ fn exclusive(path: &Path) -> std::io::Result<File> {
         .read(true)
         .custom_flags(nix::libc::O_EXCL)
         .open(path)
-}
-
-/// The loop devices (/dev/loopN) whose backing file is the file (`dev`, `ino`).
-fn loops_over(dev: u64, ino: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing.trim_end_matches('\n');
-        if std::fs::metadata(backing).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
-            out.push(format!("/dev/{name}"));
-        }
-    }
-    out
 }
 
 /// The process holding a lock that conflicts with reading the whole file consistently

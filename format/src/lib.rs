@@ -12,6 +12,7 @@ pub mod digest;
 pub mod error;
 pub mod firmware;
 pub mod index;
+pub mod loopdev;
 pub mod magic;
 pub mod manifest;
 pub mod progress;

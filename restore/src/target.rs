@@ -64,7 +64,7 @@ impl Target {
                 return Err(TargetError::InUse { path: p, why });
             }
             check_sector(&p, meta.rdev(), sector)?;
-        } else if let Some(dev) = backed_loop(meta.dev(), meta.ino()) {
+        } else if let Some(dev) = bkimg_format::loopdev::over(&meta).into_iter().next() {
             // A filesystem may be mounted from it, or a program may hold the loop device.
             return Err(TargetError::InUse {
                 path: p,
@@ -240,25 +240,6 @@ pub fn identity(path: &Path) -> Option<(u64, u64)> {
 
 fn libc_o_excl() -> i32 {
     nix::libc::O_EXCL
-}
-
-/// The loop device (/dev/loopN) whose backing file is the file (`dev`, `ino`), if any.
-fn backed_loop(dev: u64, ino: u64) -> Option<String> {
-    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        // Present only while a file is attached.
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing.trim_end_matches('\n');
-        if std::fs::metadata(backing).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
-            return Some(format!("/dev/{name}"));
-        }
-    }
-    None
 }
 
 /// Whether the device or any partition on it is mounted, from /proc/self/mountinfo.
