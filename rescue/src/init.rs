@@ -239,7 +239,8 @@ fn load_modules(console: &Console) -> Result<()> {
 /// One attempt: config, media, repository, point, disk map, restore.
 fn session(console: &Console, cmdline: &str) -> Result<After> {
     let built_in = std::fs::read_to_string(format!("/{INITRD_CONFIG}")).unwrap_or_default();
-    SiteConfig::parse(&built_in)
+    // Checked before anything waits for media: a broken image says so at once.
+    let built_in_site = SiteConfig::parse(&built_in)
         .map_err(|e| anyhow!("the built-in config file is invalid: {e}"))?;
     let wait = Duration::from_secs(60);
     // Booted from the network: no media to wait for.
@@ -256,7 +257,7 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
                 p.dev.display()
             )
         })?,
-        None => SiteConfig::parse(&built_in).unwrap_or_default(),
+        None => built_in_site,
     };
     let mut config = site.rescue.clone();
     config
@@ -557,13 +558,7 @@ const SITE_FILE: &str = "bkimg-rescue.toml";
 const SITE_MOUNT: &str = "/run/site-config";
 
 fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<SitePartition>> {
-    let Some(dev) = std::process::Command::new("/bin/busybox")
-        .args(["findfs", &format!("LABEL={SITE_LABEL}")])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-    else {
+    let Some(dev) = findfs(&format!("LABEL={SITE_LABEL}")) else {
         return Ok(None);
     };
     let fs = fs_type(&dev).ok_or_else(|| {
@@ -572,43 +567,23 @@ fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<Sit
             dev.display()
         )
     })?;
-    let name = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let disk = block_devices()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map_or(name, |(_, whole)| whole);
+    let disk = whole_disk(&dev);
     // A partition of the stick cannot be mounted while the whole stick is (the kernel
     // holds the disk for the media's filesystem): the media steps aside meanwhile.
     let shared = media.filter(|m| m.disk == disk);
     if shared.is_some() {
         nix::mount::umount(MEDIA_MOUNT).context("unmounting the media to read BKIMG-CONF")?;
     }
-    std::fs::create_dir_all(SITE_MOUNT)?;
-    let mounted = nix::mount::mount(
-        Some(dev.as_path()),
-        SITE_MOUNT,
-        Some(fs),
-        nix::mount::MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting {} ({SITE_LABEL}) read-only", dev.display()));
+    let mounted = mount_ro(&dev, SITE_MOUNT, fs)
+        .with_context(|| format!("mounting {} ({SITE_LABEL}) read-only", dev.display()));
     let text = mounted.map(|()| {
         let text = std::fs::read_to_string(Path::new(SITE_MOUNT).join(SITE_FILE));
         let _ = nix::mount::umount(SITE_MOUNT);
         text
     });
     if let Some(m) = shared {
-        nix::mount::mount(
-            Some(m.dev.as_str()),
-            MEDIA_MOUNT,
-            Some(m.fs),
-            nix::mount::MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting the media {} again", m.dev))?;
+        mount_ro(Path::new(&m.dev), MEDIA_MOUNT, m.fs)
+            .with_context(|| format!("mounting the media {} again", m.dev))?;
     }
     let text = text?.with_context(|| {
         format!(
@@ -656,13 +631,19 @@ fn disk_holding(path: &Path) -> Option<String> {
         })
         .filter(|(dev, dir)| dev.starts_with("/dev/") && path.starts_with(dir))
         .max_by_key(|(_, dir)| dir.len())?;
-    let name = Path::new(dev).file_name()?.to_string_lossy().into_owned();
-    let sys = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
-    if sys.join("partition").exists() {
-        Some(sys.parent()?.file_name()?.to_string_lossy().into_owned())
-    } else {
-        Some(name)
-    }
+    Some(whole_disk(Path::new(dev)))
+}
+
+/// The kernel name of the whole disk a device (a partition or a disk) is on.
+fn whole_disk(dev: &Path) -> String {
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    block_devices()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(name, |(_, whole)| whole)
 }
 
 /// Gives the restored system's loader a UEFI boot entry, first in BootOrder: the entries
@@ -764,15 +745,7 @@ fn order_text(order: &[u16]) -> String {
 
 /// Runs `f` on the restored EFI system partition `dev`, mounted read-only.
 fn with_esp<T>(dev: &Path, f: impl FnOnce(&Path) -> T) -> Result<T> {
-    std::fs::create_dir_all(ESP_MOUNT)?;
-    nix::mount::mount(
-        Some(dev),
-        ESP_MOUNT,
-        Some("vfat"),
-        nix::mount::MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .with_context(|| {
+    mount_ro(dev, ESP_MOUNT, "vfat").with_context(|| {
         format!(
             "mounting the restored EFI system partition {}",
             dev.display()
@@ -843,15 +816,7 @@ fn find_media(console: &Console, wait: Duration) -> Result<Option<Media>> {
             let Some(fs) = fs_type(Path::new(&dev)) else {
                 continue;
             };
-            if nix::mount::mount(
-                Some(dev.as_str()),
-                MEDIA_MOUNT,
-                Some(fs),
-                nix::mount::MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .is_err()
-            {
+            if mount_ro(Path::new(&dev), MEDIA_MOUNT, fs).is_err() {
                 continue;
             }
             let found = std::fs::read_to_string(Path::new(MEDIA_MOUNT).join(MEDIA_ID))
@@ -872,6 +837,30 @@ fn find_media(console: &Console, wait: Duration) -> Result<Option<Media>> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Mounts the filesystem `fs` on `dev` read-only at `dir` (made if missing).
+fn mount_ro(dev: &Path, dir: &str, fs: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    nix::mount::mount(
+        Some(dev),
+        dir,
+        Some(fs),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+/// The device holding the filesystem that `spec` ("LABEL=NAME", "UUID=...") names, by
+/// busybox's findfs.
+fn findfs(spec: &str) -> Option<PathBuf> {
+    std::process::Command::new("/bin/busybox")
+        .args(["findfs", spec])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
 }
 
 /// The filesystem a device's superblock names, among those media and repositories use.
@@ -943,24 +932,16 @@ fn repository_path(
             let (spec, path) = r
                 .split_once(':')
                 .ok_or_else(|| anyhow!("repository {r:?}: write LABEL=NAME:/path/in/it"))?;
-            let dev = std::process::Command::new("/bin/busybox")
-                .args(["findfs", spec])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .ok_or_else(|| anyhow!("no filesystem with {spec} on this machine"))?;
-            let fs = fs_type(Path::new(&dev))
-                .ok_or_else(|| anyhow!("{dev} ({spec}) holds no filesystem the rescue reads"))?;
-            std::fs::create_dir_all(REPO_MOUNT)?;
-            nix::mount::mount(
-                Some(dev.as_str()),
-                REPO_MOUNT,
-                Some(fs),
-                nix::mount::MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .with_context(|| format!("mounting {dev} ({spec}) read-only"))?;
+            let dev =
+                findfs(spec).ok_or_else(|| anyhow!("no filesystem with {spec} on this machine"))?;
+            let fs = fs_type(&dev).ok_or_else(|| {
+                anyhow!(
+                    "{} ({spec}) holds no filesystem the rescue reads",
+                    dev.display()
+                )
+            })?;
+            mount_ro(&dev, REPO_MOUNT, fs)
+                .with_context(|| format!("mounting {} ({spec}) read-only", dev.display()))?;
             return Ok(Path::new(REPO_MOUNT).join(path.trim_start_matches('/')));
         }
         let on_media = Path::new(MEDIA_MOUNT).join(r.trim_start_matches('/'));
