@@ -269,6 +269,17 @@ pub fn noise_image(path: &Path, len: u64, seed: u64) -> Vec<u8> {
     data
 }
 
+/// `bkimg standby keygen --dir DIR/NAME`: the key directory and its certificate's
+/// fingerprint.
+pub fn standby_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&key)])
+        .stdout
+        .trim()
+        .to_string();
+    (key, fp)
+}
+
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = fs::OpenOptions::new()

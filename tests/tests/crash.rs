@@ -64,11 +64,15 @@ fn count_calls(
         "the traced run failed: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let text = std::fs::read_to_string(&log).unwrap();
+    write_side_calls(&std::fs::read_to_string(&log).unwrap())
+}
+
+/// How many times each write-side call starts in an `strace -f` log ("PID name(...").
+fn write_side_calls(log: &str) -> Vec<(String, u32)> {
     WRITE_SIDE
         .iter()
         .map(|s| {
-            let n = text
+            let n = log
                 .lines()
                 .filter(|l| {
                     l.split_once(' ')
@@ -249,8 +253,7 @@ fn captures_into_a_repository_killed_anywhere() {
         let disk = image(d, "disk.img", 2);
         bkimg_ok(&["capture", "--repo", p(&d.join("repo")), p(&disk), "-q"]);
         // Change an eighth of it for the incremental.
-        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 512 << 10], MIB).unwrap();
+        bkimg_tests::write_at(&disk, MIB, &[0x5a; 512 << 10]);
         image(d, "other.img", 3);
     };
     let full = |d: &Path| {
@@ -292,9 +295,7 @@ fn a_prune_killed_anywhere() {
         let disk = image(d, "disk.img", 4);
         let repo = d.join("repo");
         for i in 0..4u8 {
-            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-            std::os::unix::fs::FileExt::write_all_at(&f, &[i; 256 << 10], u64::from(i) * MIB)
-                .unwrap();
+            bkimg_tests::write_at(&disk, u64::from(i) * MIB, &[i; 256 << 10]);
             let mut args = vec!["capture", "--repo", p(&repo), p(&disk), "-q"];
             if i > 0 {
                 args.extend(["--parent", "latest"]);
@@ -524,8 +525,7 @@ fn source_repository(dir: &Path) -> PathBuf {
     let disk = image(dir, "disk.img", 9);
     let repo = dir.join("source");
     bkimg_ok(&["capture", "--repo", p(&repo), p(&disk), "-q"]);
-    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[7; 512 << 10], 2 * MIB).unwrap();
+    bkimg_tests::write_at(&disk, 2 * MIB, &[7; 512 << 10]);
     bkimg_ok(&[
         "capture",
         "--repo",
@@ -690,16 +690,8 @@ struct StandbyKeys {
 }
 
 fn standby_keys(dir: &Path) -> StandbyKeys {
-    let gen = |name: &str| {
-        let d = dir.join(name);
-        let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&d)])
-            .stdout
-            .trim()
-            .to_string();
-        (d, fp)
-    };
-    let (server, server_fp) = gen("standby-key");
-    let (client, client_fp) = gen("client-key");
+    let (server, server_fp) = bkimg_tests::standby_keygen(dir, "standby-key");
+    let (client, client_fp) = bkimg_tests::standby_keygen(dir, "client-key");
     StandbyKeys {
         server,
         server_fp,
@@ -840,22 +832,7 @@ fn a_standby_killed_anywhere_while_receiving() {
                 .collect::<Vec<_>>(),
         );
         drop(server);
-        let text = std::fs::read_to_string(d.path().join("strace.log")).unwrap();
-        WRITE_SIDE
-            .iter()
-            .map(|s| {
-                let n = text
-                    .lines()
-                    .filter(|l| {
-                        l.split_once(' ')
-                            .map(|(_, rest)| rest.trim_start())
-                            .is_some_and(|rest| rest.starts_with(&format!("{s}(")))
-                    })
-                    .count() as u32;
-                (s.to_string(), n)
-            })
-            .filter(|(_, n)| *n > 0)
-            .collect::<Vec<_>>()
+        write_side_calls(&std::fs::read_to_string(d.path().join("strace.log")).unwrap())
     };
     let mut failures = Vec::new();
     let mut tried = 0;

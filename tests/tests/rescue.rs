@@ -428,6 +428,13 @@ impl Drop for Vm {
     }
 }
 
+/// `dir`, emptied (a previous run's files gone) and made.
+fn fresh_dir(dir: PathBuf) -> PathBuf {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn blank(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();
@@ -528,9 +535,7 @@ fn a_person_picks_the_point_and_the_disk_on_the_serial_console() {
         return;
     }
     let f = fixture();
-    let dir = f.dir.path().join("menu");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(f.dir.path().join("menu"));
     let config = dir.join("site.toml");
     std::fs::write(&config, "[rescue]\nafter = \"poweroff\"\n").unwrap();
     let image = dir.join("rescue.img");
@@ -597,9 +602,7 @@ fn too_small_a_disk_or_no_repository_stops_with_a_message() {
         return;
     }
     let f = fixture();
-    let dir = f.dir.path().join("bad-input");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(f.dir.path().join("bad-input"));
     let size = std::fs::metadata(&f.source).unwrap().len();
     let small = dir.join("small.img");
     blank(&small, size - (1 << 20));
@@ -1537,9 +1540,7 @@ fn restores_from_s3_over_dhcp_and_boots() {
         return;
     }
     let s = system();
-    let dir = s.dir.join("s3");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(s.dir.join("s3"));
     let site = Site::start(&dir);
     // The server may take a moment to listen: retry the upload until it does.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1664,21 +1665,11 @@ fn restores_from_a_standby_host() {
         return;
     }
     let f = fixture();
-    let dir = f.dir.path().join("standby");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(f.dir.path().join("standby"));
     let mut site = Site::start(&dir);
-    let keygen = |name: &str| {
-        let d = dir.join(name);
-        let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&d)])
-            .stdout
-            .trim()
-            .to_string();
-        (d, fp)
-    };
-    let (server, server_fp) = keygen("standby-key");
-    let (shipper, shipper_fp) = keygen("shipper-key");
-    let (reader, reader_fp) = keygen("rescue-key");
+    let (server, server_fp) = standby_keygen(&dir, "standby-key");
+    let (shipper, shipper_fp) = standby_keygen(&dir, "shipper-key");
+    let (reader, reader_fp) = standby_keygen(&dir, "rescue-key");
     let listen = format!("{SITE_IP}:7070");
     let bin = bkimg_path();
     site.spawn(
@@ -1805,9 +1796,7 @@ fn a_fleet_stick_restores_the_machine_it_boots_on() {
         return;
     }
     let f = fixture();
-    let dir = f.dir.path().join("fleet");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(f.dir.path().join("fleet"));
     // web2: the demo disk with new GPT GUIDs, captured under its own host name.
     let web2 = dir.join("web2.img");
     std::fs::copy(&f.source, &web2).unwrap();

@@ -1221,16 +1221,6 @@ fn ids_of(list: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A key for reading only: (key directory, fingerprint).
-fn reader_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let fp = bkimg_ok(&["standby", "keygen", "--dir", p(&key)])
-        .stdout
-        .trim()
-        .to_string();
-    (key, fp)
-}
-
 /// `bkimg ARGS --repo URL --key KEY --server-fingerprint FP` (a read command on a standby).
 fn over(args: &[&str], url: &str, key: &Path, server_fp: &str) -> Run {
     let mut a = args.to_vec();
@@ -1311,7 +1301,7 @@ fn shipped() -> Option<Shipped> {
     let dir = TempDir::new().unwrap();
     let d = dir.path();
     let k = keys(d);
-    let (reader, reader_fp) = reader_key(d, "reader-key");
+    let (reader, reader_fp) = bkimg_tests::standby_keygen(d, "reader-key");
     let (image, src) = (d.join("fs.img"), d.join("src-repo"));
     ext4_image(&image, d, 7);
     let id = capture(&src, &image, false);
@@ -1428,8 +1418,8 @@ fn readers_keys_read_only_and_strangers_are_refused() {
     let dir = TempDir::new().unwrap();
     let d = dir.path();
     let k = keys(d);
-    let (reader, reader_fp) = reader_key(d, "reader-key");
-    let (stranger, _) = reader_key(d, "stranger-key");
+    let (reader, reader_fp) = bkimg_tests::standby_keygen(d, "reader-key");
+    let (stranger, _) = bkimg_tests::standby_keygen(d, "stranger-key");
     let (image, src) = (d.join("fs.img"), d.join("src-repo"));
     ext4_image(&image, d, 8);
     let first = capture(&src, &image, false);
