@@ -1,9 +1,13 @@
 //! XFS used-block map: each allocation group minus the extents of its by-block-number
 //! free-space btree, walked leaf by leaf.
 //!
-//! Only a filesystem whose internal log ends in a clean unmount record is mapped: with a
-//! dirty log the on-disk free-space trees can be older than allocations already committed
-//! (and data already written), so the map would lose data after log recovery.
+//! Only a filesystem whose log needs no recovery that could change the free-space trees
+//! is mapped: with a dirty log the on-disk trees can be older than allocations already
+//! committed (and data already written), so the map would lose data after log recovery.
+//! Two logs qualify: one that ends in an unmount record (unmounted cleanly), and one whose
+//! records from tail to head only rewrite the superblock, which is what freezing leaves
+//! (XFS writes everything back, then covers the log with dummy superblock transactions):
+//! so a frozen filesystem, as a live snapshot sees it, is mapped too.
 
 use super::{
     be16, be32, be64, coalesce, crc32c_skipping, le32, split_outcome, unsupported, Bail, FsInfo,
@@ -69,7 +73,7 @@ fn check_and_map(vol: &Region, info: &FsInfo) -> Result<UsedRanges, Bail> {
         }
     }
     if !log_is_clean(vol, &geo)? {
-        return unsupported("log is not clean (mounted, crashed or frozen)");
+        return unsupported("log holds changes not yet in place (mounted, crashed or shut down)");
     }
     // Bytes after the filesystem's end belong to something else (an md superblock, say).
     let tail = geo.dblocks * geo.block_size..vol.len();
@@ -503,12 +507,27 @@ struct LogScan {
 
 /// True only when the log ends, right at its head, in a record that holds nothing but an
 /// unmount marker: the state in which the kernel skips recovery.
+/// Whether log recovery would leave the free-space trees as they are on disk: the log ends
+/// in an unmount record, or holds only superblock updates (see the module comment).
 fn log_is_clean(vol: &Region, geo: &Geometry) -> Result<bool, Bail> {
     let start = geo.byte_of(geo.log_ag, geo.log_agbno);
     let bbs = geo.log_blocks * geo.block_size / BB;
     let Some(scan) = scan_log(vol, start, bbs)? else {
         return Ok(false);
     };
+    if ends_unmounted(vol, geo, start, bbs, &scan)? {
+        return Ok(true);
+    }
+    only_superblock_updates(vol, start, bbs, &scan)
+}
+
+fn ends_unmounted(
+    vol: &Region,
+    geo: &Geometry,
+    start: u64,
+    bbs: u64,
+    scan: &LogScan,
+) -> Result<bool, Bail> {
     let header = vol.read_vec(start + scan.last_header * BB, BB as usize)?;
     let version = be32(&header, 8);
     if version != 1 && version != 2 {
@@ -531,6 +550,196 @@ fn log_is_clean(vol: &Region, geo: &Geometry) -> Result<bool, Bail> {
     let data_bb = (scan.last_header + header_bbs) % bbs;
     let op = vol.read_vec(start + data_bb * BB, BB as usize)?;
     Ok(op[9] & LOG_UNMOUNT_TRANS != 0)
+}
+
+// Log operation headers and what they carry (xfs_log_format.h).
+const LOG_OP_HEADER: usize = 12;
+const LOG_CLIENT_TRANSACTION: u8 = 0x69;
+const LOG_START_TRANS: u8 = 0x01;
+const LOG_COMMIT_TRANS: u8 = 0x02;
+const LOG_CONTINUE_TRANS: u8 = 0x04;
+const LOG_WAS_CONT_TRANS: u8 = 0x08;
+const TRANS_HEADER_MAGIC: u32 = 0x5452_414E; // "TRAN"
+const LOG_ITEM_BUF: u16 = 0x123C;
+/// The superblock's buffer: disk address 0, one 512-byte block.
+const SB_DADDR: i64 = 0;
+const SB_BBS: u16 = 1;
+/// A frozen log holds two dummy records; a few more are tolerated, then we give up.
+const QUIESCED_MAX_RECORDS: u32 = 8;
+/// Record header fields.
+const REC_LEN: usize = 12;
+const REC_LSN: usize = 16;
+const REC_TAIL_LSN: usize = 24;
+const REC_NUM_LOGOPS: usize = 40;
+const REC_CYCLE_DATA: usize = 44;
+const REC_CYCLE_WORDS: u64 = 64;
+const REC_SIZE: usize = 320;
+
+/// Where a transaction being parsed is: log items are written in the writer's byte order
+/// (`little` is decided by the transaction header's magic).
+#[derive(Clone, Copy)]
+enum TransState {
+    Idle,
+    Started,
+    /// `regions_left` of the current item's data regions still to come. (The header's
+    /// item count is not used: in checkpoints it counts regions, not items.)
+    Items {
+        little: bool,
+        regions_left: u16,
+    },
+}
+
+/// Whether every log record from the tail (named by the last record) to the head holds
+/// only whole transactions that log the superblock buffer and nothing else. Replaying such
+/// a log rewrites sector 0 only; every other block, the free-space trees included, is
+/// already in place. Anything unexpected (a split operation, another item type, a record
+/// that does not parse, too many records) answers no.
+fn only_superblock_updates(
+    vol: &Region,
+    start: u64,
+    bbs: u64,
+    scan: &LogScan,
+) -> Result<bool, Bail> {
+    let last = vol.read_vec(start + scan.last_header * BB, BB as usize)?;
+    let tail_lsn = be64(&last, REC_TAIL_LSN);
+    let (tail_cycle, tail_block) = ((tail_lsn >> 32) as u32, tail_lsn & 0xFFFF_FFFF);
+    if tail_block >= bbs {
+        return Ok(false);
+    }
+    let mut at = tail_block;
+    let mut cycle = tail_cycle;
+    let mut state = TransState::Idle;
+    let mut records = 0;
+    while at != scan.head {
+        records += 1;
+        if records > QUIESCED_MAX_RECORDS {
+            return Ok(false);
+        }
+        let header = vol.read_vec(start + at * BB, BB as usize)?;
+        if be32(&header, 0) != LOG_MAGIC
+            || be32(&header, 4) != cycle
+            || be64(&header, REC_LSN) != (u64::from(cycle) << 32 | at)
+        {
+            return Ok(false);
+        }
+        let len = u64::from(be32(&header, REC_LEN));
+        let data_bbs = len.div_ceil(BB);
+        let h_size = u64::from(be32(&header, REC_SIZE));
+        // Data longer than one header's cycle words (or extended headers) is no dummy.
+        if data_bbs > REC_CYCLE_WORDS || h_size > LOG_HEADER_CYCLE_SIZE {
+            return Ok(false);
+        }
+        let mut data = Vec::with_capacity((data_bbs * BB) as usize);
+        for i in 0..data_bbs {
+            let bb = (at + 1 + i) % bbs;
+            let mut block = vol.read_vec(start + bb * BB, BB as usize)?;
+            // The first word of each data block was replaced by the cycle number; the
+            // header keeps the original.
+            let word = REC_CYCLE_DATA + 4 * i as usize;
+            block[..4].copy_from_slice(&header[word..word + 4]);
+            data.extend_from_slice(&block);
+        }
+        data.truncate(len as usize);
+        let Some(next) = parse_ops(&data, be32(&header, REC_NUM_LOGOPS), state) else {
+            return Ok(false);
+        };
+        state = next;
+        let after = at + 1 + data_bbs;
+        if after >= bbs {
+            cycle += 1;
+        }
+        at = after % bbs;
+    }
+    Ok(records > 0 && matches!(state, TransState::Idle))
+}
+
+/// Parses one record's operations, carrying the transaction state across records; `None`
+/// if anything but superblock-buffer transactions is found.
+fn parse_ops(data: &[u8], ops: u32, mut state: TransState) -> Option<TransState> {
+    let mut off = 0;
+    let mut seen = 0;
+    // The record's length is padded: the header's operation count says where it ends.
+    while seen < ops {
+        let op = data.get(off..off + LOG_OP_HEADER)?;
+        let len = be32(op, 4) as usize;
+        let (client, flags) = (op[8], op[9]);
+        let payload = data.get(off + LOG_OP_HEADER..off + LOG_OP_HEADER + len)?;
+        off += LOG_OP_HEADER + len;
+        seen += 1;
+        if client != LOG_CLIENT_TRANSACTION
+            || flags & (LOG_CONTINUE_TRANS | LOG_WAS_CONT_TRANS) != 0
+        {
+            return None;
+        }
+        state = if flags & LOG_START_TRANS != 0 {
+            match state {
+                TransState::Idle if len == 0 => TransState::Started,
+                _ => return None,
+            }
+        } else if flags & LOG_COMMIT_TRANS != 0 {
+            match state {
+                TransState::Items {
+                    regions_left: 0, ..
+                } if len == 0 => TransState::Idle,
+                _ => return None,
+            }
+        } else {
+            match state {
+                TransState::Idle => return None,
+                TransState::Started => {
+                    let magic = payload.get(..4)?;
+                    let little = if be32(magic, 0) == TRANS_HEADER_MAGIC {
+                        false
+                    } else if le32(magic, 0) == TRANS_HEADER_MAGIC {
+                        true
+                    } else {
+                        return None;
+                    };
+                    TransState::Items {
+                        little,
+                        regions_left: 0,
+                    }
+                }
+                TransState::Items {
+                    little,
+                    regions_left: 0,
+                } => {
+                    // An item's format structure: a buffer item for the superblock only.
+                    let f = payload.get(..16)?;
+                    let u16_at = |i: usize| {
+                        let b = [f[i], f[i + 1]];
+                        if little {
+                            u16::from_le_bytes(b)
+                        } else {
+                            u16::from_be_bytes(b)
+                        }
+                    };
+                    let blkno_bytes: [u8; 8] = f[8..16].try_into().ok()?;
+                    let blkno = if little {
+                        i64::from_le_bytes(blkno_bytes)
+                    } else {
+                        i64::from_be_bytes(blkno_bytes)
+                    };
+                    let (kind, regions, bbs) = (u16_at(0), u16_at(2), u16_at(6));
+                    if kind != LOG_ITEM_BUF || blkno != SB_DADDR || bbs != SB_BBS || regions == 0 {
+                        return None;
+                    }
+                    TransState::Items {
+                        little,
+                        regions_left: regions - 1,
+                    }
+                }
+                TransState::Items {
+                    little,
+                    regions_left,
+                } => TransState::Items {
+                    little,
+                    regions_left: regions_left - 1,
+                },
+            }
+        };
+    }
+    Some(state)
 }
 
 /// Reads the cycle number stamped on every 512-byte log block. A log that is not exactly
@@ -867,6 +1076,116 @@ mod tests {
         // Recovery on the next mount leaves it clean again.
         drop(mount(img.path(), "rw"));
         assert_eq!(reason(&region(img.path()), &info), None);
+    }
+
+    /// A frozen XFS, as a snapshot taken under freeze holds it: the log is not ended by an
+    /// unmount record but only covered by superblock updates. It is mapped, the map matches
+    /// the free-space trees, and the copy of the mapped blocks mounts (replaying those
+    /// updates), checks clean and holds every file.
+    #[test]
+    fn xfs_frozen_is_mapped() {
+        if !tools_available(&["mkfs.xfs", "xfs_db", "xfs_repair", "xfs_freeze", "mount"]) {
+            return;
+        }
+        let Some(img) = make_xfs("xfs-frozen", &[], 512) else {
+            return;
+        };
+        if !mount_check(img.path()) {
+            return;
+        }
+        let m = mount(img.path(), "rw");
+        let files = populate(m.dir(), 300);
+        let dir = m.dir().to_str().unwrap().to_string();
+        run("xfs_freeze", &["-f", &dir]);
+        let frozen = TempPath(temp_name("xfs-frozen-copy"));
+        let copied = std::fs::copy(img.path(), frozen.path());
+        run("xfs_freeze", &["-u", &dir]);
+        drop(m);
+        copied.unwrap();
+
+        let vol = region(frozen.path());
+        let geo = Geometry::read(&vol).unwrap_or_else(|_| panic!("geometry"));
+        let start = geo.byte_of(geo.log_ag, geo.log_agbno);
+        let bbs = geo.log_blocks * geo.block_size / BB;
+        let scan = scan_log(&vol, start, bbs).unwrap().expect("log scan");
+        assert!(
+            !ends_unmounted(&vol, &geo, start, bbs, &scan).unwrap_or(false),
+            "a frozen log has no unmount record (the test would prove nothing)"
+        );
+        let info = detect(&vol).unwrap().expect("detected");
+        let ranges = match used_ranges_or_reason(&vol, &info).unwrap() {
+            Ok(iter) => collect(iter),
+            Err(why) => panic!("frozen XFS not mapped: {why:?}"),
+        };
+        let (free, _) = xfs_db_free_blocks(frozen.path(), geo.ag_count);
+        assert_eq!(total(&ranges), (geo.dblocks - free) * geo.block_size);
+
+        let copy = copy_ranges(frozen.path(), &ranges);
+        drop(mount(copy.path(), "rw")); // replays the superblock updates
+        let repair = run_unchecked("xfs_repair", &["-n", "-f", copy.as_str()]);
+        assert!(
+            repair.status.success(),
+            "xfs_repair -n on the copy: {}{}",
+            String::from_utf8_lossy(&repair.stdout),
+            String::from_utf8_lossy(&repair.stderr)
+        );
+        let m = mount(copy.path(), "ro");
+        verify_files(m.dir(), &files);
+    }
+
+    /// The record parser refuses what is not a superblock-only transaction.
+    #[test]
+    fn log_ops_other_than_the_superblock_are_refused() {
+        fn op(flags: u8, payload: &[u8]) -> Vec<u8> {
+            let mut v = vec![0, 0, 0, 1];
+            v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            v.extend_from_slice(&[LOG_CLIENT_TRANSACTION, flags, 0, 0]);
+            v.extend_from_slice(payload);
+            v
+        }
+        let header = {
+            let mut h = TRANS_HEADER_MAGIC.to_le_bytes().to_vec();
+            h.extend_from_slice(&[0; 8]);
+            h.extend_from_slice(&1u32.to_le_bytes());
+            h
+        };
+        let buf = |blkno: i64, kind: u16| {
+            let mut f = kind.to_le_bytes().to_vec();
+            f.extend_from_slice(&2u16.to_le_bytes());
+            f.extend_from_slice(&0u16.to_le_bytes());
+            f.extend_from_slice(&1u16.to_le_bytes());
+            f.extend_from_slice(&blkno.to_le_bytes());
+            f.extend_from_slice(&[0; 8]);
+            f
+        };
+        let trans = |format: Vec<u8>| {
+            [
+                op(LOG_START_TRANS, &[]),
+                op(0, &header),
+                op(0, &format),
+                op(0, b"XFSB and the rest of the superblock"),
+                op(LOG_COMMIT_TRANS, &[]),
+            ]
+            .concat()
+        };
+        let sb = trans(buf(0, LOG_ITEM_BUF));
+        assert!(matches!(
+            parse_ops(&sb, 5, TransState::Idle),
+            Some(TransState::Idle)
+        ));
+        // Another buffer, another item type, a wrong op count, a split op.
+        assert!(parse_ops(&trans(buf(8, LOG_ITEM_BUF)), 5, TransState::Idle).is_none());
+        assert!(parse_ops(&trans(buf(0, 0x123B)), 5, TransState::Idle).is_none());
+        assert!(parse_ops(&sb, 6, TransState::Idle).is_none());
+        assert!(!matches!(
+            parse_ops(&sb, 4, TransState::Idle),
+            Some(TransState::Idle)
+        ));
+        let mut split = sb.clone();
+        split[9 + 12] |= LOG_CONTINUE_TRANS; // the header op
+        assert!(parse_ops(&split, 5, TransState::Idle).is_none());
+        // Truncated: an op longer than the record.
+        assert!(parse_ops(&sb[..sb.len() - 3], 5, TransState::Idle).is_none());
     }
 
     fn patch(image: &Path, pos: u64, bytes: &[u8]) {
