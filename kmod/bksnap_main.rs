@@ -175,7 +175,10 @@ impl Inner {
 
 #[pin_data]
 pub(crate) struct State {
-    /// Serialises snapshot creation and destruction (which lock several devices).
+    /// Serialises everything that holds a device's writes back or ends its tracking:
+    /// snapshot creation and destruction (which lock several devices), marking, detaching.
+    /// So a tracker is never detached while its writes are held, nor a snapshot activated
+    /// on a tracker being detached. Taken before `inner`.
     #[pin]
     create: Mutex<()>,
     #[pin]
@@ -324,6 +327,7 @@ impl State {
         if a.flags & !uapi::TRACKER_SAVE != 0 || !uapi::zero(&a.reserved) {
             return Err(EINVAL);
         }
+        let _create = self.create.lock();
         let mut inner = self.inner.lock();
         let pos = inner
             .trackers
@@ -402,6 +406,7 @@ impl State {
         for r in ranges.iter() {
             pairs.push((r.sector, r.sectors), GFP_KERNEL)?;
         }
+        let _create = self.create.lock();
         let t = self.inner.lock().tracker(m.major, m.minor).ok_or(ENOENT)?;
         t.mark_ranges(&pairs)
     }
@@ -424,14 +429,6 @@ impl State {
             _ => return Err(EINVAL),
         };
         let devs: KVVec<uapi::DevNum> = read_array(c.devs_ptr, c.dev_count)?;
-        for (i, a) in devs.iter().enumerate() {
-            if devs[i + 1..]
-                .iter()
-                .any(|b| a.major == b.major && a.minor == b.minor)
-            {
-                return Err(EINVAL);
-            }
-        }
         let extents: KVVec<uapi::Extent> = read_array(c.store_ptr, c.store_count)?;
         let store = snapshot::open_extents(&extents)?;
         let total: u64 = extents.iter().map(|e| e.sectors).sum();
@@ -442,16 +439,52 @@ impl State {
         };
 
         let _create = self.create.lock();
-        // Devices not tracked yet are attached now (a new generation starts with them).
-        let mut trackers = KVec::with_capacity(devs.len(), GFP_KERNEL)?;
+        // Devices not tracked yet are attached for the snapshot (a new generation starts
+        // with them); if it is not taken they are detached again.
+        let mut attached = KVec::new();
+        let freeze = c.flags & uapi::CREATE_NO_FREEZE == 0;
+        let result = self.create_locked(
+            &devs,
+            store,
+            (chunk_sectors, low_water, freeze),
+            &mut attached,
+        );
+        if result.is_err() {
+            for t in attached.iter() {
+                let mut inner = self.inner.lock();
+                if let Some(pos) = inner.trackers.iter().position(|x| Arc::ptr_eq(x, t)) {
+                    // Cannot fail: the vector only shrinks.
+                    let _ = remove_at(&mut inner.trackers, pos);
+                }
+                drop(inner);
+                t.detach();
+            }
+        }
+        c.id = result?;
+        write(arg, &c)
+    }
+
+    /// Takes the snapshot (the `create` lock held); returns its id. Trackers it attaches
+    /// are added to `attached`.
+    fn create_locked(
+        &self,
+        devs: &[uapi::DevNum],
+        store: KVec<Arc<snapshot::StoreExtent>>,
+        (chunk_sectors, low_water, freeze): (u32, u64, bool),
+        attached: &mut KVec<Arc<Tracker>>,
+    ) -> Result<u64> {
+        let mut trackers: KVec<Arc<Tracker>> = KVec::with_capacity(devs.len(), GFP_KERNEL)?;
         let id = {
             let mut inner = self.inner.lock();
             for d in devs.iter() {
                 let t = match inner.tracker(d.major, d.minor) {
                     Some(t) => t,
                     None => {
+                        attached.reserve(1, GFP_KERNEL)?;
+                        inner.trackers.reserve(1, GFP_KERNEL)?;
                         let t = Tracker::attach(d.major, d.minor, 0, None)?;
                         inner.trackers.push(t.clone(), GFP_KERNEL)?;
+                        attached.push(t.clone(), GFP_KERNEL)?;
                         t
                     }
                 };
@@ -467,6 +500,15 @@ impl State {
             inner.next_id += 1;
             id
         };
+        // No device twice, and none inside another (a partition and its whole disk, by
+        // where they lie on the disk): each would copy on write into the store for the
+        // other.
+        for (i, a) in trackers.iter().enumerate() {
+            let span = a.span();
+            if trackers[i + 1..].iter().any(|b| span.overlaps(&b.span())) {
+                return Err(EINVAL);
+            }
+        }
         let shared = Shared::new(
             id,
             chunk_sectors,
@@ -485,11 +527,7 @@ impl State {
 
         // The instant: filesystems frozen, writes held back and drained, then every device
         // starts copying on write at once.
-        let frozen = if c.flags & uapi::CREATE_NO_FREEZE == 0 {
-            &trackers[..]
-        } else {
-            &[]
-        };
+        let frozen = if freeze { &trackers[..] } else { &[] };
         for (i, t) in frozen.iter().enumerate() {
             if let Err(e) = t.file.freeze() {
                 frozen[..i].iter().for_each(|t| t.file.thaw());
@@ -501,7 +539,7 @@ impl State {
         result?;
 
         for d in snapdevs.iter() {
-            if let Err(e) = d.add_image() {
+            if let Err(e) = SnapDev::add_image(d) {
                 deactivate(&snapdevs);
                 return Err(e);
             }
@@ -513,13 +551,12 @@ impl State {
             },
             GFP_KERNEL,
         )?;
-        c.id = id;
         pr_info!(
             "bksnap: snapshot {} of {} device(s) taken\n",
             id,
             trackers.len()
         );
-        write(arg, &c)
+        Ok(id)
     }
 
     fn destroy(&self, arg: usize) -> Result {
@@ -551,27 +588,38 @@ impl State {
         if a.reserved0 != 0 || !uapi::zero(&a.reserved) {
             return Err(EINVAL);
         }
-        let inner = self.inner.lock();
-        let snap = inner.snapshot(a.id).ok_or(ENOENT)?;
-        snap.shared.info(&mut a);
-        a.dev_count = snap.devs.len() as u32;
-        let n = snap.devs.len().min(a.devs_capacity as usize);
-        let size = core::mem::size_of::<uapi::SnapshotDev>();
-        let mut w = UserSlice::new(a.devs_ptr as UserPtr, n * size).writer();
-        for d in snap.devs.iter().take(n) {
-            let (image_major, image_minor) = d.image_dev();
-            w.write(&uapi::SnapshotDev {
-                major: d.tracker.major,
-                minor: d.tracker.minor,
-                image_major,
-                image_minor,
-                sectors: d.sectors,
-                generation: *d.generation.lock(),
-                sequence: d.sequence.load(core::sync::atomic::Ordering::Acquire),
-                reserved: [0; 2],
-            })?;
+        // Filled in kernel memory under `inner`, copied to the caller after: a user page
+        // fault must not happen with the lock held.
+        let mut devs = KVVec::new();
+        {
+            let inner = self.inner.lock();
+            let snap = inner.snapshot(a.id).ok_or(ENOENT)?;
+            snap.shared.info(&mut a);
+            a.dev_count = snap.devs.len() as u32;
+            let n = snap.devs.len().min(a.devs_capacity as usize);
+            devs.reserve(n, GFP_KERNEL)?;
+            for d in snap.devs.iter().take(n) {
+                let (image_major, image_minor) = d.image_dev();
+                devs.push(
+                    uapi::SnapshotDev {
+                        major: d.tracker.major,
+                        minor: d.tracker.minor,
+                        image_major,
+                        image_minor,
+                        sectors: d.sectors,
+                        generation: *d.generation.lock(),
+                        sequence: d.sequence.load(core::sync::atomic::Ordering::Acquire),
+                        reserved: [0; 2],
+                    },
+                    GFP_KERNEL,
+                )?;
+            }
         }
-        drop(inner);
+        let size = core::mem::size_of::<uapi::SnapshotDev>();
+        let mut w = UserSlice::new(a.devs_ptr as UserPtr, devs.len() * size).writer();
+        for d in devs.iter() {
+            w.write(d)?;
+        }
         write(arg, &a)
     }
 
@@ -580,14 +628,21 @@ impl State {
         if l.capacity > uapi::MAX_LIST || !uapi::zero(&l.reserved) {
             return Err(EINVAL);
         }
-        let inner = self.inner.lock();
-        let n = inner.snapshots.len().min(l.capacity as usize);
-        let mut w = UserSlice::new(l.ptr as UserPtr, n * 8).writer();
-        for s in inner.snapshots.iter().take(n) {
-            w.write(&s.shared.id)?;
+        // As in `info`: gathered under the lock, copied out after.
+        let mut ids = KVVec::new();
+        {
+            let inner = self.inner.lock();
+            let n = inner.snapshots.len().min(l.capacity as usize);
+            ids.reserve(n, GFP_KERNEL)?;
+            for s in inner.snapshots.iter().take(n) {
+                ids.push(s.shared.id, GFP_KERNEL)?;
+            }
+            l.count = inner.snapshots.len() as u32;
         }
-        l.count = inner.snapshots.len() as u32;
-        drop(inner);
+        let mut w = UserSlice::new(l.ptr as UserPtr, ids.len() * 8).writer();
+        for id in ids.iter() {
+            w.write(id)?;
+        }
         write(arg, &l)
     }
 
@@ -609,7 +664,7 @@ impl State {
             .ok_or(ENOENT)?
             .shared
             .clone();
-        shared.add_extents(store, &extents)
+        shared.add_extents(store)
     }
 }
 

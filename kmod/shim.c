@@ -42,6 +42,7 @@ void bksnap_c_module_put(void);
 void *bksnap_c_bdev_open(u32 major, u32 minor, bool write, int *err);
 void bksnap_c_bdev_close(void *file);
 u64 bksnap_c_bdev_sectors(void *file);
+void bksnap_c_bdev_span(void *file, u64 *disk, u64 *start);
 u32 bksnap_c_bdev_block_size(void *file);
 int bksnap_c_bdev_freeze(void *file);
 void bksnap_c_bdev_thaw(void *file);
@@ -80,6 +81,12 @@ struct bksnap_slot {
 };
 
 static struct bksnap_slot slots[BKSNAP_SLOTS];
+/*
+ * One lockdep class per slot: snapshot activation takes several slots' locks for writing,
+ * and a write touching several tracked devices takes their locks for reading, always in
+ * ascending slot order; one shared class would read as recursive locking.
+ */
+static struct lock_class_key slot_lock_keys[BKSNAP_SLOTS];
 static DEFINE_MUTEX(slots_mutex);
 DEFINE_STATIC_SRCU(bksnap_srcu);
 static void *rs_state;
@@ -112,7 +119,8 @@ static int bksnap_match_range(struct block_device *bdev, u64 start, u64 sectors,
 		struct bksnap_slot *s = &slots[i];
 		u64 lo, hi;
 
-		if (!READ_ONCE(s->used) || READ_ONCE(s->disk) != bdev->bd_disk)
+		/* Pairs with the release in bksnap_c_slot_add: the fields below are set. */
+		if (!smp_load_acquire(&s->used) || READ_ONCE(s->disk) != bdev->bd_disk)
 			continue;
 		lo = max_t(u64, start, s->start);
 		hi = min_t(u64, end, s->start + s->len);
@@ -226,29 +234,30 @@ static void bksnap_defer(struct bio *bio)
 	queue_work(defer_wq, &defer_work);
 }
 
+/*
+ * Every bio submitted anywhere comes through here. The whole body, the pass-through
+ * submissions included (they may sleep), runs inside the SRCU read section that module
+ * exit waits for: no task can be asleep in a call from this function when its code is
+ * freed. The few instructions before the lock and after the unlock never sleep; the
+ * ftrace unregistration's tasks-RCU grace period covers them.
+ */
 static void notrace bksnap_submit_bio_noacct(struct bio *bio)
 {
 	struct bksnap_hit hits[BKSNAP_SLOTS];
 	bool atomic, nested;
-	int idx, n;
+	int idx, n = 0;
 
-	if (!bksnap_modifies(bio)) {
-		submit_bio_noacct(bio);
-		return;
-	}
 	idx = srcu_read_lock(&bksnap_srcu);
-	n = bksnap_match(bio, hits);
+	if (bksnap_modifies(bio))
+		n = bksnap_match(bio, hits);
 	if (!n) {
-		srcu_read_unlock(&bksnap_srcu, idx);
 		submit_bio_noacct(bio);
-		return;
+	} else {
+		atomic = !in_task() || irqs_disabled() || in_atomic();
+		nested = current->bio_list || (bio->bi_opf & REQ_NOWAIT);
+		if (atomic || !bksnap_process(bio, hits, n, !nested))
+			bksnap_defer(bio);
 	}
-	atomic = !in_task() || irqs_disabled() || in_atomic();
-	nested = current->bio_list || (bio->bi_opf & REQ_NOWAIT);
-	if (atomic)
-		bksnap_defer(bio);
-	else if (!bksnap_process(bio, hits, n, !nested))
-		bksnap_defer(bio);
 	srcu_read_unlock(&bksnap_srcu, idx);
 }
 
@@ -279,7 +288,7 @@ int bksnap_c_slot_add(void *file, void *tracker)
 
 		if (s->used)
 			continue;
-		ret = percpu_init_rwsem(&s->lock);
+		ret = __percpu_init_rwsem(&s->lock, "bksnap_slot", &slot_lock_keys[i]);
 		if (ret)
 			break;
 		s->disk = bdev->bd_disk;
@@ -361,6 +370,18 @@ void bksnap_c_bdev_close(void *file)
 u64 bksnap_c_bdev_sectors(void *file)
 {
 	return bdev_nr_sectors(file_bdev(file));
+}
+
+/*
+ * Where the device lies on its disk: an identity of the disk (stable while the file is
+ * open) and the first sector. Partitions of one disk overlap it and each other by these.
+ */
+void bksnap_c_bdev_span(void *file, u64 *disk, u64 *start)
+{
+	struct block_device *bdev = file_bdev(file);
+
+	*disk = (u64)(unsigned long)bdev->bd_disk;
+	*start = bdev_is_partition(bdev) ? bdev->bd_start_sect : 0;
 }
 
 u32 bksnap_c_bdev_block_size(void *file)
@@ -624,6 +645,8 @@ int bksnap_c_image_add_disk(void *p, void *rs, void *origin, u64 id, u32 index,
 	struct gendisk *disk;
 	int ret;
 
+	if (image->disk)
+		return -EBUSY;
 	disk = blk_alloc_disk(&lim, NUMA_NO_NODE);
 	if (IS_ERR(disk))
 		return PTR_ERR(disk);

@@ -17,7 +17,7 @@ use kernel::prelude::*;
 use kernel::rbtree::RBTree;
 use kernel::sync::{new_condvar, new_mutex, Arc, CondVar, Mutex};
 
-use crate::sys::{self, BdevFile, Bio, Image, IoBuffer};
+use crate::sys::{self, BdevFile, Bio, Image, IoBuffer, Span};
 use crate::tracker::Tracker;
 use crate::uapi;
 use crate::Events;
@@ -31,8 +31,9 @@ const IO_TIMEOUT_MS: u32 = 30_000;
 pub(crate) const DEFAULT_CHUNK_SECTORS: u32 = 128;
 
 pub(crate) struct StoreExtent {
-    major: u32,
-    minor: u32,
+    /// Where the extent lies on its whole disk (a partition's extent and its disk's can
+    /// overlap).
+    span: Span,
     file: BdevFile,
     sector: u64,
     sectors: u64,
@@ -185,24 +186,15 @@ impl Shared {
         out.created_ns = self.created_ns;
     }
 
-    /// Adds store space (extents that overlap none already in the store); re-arms the
-    /// low-space event.
-    pub(crate) fn add_extents(
-        &self,
-        extents: KVec<Arc<StoreExtent>>,
-        list: &[uapi::Extent],
-    ) -> Result {
+    /// Adds store space (extents that overlap none already in the store, on their disk);
+    /// re-arms the low-space event.
+    pub(crate) fn add_extents(&self, extents: KVec<Arc<StoreExtent>>) -> Result {
         if self.failed() {
             return Err(EIO);
         }
         let mut store = self.store.lock();
         for old in store.extents.iter() {
-            if list.iter().any(|e| {
-                e.major == old.major
-                    && e.minor == old.minor
-                    && e.sector < old.sector + old.sectors
-                    && old.sector < e.sector + e.sectors
-            }) {
+            if extents.iter().any(|e| e.span.overlaps(&old.span)) {
                 return Err(EINVAL);
             }
         }
@@ -258,8 +250,7 @@ pub(crate) fn open_extents(list: &[uapi::Extent]) -> Result<KVec<Arc<StoreExtent
         out.push(
             Arc::new(
                 StoreExtent {
-                    major: e.major,
-                    minor: e.minor,
+                    span: file.span(e.sector, e.sectors),
                     file,
                     sector: e.sector,
                     sectors: e.sectors,
@@ -269,16 +260,11 @@ pub(crate) fn open_extents(list: &[uapi::Extent]) -> Result<KVec<Arc<StoreExtent
             GFP_KERNEL,
         )?;
     }
-    // No two extents of one device may overlap: the store would overwrite itself.
-    for (i, a) in list.iter().enumerate() {
-        for b in &list[i + 1..] {
-            if a.major == b.major
-                && a.minor == b.minor
-                && a.sector < b.sector + b.sectors
-                && b.sector < a.sector + a.sectors
-            {
-                return Err(EINVAL);
-            }
+    // No two extents may overlap on their disk (an extent of a partition and one of its
+    // whole disk included): the store would overwrite itself.
+    for (i, a) in out.iter().enumerate() {
+        if out[i + 1..].iter().any(|b| a.span.overlaps(&b.span)) {
+            return Err(EINVAL);
         }
     }
     Ok(out)
@@ -341,12 +327,16 @@ impl SnapDev {
     }
 
     /// Creates the read-only image disk; returns its device number.
-    pub(crate) fn add_image(&self) -> Result<(u32, u32)> {
+    pub(crate) fn add_image(this: &Arc<SnapDev>) -> Result<(u32, u32)> {
         let (major, minor) =
-            self.image
-                .add_disk(self, &self.tracker.file, self.shared.id, self.index)?;
-        *self.image_dev.lock() = (major, minor);
+            Image::add_disk(this, &this.tracker.file, this.shared.id, this.index)?;
+        *this.image_dev.lock() = (major, minor);
         Ok((major, minor))
+    }
+
+    /// The image this device's disk (once added) reads through.
+    pub(crate) fn image(&self) -> &Image {
+        &self.image
     }
 
     pub(crate) fn image_dev(&self) -> (u32, u32) {

@@ -20,6 +20,7 @@ extern "C" {
     fn bksnap_c_bdev_open(major: u32, minor: u32, write: bool, err: *mut i32) -> *mut c_void;
     fn bksnap_c_bdev_close(file: *mut c_void);
     fn bksnap_c_bdev_sectors(file: *mut c_void) -> u64;
+    fn bksnap_c_bdev_span(file: *mut c_void, disk: *mut u64, start: *mut u64);
     fn bksnap_c_bdev_block_size(file: *mut c_void) -> u32;
     fn bksnap_c_bdev_freeze(file: *mut c_void) -> i32;
     fn bksnap_c_bdev_thaw(file: *mut c_void);
@@ -135,6 +136,18 @@ impl BdevFile {
         unsafe { bksnap_c_bdev_sectors(self.0) }
     }
 
+    /// Where `sectors` sectors from `sector` of this device lie on its whole disk.
+    pub(crate) fn span(&self, sector: u64, sectors: u64) -> Span {
+        let (mut disk, mut start) = (0, 0);
+        // SAFETY: `self.0` is an open block device file; out pointers valid.
+        unsafe { bksnap_c_bdev_span(self.0, &mut disk, &mut start) };
+        Span {
+            disk,
+            start: start.saturating_add(sector),
+            sectors,
+        }
+    }
+
     pub(crate) fn block_size(&self) -> u32 {
         // SAFETY: as above.
         unsafe { bksnap_c_bdev_block_size(self.0) }
@@ -199,6 +212,24 @@ impl Drop for BdevFile {
     }
 }
 
+/// A range of sectors on a whole disk: a partition and its disk, or two partitions of one
+/// disk, are compared by these.
+#[derive(Clone, Copy)]
+pub(crate) struct Span {
+    /// Identifies the disk while a file of it is open (not a number userspace sees).
+    disk: u64,
+    start: u64,
+    sectors: u64,
+}
+
+impl Span {
+    pub(crate) fn overlaps(&self, other: &Span) -> bool {
+        self.disk == other.disk
+            && self.start < other.start.saturating_add(other.sectors)
+            && other.start < self.start.saturating_add(self.sectors)
+    }
+}
+
 /// Runs `item` on the module's copy-on-write workqueue; gives it back if it cannot be
 /// queued (no memory), for the caller to run itself.
 pub(crate) fn cow_queue(item: KBox<CowWrite>) -> core::result::Result<(), KBox<CowWrite>> {
@@ -256,48 +287,62 @@ impl Drop for IoBuffer {
     }
 }
 
-/// A tracked device's registration with the write hook.
-pub(crate) struct Slot(i32);
+/// A tracked device's registration with the write hook. It holds its tracker: the hook
+/// calls into a tracker only while its slot exists. (The tracker holds the slot in turn;
+/// detaching breaks that cycle.)
+pub(crate) struct Slot {
+    index: i32,
+    _tracker: Arc<Tracker>,
+}
 
 impl Slot {
-    /// From now on every write to `file`'s range goes through `tracker.write()`. The
-    /// tracker must stay alive until the slot is dropped.
-    pub(crate) fn add(file: &BdevFile, tracker: *const Tracker) -> Result<Self> {
-        // SAFETY: `file` is open; the caller keeps `tracker` alive while the slot lives.
-        let ret = unsafe { bksnap_c_slot_add(file.raw(), tracker.cast()) };
+    /// From now on every write to `file`'s range goes through `tracker.write()`.
+    pub(crate) fn add(file: &BdevFile, tracker: Arc<Tracker>) -> Result<Self> {
+        let ptr: *const Tracker = &*tracker;
+        // SAFETY: `file` is open; the tracker stays alive while the slot lives (the slot
+        // owns a reference), and the slot is removed (waiting for the hook) before that
+        // reference is dropped (`Drop` runs before the fields are dropped).
+        let ret = unsafe { bksnap_c_slot_add(file.raw(), ptr.cast()) };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
-        Ok(Slot(ret))
+        Ok(Slot {
+            index: ret,
+            _tracker: tracker,
+        })
     }
 
     pub(crate) fn index(&self) -> i32 {
-        self.0
+        self.index
     }
 
     /// Blocks writes to the device until the guard is dropped (after those already past
-    /// the hook have finished their copy-on-write and been submitted). The slot must
-    /// outlive the guard.
-    pub(crate) fn lock(&self) -> SlotGuard {
-        // SAFETY: the slot is registered.
-        unsafe { bksnap_c_slot_lock(self.0) };
-        SlotGuard(self.0)
+    /// the hook have finished their copy-on-write and been submitted). The guard holds a
+    /// reference to the slot: the slot (and its lock) cannot be removed while it is held.
+    pub(crate) fn lock(this: &Arc<Slot>) -> SlotGuard {
+        // SAFETY: the slot is registered until the last reference to it is dropped; the
+        // guard keeps one.
+        unsafe { bksnap_c_slot_lock(this.index) };
+        SlotGuard(this.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // SAFETY: registered by `add`; waits until no hook uses the tracker any more.
-        unsafe { bksnap_c_slot_remove(self.0) }
+        // SAFETY: registered by `add`, removed once; no guard is held (each holds a
+        // reference). Waits until no hook uses the tracker any more.
+        unsafe { bksnap_c_slot_remove(self.index) }
     }
 }
 
-pub(crate) struct SlotGuard(i32);
+/// Writes to a tracked device held back (see [`Slot::lock`]).
+pub(crate) struct SlotGuard(Arc<Slot>);
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        // SAFETY: locked by `Slot::lock`.
-        unsafe { bksnap_c_slot_unlock(self.0) }
+        // SAFETY: locked by `Slot::lock` on this slot, which our reference keeps
+        // registered; the unlock comes before that reference is dropped.
+        unsafe { bksnap_c_slot_unlock(self.0.index) }
     }
 }
 
@@ -319,22 +364,24 @@ impl Image {
         Ok(Image(ptr))
     }
 
-    /// Adds the read-only disk, whose reads go to `dev.image_read()`. The image must be
-    /// a field of `dev` (it is dropped, waiting for those reads, before `dev` is freed).
+    /// Adds `dev`'s read-only image disk, whose reads go to `dev.image_read()`. Taking
+    /// the image from `dev` (never another) is what makes this safe: the image is the
+    /// first field of `dev`, so it is dropped, removing the disk and waiting for its reads,
+    /// before the rest of `dev`; and `dev` sits in an `Arc`, so it does not move. A second
+    /// call fails with `EBUSY`.
     pub(crate) fn add_disk(
-        &self,
-        dev: &SnapDev,
+        dev: &Arc<SnapDev>,
         origin: &BdevFile,
         id: u64,
         index: u32,
     ) -> Result<(u32, u32)> {
         let (mut major, mut minor) = (0, 0);
-        let rs: *const SnapDev = dev;
-        // SAFETY: `self.0` has no disk yet (called once); `rs` outlives the disk (above);
-        // out pointers valid.
+        let rs: *const SnapDev = &**dev;
+        // SAFETY: `dev.image()` lives exactly as long as `*rs` (above); the shim refuses
+        // an image that already has a disk; out pointers valid.
         errno(unsafe {
             bksnap_c_image_add_disk(
-                self.0,
+                dev.image().0,
                 rs.cast(),
                 origin.raw(),
                 id,
@@ -406,7 +453,7 @@ extern "C" fn bksnap_rs_write(
     may_block: bool,
 ) -> i32 {
     // SAFETY: the shim only calls this for a registered slot, inside an SRCU section that
-    // slot removal waits for; the tracker outlives its slot.
+    // slot removal waits for; the slot owns a reference to its tracker.
     let tracker = unsafe { &*tracker.cast::<Tracker>() };
     tracker.write(sector, sectors, may_block)
 }

@@ -13,7 +13,7 @@ use kernel::prelude::*;
 use kernel::sync::{new_mutex, new_spinlock, Arc, Mutex, SpinLock};
 
 use crate::snapshot::SnapDev;
-use crate::sys::{random_bytes, BdevFile, ModuleRef, Slot, SlotGuard};
+use crate::sys::{random_bytes, BdevFile, ModuleRef, Slot, SlotGuard, Span};
 
 /// The largest table the automatic block size allows: 4 MiB (one byte per block).
 const AUTO_MAX_BLOCKS: u64 = 1 << 22;
@@ -30,10 +30,11 @@ pub(crate) struct Saved<'a> {
 
 #[pin_data]
 pub(crate) struct Tracker {
-    /// Set once registered with the hook; `None` again after detach. First field: dropped
-    /// (waiting for every hook still using the tracker) before anything else.
+    /// Set once registered with the hook; `None` again after detach. The slot holds a
+    /// reference to the tracker, so an attached tracker lives until it is detached; a
+    /// [`SlotGuard`] holds one to the slot, so the slot lives until writes are let go.
     #[pin]
-    slot: Mutex<Option<Slot>>,
+    slot: Mutex<Option<Arc<Slot>>>,
     pub(crate) major: u32,
     pub(crate) minor: u32,
     pub(crate) file: BdevFile,
@@ -130,15 +131,22 @@ impl Tracker {
             }),
             GFP_KERNEL,
         )?;
-        let slot = Slot::add(&tracker.file, &*tracker)?;
+        let slot = Arc::new(Slot::add(&tracker.file, tracker.clone())?, GFP_KERNEL)?;
         *tracker.slot.lock() = Some(slot);
         Ok(tracker)
     }
 
-    /// Stops tracking: no write reaches this tracker once this returns.
+    /// Stops tracking: no write reaches this tracker once this returns. The caller holds
+    /// the module's `create` lock, under which every [`SlotGuard`] is taken and dropped, so
+    /// the reference dropped here is the slot's last and the slot is removed now.
     pub(crate) fn detach(&self) {
         let slot = self.slot.lock().take();
         drop(slot);
+    }
+
+    /// Where the whole device lies on its disk.
+    pub(crate) fn span(&self) -> Span {
+        self.file.span(0, self.sectors)
     }
 
     pub(crate) fn block_size(&self) -> u32 {
@@ -157,11 +165,11 @@ impl Tracker {
         self.snap.lock().clone()
     }
 
-    /// Holds writes to the device back until the guard is dropped (see [`Slot::lock`]).
-    /// The caller keeps the tracker attached meanwhile.
+    /// Holds writes to the device back until the guard is dropped (see [`Slot::lock`]);
+    /// `ENODEV` once detached.
     pub(crate) fn block_writes(&self) -> Result<SlotGuard> {
-        let slot = self.slot.lock();
-        Ok(slot.as_ref().ok_or(ENODEV)?.lock())
+        let slot = self.slot.lock().clone().ok_or(ENODEV)?;
+        Ok(Slot::lock(&slot))
     }
 
     /// The slot index, for locking several trackers in one order.

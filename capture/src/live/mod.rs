@@ -182,7 +182,7 @@ impl Interrupter {
         if holding || self.shared.store_in_use.load(Ordering::SeqCst) {
             return Some(self.shared.store_path.clone());
         }
-        let _ = std::fs::remove_file(&self.shared.store_path);
+        let _ = bkimg_kmod::remove_store_path(&self.shared.store_path);
         None
     }
 }

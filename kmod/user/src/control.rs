@@ -501,7 +501,7 @@ impl Control {
                     " (a device is held by another snapshot, or its filesystem could not be frozen)"
                 }
                 Errno::EINVAL => {
-                    " (bad chunk size, or a store extent outside its device or overlapping another)"
+                    " (bad chunk size, a store extent outside its device or overlapping another, or two devices overlapping: a partition and its whole disk)"
                 }
                 _ => "",
             };

@@ -28,7 +28,7 @@ pub use control::{
 pub use device::{AsDevice, DevNum};
 pub use error::{ErrorKind, KmodError, Result};
 pub use saved::{remove_durably, write_atomic, SavedTracker};
-pub use store::{StoreFile, STORE_ALIGN};
+pub use store::{remove_store_path, StoreFile, STORE_ALIGN};
 
 impl Control {
     /// Restores tracking of `dev` from a saved state file, which is consumed: it is

@@ -2,6 +2,13 @@
 //! physical extents found with `FIEMAP`, handed to the module as raw sectors of the block
 //! device that holds the file. The file stays open and allocated while a snapshot uses
 //! it; it is removed when dropped (unless kept).
+//!
+//! While it exists the file is immutable (`FS_IMMUTABLE_FL`, where the filesystem has
+//! the flag): the kernel writes into its blocks behind the filesystem's back, so nobody,
+//! root included, may truncate, punch, rename or unlink it until we lift the flag, which
+//! we do only to grow it and just before removing it (after the snapshot is gone). A store
+//! left behind by a killed process stays immutable: `bkimg snapshot destroy --store`
+//! removes it once the snapshot is released.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -88,11 +95,23 @@ impl StoreFile {
     /// Opens a store file created earlier (by `bkimg snapshot create`) to grow it; it is
     /// kept when dropped.
     pub fn open(path: &Path) -> Result<StoreFile> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| KmodError::io(format!("cannot open store file {}", path.display()), e))?;
+        let open_err = |e| KmodError::io(format!("cannot open store file {}", path.display()), e);
+        // An immutable file cannot be opened for writing: opened for reading first, the
+        // flag lifted for the moment of the second open, then set again.
+        let ro = std::fs::File::open(path).map_err(open_err)?;
+        let immutable = sys::inode_flags(&ro).is_ok_and(|f| f & sys::FS_IMMUTABLE_FL != 0);
+        if immutable {
+            let flags = sys::inode_flags(&ro).unwrap_or(0);
+            sys::set_inode_flags(&ro, flags & !sys::FS_IMMUTABLE_FL).map_err(|e| {
+                KmodError::store(path, format!("cannot clear the immutable flag: {}", e.desc()))
+            })?;
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path);
+        if immutable {
+            let flags = sys::inode_flags(&ro).unwrap_or(0);
+            let _ = sys::set_inode_flags(&ro, flags | sys::FS_IMMUTABLE_FL);
+        }
+        let file = file.map_err(open_err)?;
         let meta = file
             .metadata()
             .map_err(|e| KmodError::io(format!("cannot stat {}", path.display()), e))?;
@@ -143,6 +162,15 @@ impl StoreFile {
             .checked_add(extra)
             .filter(|e| i64::try_from(*e).is_ok())
             .ok_or_else(too_big)?;
+        // The flag is lifted for the allocation only (fallocate is refused on an immutable
+        // file) and set again whatever happened.
+        self.set_immutable(false)?;
+        let grown = self.allocate(extra, end);
+        self.set_immutable(true)?;
+        grown
+    }
+
+    fn allocate(&mut self, extra: u64, end: u64) -> Result<Vec<Extent>> {
         let start = self.size;
         let fd = self.file.as_raw_fd();
         nix::fcntl::fallocate(fd, FallocateFlags::empty(), start as i64, extra as i64).map_err(
@@ -177,9 +205,44 @@ impl StoreFile {
         self.keep = keep;
     }
 
-    /// Removes the file now.
+    /// Sets or lifts `FS_IMMUTABLE_FL`. A filesystem without inode flags (ENOTTY,
+    /// EOPNOTSUPP) is accepted: the protection is then absent, not the store.
+    fn set_immutable(&self, on: bool) -> Result<()> {
+        let fail = |e: Errno| {
+            KmodError::store(
+                &self.path,
+                format!(
+                    "cannot {} the immutable flag: {}",
+                    if on { "set" } else { "clear" },
+                    e.desc()
+                ),
+            )
+        };
+        let flags = match sys::inode_flags(&self.file) {
+            Ok(f) => f,
+            Err(Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::EINVAL) => return Ok(()),
+            Err(e) => return Err(fail(e)),
+        };
+        let want = if on {
+            flags | sys::FS_IMMUTABLE_FL
+        } else {
+            flags & !sys::FS_IMMUTABLE_FL
+        };
+        if want == flags {
+            return Ok(());
+        }
+        sys::set_inode_flags(&self.file, want).map_err(fail)
+    }
+
+    /// Whether the file is immutable now (false where the filesystem has no flags).
+    pub fn is_immutable(&self) -> bool {
+        sys::inode_flags(&self.file).is_ok_and(|f| f & sys::FS_IMMUTABLE_FL != 0)
+    }
+
+    /// Removes the file now (lifting the immutable flag first).
     pub fn remove(mut self) -> Result<()> {
         self.keep = true; // Drop does nothing more.
+        self.set_immutable(false)?;
         std::fs::remove_file(&self.path).map_err(|e| {
             KmodError::io(
                 format!("cannot remove store file {}", self.path.display()),
@@ -189,9 +252,23 @@ impl StoreFile {
     }
 }
 
+/// Removes a store file by path, lifting its immutable flag first (a caller that no longer
+/// holds the [`StoreFile`], once no snapshot can write to it).
+pub fn remove_store_path(path: &Path) -> std::io::Result<()> {
+    if let Ok(f) = std::fs::File::open(path) {
+        if let Ok(flags) = sys::inode_flags(&f) {
+            if flags & sys::FS_IMMUTABLE_FL != 0 {
+                sys::set_inode_flags(&f, flags & !sys::FS_IMMUTABLE_FL)?;
+            }
+        }
+    }
+    std::fs::remove_file(path)
+}
+
 impl Drop for StoreFile {
     fn drop(&mut self) {
         if !self.keep {
+            let _ = self.set_immutable(false);
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -356,14 +433,26 @@ mod tests {
             assert!(w[0].sector + w[0].sectors <= w[1].sector, "{all:?}");
         }
 
+        // Immutable while it exists: not even root can remove or truncate it.
+        if s.is_immutable() {
+            let e = std::fs::remove_file(&path).expect_err("immutable");
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+            assert!(std::fs::OpenOptions::new().write(true).open(&path).is_err());
+        } else {
+            eprintln!("note: /var/tmp has no inode flags: immutability not checked");
+        }
+
         // An existing file is refused and left alone.
         let e = StoreFile::create(&path, 1 << 20).err().expect("refused");
         assert!(e.to_string().contains("already exists"), "{e}");
         assert!(path.exists());
 
-        // Reopened by path: same extents, and kept on drop.
-        let reopened = StoreFile::open(&path).unwrap();
+        // Reopened by path: same extents, still immutable, can grow, and kept on drop.
+        let mut reopened = StoreFile::open(&path).unwrap();
         assert_eq!(reopened.extents(), s.extents());
+        assert_eq!(reopened.is_immutable(), s.is_immutable());
+        reopened.grow(1 << 20).unwrap();
+        assert_eq!(reopened.is_immutable(), s.is_immutable());
         drop(reopened);
         assert!(path.exists());
 

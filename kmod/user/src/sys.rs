@@ -1,4 +1,5 @@
-//! The crate's one place for `unsafe`: the ioctls on /dev/bksnap and `FS_IOC_FIEMAP`.
+//! The crate's one place for `unsafe`: the ioctls on /dev/bksnap, `FS_IOC_FIEMAP` and the
+//! inode flags (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`).
 //!
 //! Every wrapper takes the buffers the kernel reads or writes as slices and fills the
 //! structure's pointer and length fields from them itself, so the kernel is never given
@@ -27,6 +28,17 @@ mod raw {
     nix::ioctl_readwrite!(wait_event, TYPE, NR_WAIT_EVENT, EventArg);
 
     nix::ioctl_readwrite!(fs_ioc_fiemap, b'f', 11, super::FiemapHeader);
+    // Declared with a `long` argument, but the kernel reads and writes an `int`.
+    nix::ioctl_read_bad!(
+        fs_ioc_getflags,
+        nix::request_code_read!(b'f', 1, std::mem::size_of::<std::ffi::c_long>()),
+        std::ffi::c_int
+    );
+    nix::ioctl_write_ptr_bad!(
+        fs_ioc_setflags,
+        nix::request_code_write!(b'f', 2, std::mem::size_of::<std::ffi::c_long>()),
+        std::ffi::c_int
+    );
 }
 
 /// The request codes as the nix macros above compute them, for the tests against the
@@ -343,4 +355,22 @@ pub fn fiemap(
     unsafe { raw::fs_ioc_fiemap(fd.as_fd().as_raw_fd(), header) }?;
     let n = (buf.header.fm_mapped_extents as usize).min(FIEMAP_BATCH);
     Ok(buf.extents[..n].to_vec())
+}
+
+/// `FS_IMMUTABLE_FL`: no write, truncation, allocation, rename or unlink, even by root.
+pub const FS_IMMUTABLE_FL: u32 = 0x10;
+
+/// The inode flags of an open file (`chattr`'s view); ENOTTY where the filesystem has none.
+pub fn inode_flags(fd: impl AsFd) -> Result<u32, Errno> {
+    let mut flags: std::ffi::c_int = 0;
+    // SAFETY: `flags` is a valid `int` the kernel writes.
+    unsafe { raw::fs_ioc_getflags(fd.as_fd().as_raw_fd(), &mut flags) }?;
+    Ok(flags as u32)
+}
+
+pub fn set_inode_flags(fd: impl AsFd, flags: u32) -> Result<(), Errno> {
+    let flags = flags as std::ffi::c_int;
+    // SAFETY: `flags` is a valid `int` the kernel reads.
+    unsafe { raw::fs_ioc_setflags(fd.as_fd().as_raw_fd(), &flags) }?;
+    Ok(())
 }
