@@ -3,9 +3,11 @@
 //! `--replica DISK=TARGET` for each disk of a whole machine).
 //!
 //! State lives beside the repository, in `REPO/standby/`:
-//! - `replica.json`: the journal ([`State`]): the replicas and the point each holds, and,
-//!   while an apply runs, the point being applied and which disks are done. It is written
-//!   durably before the first byte goes to a target and again after each disk is flushed;
+//! - `replica.json`: the journal ([`State`]): the replicas, the point each holds and what
+//!   was written to it ([`Written`]: the target's identity and a sample of its chunks),
+//!   and, while an apply runs, the point being applied and which disks are done. It is
+//!   written durably before the first byte goes to a target and again after each disk is
+//!   flushed;
 //! - `apply.lock`: held (flock) while an apply runs, so status can tell "in progress" from
 //!   "interrupted";
 //! - `promoted`: present once `bkimg standby promote` ran; nothing is applied until
@@ -13,7 +15,8 @@
 //!
 //! An apply from point A to point B writes, per disk, only the chunks whose digests differ
 //! between A's and B's indexes (same layout), or restores that disk of B whole (first
-//! apply, other layout). Redoing an interrupted apply from A to B is safe: it rewrites
+//! apply, other layout, or a target that is not the device written or whose sampled
+//! chunks changed since: [`written::changed`]). Redoing an interrupted apply from A to B is safe: it rewrites
 //! every chunk that differs, and the rest is equal in A and B. A point is applied to all
 //! replicas or to none: one whose disks do not match the replicas is recorded as
 //! `not_applied` and left alone.

@@ -4,7 +4,7 @@
 //! target is another device or file, or a sampled chunk reads otherwise, the replica may
 //! not hold the point the journal says, and the apply restores it whole instead.
 //!
-//! The sample (at most three chunks a volume plus [`SPREAD`]): the first two and the last
+//! The sample (at most three chunks a volume plus 16): the first two and the last
 //! chunk of every volume of the disk, where partitioning tools and mounts write (partition
 //! tables, boot sectors, superblocks and their backups), and one chunk in each sixteenth
 //! of the disk at a place drawn from the point id, so successive points look at other
@@ -292,55 +292,79 @@ pub fn changed(
         return Ok(Some(why));
     }
     let file = File::open(target).with_context(|| format!("opening {}", target.display()))?;
+    // Samples that read otherwise than recorded, in disk order (as recorded).
+    let mut odd = Vec::new();
     for s in &w.chunks {
-        let have = match read_digest(&file, target, s.offset, s.length) {
-            Ok(d) => d,
+        match read_digest(&file, target, s.offset, s.length) {
+            Ok(have) if have.to_hex() == s.digest => {}
+            Ok(have) => odd.push((s, have)),
             Err(e) => return Ok(Some(format!("{e:#}"))),
-        };
-        if have.to_hex() == s.digest || new_chunk_at(repo, new, disk, s)? == Some(have) {
-            continue;
         }
-        return Ok(Some(format!(
-            "the sampled chunk at byte {} ({} bytes) is not what the standby wrote there \
-             (something wrote to the replica; nothing may use it while the standby serves it)",
-            s.offset, s.length
-        )));
     }
-    Ok(None)
+    if odd.is_empty() {
+        return Ok(None);
+    }
+    let places: Vec<&Sample> = odd.iter().map(|(s, _)| *s).collect();
+    let new_has = new_chunks_at(repo, new, disk, &places)?;
+    Ok(odd
+        .iter()
+        .zip(&new_has)
+        .find(|((_, have), new)| **new != Some(*have))
+        .map(|((s, _), _)| {
+            format!(
+                "the sampled chunk at byte {} ({} bytes) is not what the standby wrote there \
+                 (something wrote to the replica; nothing may use it while the standby \
+                 serves it)",
+                s.offset, s.length
+            )
+        }))
 }
 
-/// The digest `disk` of `new` has for the chunk `s` covers, if `s` is one of its data
-/// chunks.
-fn new_chunk_at(repo: &Repository, new: &Point, disk: &Disk, s: &Sample) -> Result<Option<Digest>> {
+/// The digests `disk` of `new` has for the chunks `samples` cover (in disk order), None
+/// for a sample that is not exactly one of its data chunks. One pass over each index.
+fn new_chunks_at(
+    repo: &Repository,
+    new: &Point,
+    disk: &Disk,
+    samples: &[&Sample],
+) -> Result<Vec<Option<Digest>>> {
     let cs = u64::from(new.manifest.chunk_size);
-    let Some(v) = disk
-        .volumes
-        .iter()
-        .find(|v| v.offset <= s.offset && s.offset < v.offset + v.size)
-    else {
-        return Ok(None);
-    };
-    let Content::Data { index, .. } = &v.content else {
-        return Ok(None);
-    };
-    let at = s.offset - v.offset;
-    if !at.is_multiple_of(cs) || cs.min(v.size - at) != s.length {
-        return Ok(None);
-    }
-    let want = at / cs;
-    let index = Digest::from_hex(index).expect("validated");
-    let mut entries = repo.index(&index)?;
-    let (mut batch, mut n) = (Vec::new(), 0u64);
-    loop {
-        entries.next_batch(8192, &mut batch)?;
-        if batch.is_empty() {
-            return Ok(None);
+    let mut out = vec![None; samples.len()];
+    for v in &disk.volumes {
+        let Content::Data { index, .. } = &v.content else {
+            continue;
+        };
+        // (position in `samples`, index entry), entries ascending.
+        let mut want: Vec<(usize, u64)> = samples
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| v.offset <= s.offset && s.offset < v.offset + v.size)
+            .filter_map(|(i, s)| {
+                let at = s.offset - v.offset;
+                (at.is_multiple_of(cs) && cs.min(v.size - at) == s.length).then_some((i, at / cs))
+            })
+            .collect();
+        if want.is_empty() {
+            continue;
         }
-        if want < n + batch.len() as u64 {
-            return Ok(Some(batch[(want - n) as usize]));
+        want.sort_unstable_by_key(|w| w.1);
+        let index = Digest::from_hex(index).expect("validated");
+        let mut entries = repo.index(&index)?;
+        let (mut batch, mut n, mut next) = (Vec::new(), 0u64, 0usize);
+        while next < want.len() {
+            entries.next_batch(8192, &mut batch)?;
+            if batch.is_empty() {
+                break;
+            }
+            let end = n + batch.len() as u64;
+            while let Some(&(i, e)) = want.get(next).filter(|(_, e)| *e < end) {
+                out[i] = Some(batch[(e - n) as usize]);
+                next += 1;
+            }
+            n = end;
         }
-        n += batch.len() as u64;
     }
+    Ok(out)
 }
 
 #[cfg(test)]
