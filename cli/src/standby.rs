@@ -428,6 +428,13 @@ fn print_status(s: &replica::Status, as_json: bool, what: &str) {
     }
     if let Some(l) = &s.last_apply {
         crate::out(&format!("last apply: {}", l.summary()));
+        for d in l.disks.iter().filter(|d| d.whole_because.is_some()) {
+            crate::out(&format!(
+                "  {} restored whole: {}",
+                d.target,
+                d.whole_because.as_deref().unwrap_or_default()
+            ));
+        }
     }
     crate::out(&match (s.promoted, what) {
         (true, "promote") => format!(

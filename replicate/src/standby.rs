@@ -16,6 +16,7 @@ pub mod reader;
 pub mod replica;
 pub mod server;
 pub mod tls;
+pub mod written;
 
 pub use client::{replicate, ClientConfig};
 pub use reader::{ReaderConfig, StandbyStore};

@@ -529,6 +529,11 @@ fn round_trip_full_and_incremental_writes_only_changed_chunks() {
     );
     assert_eq!(s["last_apply"]["from"], full.as_str());
     sb.wait_log("5 changed chunks written");
+    assert!(
+        !sb.log_text().contains("instead of applying the changes"),
+        "{}",
+        sb.log_text()
+    );
     assert_same(&sb.replica, &disk, "replica after the incremental");
 
     // Nothing left to send: a rerun sends nothing.
@@ -691,6 +696,9 @@ fn standby_killed_mid_transfer_and_mid_apply() {
         sb.log_text()
     );
     assert_same(&sb.replica, &disk, "replica after the interrupted apply");
+    // The chunk written before the kill may be sampled: it reads as the new point has it,
+    // which is no reason to distrust the replica.
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
     bkimg_ok(&["verify", "--repo", p(&sb.repo)]);
 }
 
@@ -1735,4 +1743,197 @@ fn standby_verify_finds_a_replica_changed_behind_its_back() {
     bkimg_ok(&["standby", "demote", "--repo", p(&sb.repo), "--yes"]);
     let r = verify();
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+}
+
+/// The standby's journal, `REPO/standby/replica.json`.
+fn journal(sb: &Standby) -> Value {
+    serde_json::from_slice(&fs::read(sb.repo.join("standby/replica.json")).unwrap()).unwrap()
+}
+
+/// The byte offsets of the chunks the journal sampled from the first replica after its
+/// last apply, checking that it names the point it holds.
+fn sampled(sb: &Standby, point: &str) -> Vec<u64> {
+    let j = journal(sb);
+    assert_eq!(j["version"], 3, "{j}");
+    let w = &j["replicas"][0]["written"];
+    assert_eq!(w["point"], point, "{j}");
+    assert!(w["device"]["kind"].is_string(), "no identity recorded: {j}");
+    let offsets: Vec<u64> = w["chunks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sampled chunks recorded: {j}"))
+        .iter()
+        .map(|c| c["offset"].as_u64().unwrap())
+        .collect();
+    assert!(offsets.len() >= 16, "{j}");
+    offsets
+}
+
+/// Bytes written into the replica behind the standby's back (as a mount updating a
+/// superblock would) make the next incremental a whole restore, said in one log line and
+/// recorded in the journal; the replica ends equal to the new point and the point after
+/// is applied as changed chunks again.
+///
+/// The check before an incremental reads a sample of chunks, not the whole replica (spec:
+/// the first two and the last chunk of every volume, where mounts and partitioning write,
+/// and 16 more spread over the disk): a write elsewhere is not seen by it and the delta
+/// is applied over it; `bkimg standby verify` reads everything and finds it.
+#[test]
+fn a_replica_written_behind_the_standbys_back_is_restored_whole() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 40 * MIB, 41);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    // Partition 2 starts at 13 MiB: its first chunk holds where a filesystem's superblock
+    // would be, and is always sampled.
+    let p2 = 13 * MIB;
+    assert!(sampled(&sb, &full).contains(&p2));
+    write_at(&sb.replica, p2 + 1024, b"mounted behind the standby's back");
+
+    change_chunks(&disk, 100, 3, 400);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&inc);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    let why = s["last_apply"]["disks"][0]["whole_because"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the journal does not say why: {s}"));
+    assert!(why.contains(&format!("byte {p2}")), "{why}");
+    sb.wait_log("to it whole instead of applying the changes");
+    let line = sb
+        .log_text()
+        .lines()
+        .find(|l| l.contains("to it whole instead of applying the changes"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains(p(&sb.replica)) && line.contains(&format!("byte {p2}")),
+        "{line}"
+    );
+    assert_same(&sb.replica, &disk, "replica after the whole restore");
+    let text = bkimg_ok(&["standby", "status", "--repo", p(&sb.repo)]).stdout;
+    assert!(
+        text.contains("restored whole: the sampled chunk at byte"),
+        "{text}"
+    );
+
+    // A write outside the sample: not seen before the apply (the delta goes on), found by
+    // `standby verify`.
+    let offsets = sampled(&sb, &inc);
+    let stray = (0..40 * MIB / CHUNK)
+        .map(|c| c * CHUNK)
+        .find(|o| *o > p2 && !offsets.contains(o))
+        .unwrap();
+    write_at(&sb.replica, stray + 77, &[0x5a; 16]);
+    change_chunks(&disk, 120, 2, 401);
+    let next = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&next);
+    assert_eq!(s["last_apply"]["mode"], "changed-chunks", "{s}");
+    assert_eq!(s["last_apply"]["chunks_written"], 2, "{s}");
+    assert!(
+        s["last_apply"]["disks"][0]["whole_because"].is_null(),
+        "{s}"
+    );
+    let r = bkimg(&["standby", "verify", "--repo", p(&sb.repo)]);
+    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("at byte {}", stray - p2)),
+        "{}",
+        r.stdout
+    );
+}
+
+/// The replica file swapped for another of the same size and the same bytes (a copy
+/// renamed over it): not the file the standby wrote, so the next incremental restores it
+/// whole rather than trust it.
+#[test]
+fn a_replica_file_swapped_for_a_copy_is_restored_whole() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 24 * MIB, 42);
+    let full = capture(&src, &disk, false);
+    let sb = Standby::start(&net, &k, d, &[]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    sampled(&sb, &full);
+    let copy = d.join("copy.img");
+    fs::copy(&sb.replica, &copy).unwrap();
+    fs::rename(&copy, &sb.replica).unwrap();
+
+    change_chunks(&disk, 60, 3, 410);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&inc);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    let why = s["last_apply"]["disks"][0]["whole_because"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the journal does not say why: {s}"));
+    assert!(why.contains("not the file"), "{why}");
+    sb.wait_log("to it whole instead of applying the changes");
+    assert_same(&sb.replica, &disk, "replica after the whole restore");
+    sampled(&sb, &inc);
+}
+
+/// A replica named by a symlink to a loop device, re-pointed to another loop device of
+/// the same size holding the same bytes: another device, restored whole; the device the
+/// standby wrote before is left alone.
+#[test]
+fn a_replica_device_swapped_for_another_is_restored_whole() {
+    let Some((dir, net, k)) = setup() else { return };
+    let d = dir.path();
+    let (disk, src) = (d.join("disk.img"), d.join("src-repo"));
+    gpt_disk(&disk, 24 * MIB, 43);
+    let full = capture(&src, &disk, false);
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
+    for f in [&a, &b] {
+        fs::File::create(f).unwrap().set_len(24 * MIB).unwrap();
+    }
+    let (la, lb) = (
+        bkimg_tests::Loop::attach(&a, 0, None, false),
+        bkimg_tests::Loop::attach(&b, 0, None, false),
+    );
+    let link = d.join("replica-dev");
+    std::os::unix::fs::symlink(&la.dev, &link).unwrap();
+    let sb = Standby::start_with(&net, &k, d, &[], &[("", "replica-dev")]);
+    replicate_ok(&src, &net, &k, &[]);
+    sb.wait_applied(&full);
+    sampled(&sb, &full);
+    sh(
+        "dd",
+        &[
+            &format!("if={}", la.dev),
+            &format!("of={}", lb.dev),
+            "bs=1M",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    let before = bkimg_tests::sha256_file(Path::new(&la.dev));
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&lb.dev, &link).unwrap();
+
+    change_chunks(&disk, 60, 3, 420);
+    let inc = capture(&src, &disk, true);
+    replicate_ok(&src, &net, &k, &[]);
+    let s = sb.wait_applied(&inc);
+    assert_eq!(s["last_apply"]["mode"], "full", "{s}");
+    let why = s["last_apply"]["disks"][0]["whole_because"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the journal does not say why: {s}"));
+    assert!(why.contains("another device"), "{why}");
+    assert_eq!(
+        bkimg_tests::sha256_file(Path::new(&lb.dev)),
+        bkimg_tests::sha256_file(&disk),
+        "the new device after the whole restore"
+    );
+    assert_eq!(
+        bkimg_tests::sha256_file(Path::new(&la.dev)),
+        before,
+        "the device swapped out was written"
+    );
 }

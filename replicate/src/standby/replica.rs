@@ -3,9 +3,11 @@
 //! `--replica DISK=TARGET` for each disk of a whole machine).
 //!
 //! State lives beside the repository, in `REPO/standby/`:
-//! - `replica.json`: the journal ([`State`]): the replicas and the point each holds, and,
-//!   while an apply runs, the point being applied and which disks are done. It is written
-//!   durably before the first byte goes to a target and again after each disk is flushed;
+//! - `replica.json`: the journal ([`State`]): the replicas, the point each holds and what
+//!   was written to it ([`Written`]: the target's identity and a sample of its chunks),
+//!   and, while an apply runs, the point being applied and which disks are done. It is
+//!   written durably before the first byte goes to a target and again after each disk is
+//!   flushed;
 //! - `apply.lock`: held (flock) while an apply runs, so status can tell "in progress" from
 //!   "interrupted";
 //! - `promoted`: present once `bkimg standby promote` ran; nothing is applied until
@@ -13,7 +15,8 @@
 //!
 //! An apply from point A to point B writes, per disk, only the chunks whose digests differ
 //! between A's and B's indexes (same layout), or restores that disk of B whole (first
-//! apply, other layout). Redoing an interrupted apply from A to B is safe: it rewrites
+//! apply, other layout, or a target that is not the device written or whose sampled
+//! chunks changed since: [`written::changed`]). Redoing an interrupted apply from A to B is safe: it rewrites
 //! every chunk that differs, and the rest is equal in A and B. A point is applied to all
 //! replicas or to none: one whose disks do not match the replicas is recorded as
 //! `not_applied` and left alone.
@@ -33,9 +36,14 @@ use serde::{Deserialize, Serialize};
 
 use bkimg_format::time::now_rfc3339;
 
+use super::server::log;
+use super::written::{self, Written};
+
 /// Journal layout written by this version. Journals without `version` (one replica, a
-/// `target` field) are migrated when read.
-const JOURNAL_VERSION: u32 = 2;
+/// `target` field) are migrated when read. Version 3 added what the standby wrote to each
+/// replica ([`ReplicaState::written`]); a replica of an earlier journal has none, so its
+/// next apply restores it whole (see [`written::changed`]).
+const JOURNAL_VERSION: u32 = 3;
 
 /// A replica as configured: `--replica TARGET` (disk None: the only disk of single-disk
 /// restore points) or `--replica DISK=TARGET` (the disk `bkimg info` calls DISK).
@@ -132,6 +140,11 @@ pub struct ReplicaState {
     /// The point this target holds, complete and flushed (None: nothing known, so the
     /// next apply restores it whole).
     pub holds: Option<String>,
+    /// The target's identity and a sample of its chunks, taken after the apply of `holds`
+    /// was flushed; checked before the next incremental apply (None: journals before
+    /// version 3, or nothing applied: the next apply restores it whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<Written>,
 }
 
 impl ReplicaState {
@@ -162,6 +175,10 @@ pub struct DiskApplying {
     /// The point this target held when the apply began (None: whole restore).
     pub from: Option<String>,
     pub done: bool,
+    /// Why this target is restored whole although it held a point of the same layout
+    /// (it changed behind the standby's back, or it is another device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_because: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +215,10 @@ pub struct DiskReport {
     pub chunks_written: u64,
     pub bytes_written: u64,
     pub chunks_unchanged: u64,
+    /// As [`DiskApplying::whole_because`]: why this disk was restored whole instead of
+    /// having the changed chunks applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_because: Option<String>,
 }
 
 impl DiskReport {
@@ -292,6 +313,7 @@ fn migrate(mut s: State) -> State {
                 disk: None,
                 target: t.clone(),
                 holds: s.applied.clone(),
+                written: None,
             });
         }
         if let Some(a) = &mut s.applying {
@@ -301,6 +323,7 @@ fn migrate(mut s: State) -> State {
                     target: t,
                     from: a.from.clone(),
                     done: false,
+                    whole_because: None,
                 });
             }
         }
@@ -403,15 +426,15 @@ fn configure(state: &mut State, specs: &[ReplicaSpec]) -> bool {
         .iter()
         .map(|s| {
             let (disk, target) = s.key();
-            let holds = old
+            let kept = old
                 .iter()
                 .find(|r| r.disk == disk && r.target == target)
-                .and_then(|r| r.holds.clone())
                 .filter(|_| !half_written.contains(&target));
             ReplicaState {
                 disk,
                 target,
-                holds,
+                holds: kept.and_then(|r| r.holds.clone()),
+                written: kept.and_then(|r| r.written.clone()),
             }
         })
         .collect();
@@ -573,6 +596,7 @@ impl Replica {
                     target: r.target.clone(),
                     from: r.holds.clone(),
                     done: r.holds.as_ref() == Some(&id),
+                    whole_because: None,
                 })
                 .collect(),
         });
@@ -614,20 +638,62 @@ fn run(repo_dir: &Path, state: &mut State) -> Result<ApplyReport> {
                 .ok()
                 .filter(|od| same_layout(o, od, &new, disk))
         });
+        // The changed chunks go only onto the device the standby wrote, still holding what
+        // it wrote (as far as the sample shows); otherwise the disk is restored whole.
+        let distrust = match (old_disk, d.from.as_deref()) {
+            (Some(_), Some(from)) if d.whole_because.is_none() => {
+                if !target.exists() {
+                    Some("it does not exist any more".to_string())
+                } else {
+                    let w = state
+                        .replicas
+                        .iter()
+                        .find(|rs| rs.target == d.target)
+                        .and_then(|rs| rs.written.as_ref());
+                    written::changed(&repo, w, from, &new, disk, target)?
+                }
+            }
+            _ => None,
+        };
+        if let (Some(why), Some(from)) = (&distrust, &d.from) {
+            log(&format!(
+                "replica {}: {why}: restoring {} to it whole instead of applying the \
+                 changes since {from}",
+                d.target, a.id
+            ));
+            // Durable before writing: a restart restores this disk whole too.
+            if let Some(x) = state.applying.as_mut() {
+                x.disks[i].from = None;
+                x.disks[i].whole_because = Some(why.clone());
+            }
+            if let Some(rs) = state.replicas.iter_mut().find(|rs| rs.target == d.target) {
+                rs.holds = None;
+                rs.written = None;
+            }
+            save_state(repo_dir, state)?;
+        }
         let mut r = match old_disk {
-            Some(od) if target.exists() => apply_changed(&repo, &new, od, disk, target)?,
+            Some(od) if distrust.is_none() && d.whole_because.is_none() && target.exists() => {
+                apply_changed(&repo, &new, od, disk, target)?
+            }
             _ => apply_full(&repo, &new, disk, target)?,
         };
         r.disk = disk.name.clone();
         r.target = d.target.clone();
         if r.mode != "full" {
             r.from = d.from.clone();
+        } else {
+            r.whole_because = distrust.or_else(|| d.whole_because.clone());
         }
+        let w = written::take(&new, disk, target).with_context(|| {
+            format!("sampling the replica {} after the apply", target.display())
+        })?;
         if let Some(x) = state.applying.as_mut() {
             x.disks[i].done = true;
         }
         if let Some(rs) = state.replicas.iter_mut().find(|rs| rs.target == d.target) {
             rs.holds = Some(a.id.clone());
+            rs.written = Some(w);
         }
         save_state(repo_dir, state)?;
         report.chunks_written += r.chunks_written;
@@ -996,6 +1062,7 @@ pub fn demote(repo_dir: &Path) -> Result<bool> {
     let mut state = load_state(repo_dir)?;
     for r in &mut state.replicas {
         r.holds = None;
+        r.written = None;
     }
     state.applied = None;
     state.applying = None;
@@ -1164,7 +1231,8 @@ mod tests {
             [ReplicaState {
                 disk: None,
                 target: "/dev/sdb".into(),
-                holds: Some("A".into())
+                holds: Some("A".into()),
+                written: None,
             }]
         );
         let a = s.applying.as_ref().unwrap();
@@ -1174,7 +1242,8 @@ mod tests {
                 disk: None,
                 target: "/dev/sdb".into(),
                 from: Some("A".into()),
-                done: false
+                done: false,
+                whole_because: None,
             }]
         );
         assert_eq!(
@@ -1190,7 +1259,7 @@ mod tests {
         save_state(&fx.repo, &s).unwrap();
         let text = fs::read_to_string(state_dir(&fx.repo).join("replica.json")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["version"], 2);
+        assert_eq!(v["version"], 3);
         assert!(v.get("target").is_none(), "{text}");
         let again = load_state(&fx.repo).unwrap();
         assert_eq!(again.replicas, s.replicas);
@@ -1199,7 +1268,7 @@ mod tests {
         // A newer journal is refused, not misread.
         fs::write(
             state_dir(&fx.repo).join("replica.json"),
-            r#"{"version": 3, "applied": null, "applying": null, "last_apply": null}"#,
+            r#"{"version": 4, "applied": null, "applying": null, "last_apply": null}"#,
         )
         .unwrap();
         assert!(format!("{:#}", load_state(&fx.repo).unwrap_err()).contains("newer bkimg"));
@@ -1215,11 +1284,13 @@ mod tests {
                     disk: Some("disk0".into()),
                     target: "/a".into(),
                     holds: Some("P".into()),
+                    written: None,
                 },
                 ReplicaState {
                     disk: Some("disk1".into()),
                     target: "/b".into(),
                     holds: Some("P".into()),
+                    written: None,
                 },
             ],
             applied: Some("P".into()),
@@ -1233,12 +1304,14 @@ mod tests {
                         target: "/a".into(),
                         from: Some("P".into()),
                         done: false,
+                        whole_because: None,
                     },
                     DiskApplying {
                         disk: Some("disk1".into()),
                         target: "/b".into(),
                         from: Some("P".into()),
                         done: false,
+                        whole_because: None,
                     },
                 ],
             }),
@@ -1396,6 +1469,10 @@ mod tests {
             .write_all_at(&d1_new[5 * CS..6 * CS], (5 * CS) as u64)
             .unwrap();
         let mut s = load_state(&fx.repo).unwrap();
+        // disk1's chunk 5 is sampled: it reads as p2 has it, not as recorded for p1, and
+        // that is no reason to restore the disk whole.
+        let w = s.replicas[1].written.as_ref().unwrap();
+        assert!(w.chunks.iter().any(|c| c.offset == 5 * CS as u64), "{w:?}");
         s.replicas[0].holds = Some("p2".into());
         s.applying = Some(Applying {
             id: "p2".into(),
@@ -1407,12 +1484,14 @@ mod tests {
                     target: r0.display().to_string(),
                     from: Some("p1".into()),
                     done: true,
+                    whole_because: None,
                 },
                 DiskApplying {
                     disk: Some("disk1".into()),
                     target: r1.display().to_string(),
                     from: Some("p1".into()),
                     done: false,
+                    whole_because: None,
                 },
             ],
         });
@@ -1467,6 +1546,97 @@ mod tests {
         assert!(s.replicas.iter().all(|r| r.holds.is_none()));
         let r = applied(rep.apply_latest().unwrap());
         assert_eq!((r.id.as_str(), r.mode.as_str()), ("p2", "full"));
+        assert_eq!(fs::read(&r0).unwrap(), fs::read(&d0).unwrap());
+    }
+
+    /// Bytes changed in a sampled chunk of the replica (the first of the disk is always
+    /// sampled) make the next apply a whole restore, recorded with the reason; the one
+    /// after is incremental again.
+    #[test]
+    fn a_replica_changed_behind_the_standby_is_restored_whole() {
+        let fx = Fx::new();
+        let d0 = fx.image("d0.img", 12, 50);
+        fx.capture(1, &[&d0]);
+        let r0 = fx.path("r0.img");
+        let rep = Replica::new(
+            &fx.repo,
+            ReplicaSpec::parse_all(&[r0.display().to_string()]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(applied(rep.apply_latest().unwrap()).mode, "full");
+        let w = load_state(&fx.repo).unwrap().replicas[0]
+            .written
+            .clone()
+            .unwrap();
+        assert_eq!(w.point, "p1");
+        assert_eq!(w.device.kind, "file");
+        assert!(w.chunks.iter().any(|c| c.offset == 0), "{w:?}");
+
+        OpenOptions::new()
+            .write(true)
+            .open(&r0)
+            .unwrap()
+            .write_all_at(b"stray", 100)
+            .unwrap();
+        write_chunk(&d0, 6, 51);
+        fx.capture(2, &[&d0]);
+        let r = applied(rep.apply_latest().unwrap());
+        assert_eq!(r.mode, "full", "{r:?}");
+        let why = r.disks[0].whole_because.as_deref().unwrap();
+        assert!(why.contains("at byte 0 "), "{why}");
+        assert_eq!(fs::read(&r0).unwrap(), fs::read(&d0).unwrap());
+        let s = load_state(&fx.repo).unwrap();
+        assert_eq!(s.replicas[0].written.as_ref().unwrap().point, "p2");
+        assert_eq!(
+            s.last_apply.unwrap().disks[0].whole_because.as_deref(),
+            Some(why)
+        );
+
+        write_chunk(&d0, 9, 52);
+        fx.capture(3, &[&d0]);
+        let r = applied(rep.apply_latest().unwrap());
+        assert_eq!((r.mode.as_str(), r.chunks_written), ("changed-chunks", 1));
+        assert_eq!(r.disks[0].whole_because, None);
+        assert_eq!(fs::read(&r0).unwrap(), fs::read(&d0).unwrap());
+    }
+
+    /// A version-2 journal records no identity or sample: the replica it says holds a
+    /// point is restored whole once (nothing vouches for it), then applied incrementally.
+    #[test]
+    fn a_version_2_journal_restores_whole_once() {
+        let fx = Fx::new();
+        let d0 = fx.image("d0.img", 8, 60);
+        fx.capture(1, &[&d0]);
+        let r0 = fx.path("r0.img");
+        let specs = ReplicaSpec::parse_all(&[r0.display().to_string()]).unwrap();
+        let rep = Replica::new(&fx.repo, specs).unwrap();
+        applied(rep.apply_latest().unwrap());
+        let path = state_dir(&fx.repo).join("replica.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v["version"] = 2.into();
+        v["replicas"][0].as_object_mut().unwrap().remove("written");
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let s = load_state(&fx.repo).unwrap();
+        assert_eq!(s.version, JOURNAL_VERSION);
+        assert_eq!(s.replicas[0].holds.as_deref(), Some("p1"));
+        assert!(s.replicas[0].written.is_none());
+
+        write_chunk(&d0, 3, 61);
+        fx.capture(2, &[&d0]);
+        let r = applied(rep.apply_latest().unwrap());
+        assert_eq!(r.mode, "full");
+        assert!(
+            r.disks[0]
+                .whole_because
+                .as_deref()
+                .unwrap()
+                .contains("earlier bkimg"),
+            "{r:?}"
+        );
+        write_chunk(&d0, 4, 62);
+        fx.capture(3, &[&d0]);
+        let r = applied(rep.apply_latest().unwrap());
+        assert_eq!((r.mode.as_str(), r.chunks_written), ("changed-chunks", 1));
         assert_eq!(fs::read(&r0).unwrap(), fs::read(&d0).unwrap());
     }
 }
