@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use bkimg_kmod::{Control, SavedTracker, SectorRange, TrackerState};
+use bkimg_kmod::{Binding, Control, SavedTracker, SectorRange, TrackerState};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -25,7 +25,8 @@ pub enum CbtCommand {
         common: Common,
     },
     /// Stop tracking DEV. With --save, write its state to FILE for `cbt restore` at the
-    /// next boot (do this at shutdown, once DEV's filesystems are read-only).
+    /// next boot (do this at shutdown, once DEV's filesystems are read-only), with DEV's
+    /// identity and a fingerprint of its content.
     Detach {
         #[arg(value_name = "DEV")]
         device: PathBuf,
@@ -36,7 +37,8 @@ pub enum CbtCommand {
         common: Common,
     },
     /// Resume tracking DEV from a state saved by `cbt detach --save` (do this at boot,
-    /// before DEV is mounted read-write). FILE is removed: a state is used once.
+    /// before DEV is mounted read-write). FILE is removed: a state is used once. Refused
+    /// (exit 7, FILE left in place) if DEV is not the device saved or was written since.
     Restore {
         #[arg(value_name = "DEV")]
         device: PathBuf,
@@ -110,7 +112,14 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
             let state = match &save {
                 None => control.detach(&device)?,
                 Some(path) => {
-                    let saved = control.detach_save(&device)?;
+                    // Before the detach: a write after it would be in neither the table
+                    // nor (if it lands in a fingerprinted region) unnoticed at restore.
+                    let dev = bkimg_kmod::DevNum::of_block_device(&device)?;
+                    let binding = Binding::of_device(dev).with_context(|| {
+                        format!("{} was not detached: tracking continues", device.display())
+                    })?;
+                    let mut saved = control.detach_save(&device)?;
+                    saved.binding = Some(binding);
                     if let Err(e) = saved.write_to(path) {
                         // Not lost: tracking goes on as if nothing happened.
                         let back = control.attach_restore(saved.dev, &saved);
