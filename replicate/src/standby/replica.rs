@@ -1068,6 +1068,7 @@ mod tests {
                 host: "test".into(),
                 tool: "test".into(),
                 consistency: bkimg_capture::claim::Consistency::Offline,
+                verify_cbt_every: 0,
             };
             bkimg_capture::capture(
                 &repo,
