@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -181,15 +182,20 @@ pub fn plan_regions(device_size: u64, partitions: &[(u64, u64)]) -> Vec<(u64, u6
     r
 }
 
-/// SHA-256 of `len` bytes of `dev` at `offset`.
+/// SHA-256 of `len` bytes of `dev` at `offset`. The buffer is 4 KiB-aligned and every
+/// read a multiple of 512 bytes at a multiple of 512 when `offset` and `len` are, so
+/// `dev` may be opened with O_DIRECT.
 pub fn hash_range(
     dev: &mut (impl Read + Seek),
     offset: u64,
     len: u64,
 ) -> std::io::Result<[u8; 32]> {
+    const BUF: usize = 64 << 10;
     dev.seek(SeekFrom::Start(offset))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
+    let mut backing = vec![0u8; BUF + 4096];
+    let at = backing.as_ptr().align_offset(4096).min(4096);
+    let buf = &mut backing[at..at + BUF];
     let mut left = len;
     while left > 0 {
         let n = buf.len().min(left as usize);
@@ -312,12 +318,19 @@ fn open_device(dev: DevNum) -> Result<(PathBuf, File)> {
             "block device {dev} has no node under /dev: cannot fingerprint it"
         ))
     })?;
-    let file = File::open(&path).map_err(|e| {
-        KmodError::io(
-            format!("cannot open {} to fingerprint it", path.display()),
-            e,
-        )
-    })?;
+    // O_DIRECT: the disk's bytes, not a page cache that may be older than what a
+    // filesystem with its own buffer cache (XFS) wrote last; buffered if refused.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(&path)
+        .or_else(|_| File::open(&path))
+        .map_err(|e| {
+            KmodError::io(
+                format!("cannot open {} to fingerprint it", path.display()),
+                e,
+            )
+        })?;
     // The node must still be this device (a stale /dev could name another).
     if DevNum::of_block_device(&path)? != dev {
         return Err(KmodError::Invalid(format!(
