@@ -676,8 +676,10 @@ t_cbt_verify_every() {
     rm -rf /repo/r-ver
     pattern vbase 128 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
     cap() { # NAME [--parent latest]
+        local name=$1
+        shift
         bkimg capture --repo /repo/r-ver --live --raw --verify-cbt-every 3 "$@" --store /repo/l.store --store-size 16M --json /dev/vdb \
-            >/tmp/$1.json 2>/tmp/$1.err || { cat /tmp/$1.err; return 1; }
+            >"/tmp/$name.json" 2>"/tmp/$name.err" || { cat "/tmp/$name.err"; return 1; }
     }
     bkimg cbt attach /dev/vdb >/dev/null || return 1
     cap full || die "full" || return 1
