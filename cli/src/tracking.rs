@@ -109,16 +109,19 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
             save,
             common,
         } => {
+            let mut bound = String::new();
             let state = match &save {
                 None => control.detach(&device)?,
                 Some(path) => {
-                    // Before the detach: a write after it would be in neither the table
-                    // nor (if it lands in a fingerprinted region) unnoticed at restore.
+                    // Fingerprinted before the detach: a write in between is in the table
+                    // (and if it changes a fingerprinted region, the restore refuses the
+                    // state); fingerprinted after, such a write would be in neither.
                     let dev = bkimg_kmod::DevNum::of_block_device(&device)?;
                     let binding = Binding::of_device(dev).with_context(|| {
                         format!("{} was not detached: tracking continues", device.display())
                     })?;
                     let mut saved = control.detach_save(&device)?;
+                    bound = describe_binding(&binding);
                     saved.binding = Some(binding);
                     if let Err(e) = saved.write_to(path) {
                         // Not lost: tracking goes on as if nothing happened.
@@ -144,7 +147,7 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
                     state.generation_hex(),
                     state.sequence,
                     save.map_or(String::new(), |p| format!(
-                        "; state saved to {}",
+                        "; state saved to {} ({bound})",
                         p.display()
                     ))
                 );
@@ -262,6 +265,16 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
         }
     }
     Ok(exit::OK)
+}
+
+/// "bound to serial, wwid and the content of 3 regions" for the detach message.
+fn describe_binding(b: &Binding) -> String {
+    let keys: Vec<&str> = b.identity.iter().map(|(k, _)| k.as_str()).collect();
+    let id = match keys.len() {
+        0 => "no identity found: bound by content only".to_string(),
+        _ => format!("bound to its {}", keys.join(", ")),
+    };
+    format!("{id}; fingerprint of {} region(s)", b.regions.len())
 }
 
 /// The state a detach with SAVE returned, without its table.
