@@ -70,6 +70,11 @@ pub struct CaptureOptions {
     pub tool: String,
     /// What the manifest says of the capture's consistency.
     pub consistency: claim::Consistency,
+    /// Periodic verification of change tracking (spec/format.md §15.1): when a disk's
+    /// change map could be used and the parent's run of changed-blocks captures has
+    /// reached `verify_cbt_every - 1`, the disk is read whole instead (hash-diff) and the
+    /// chunks the map missed are counted. 0: never.
+    pub verify_cbt_every: u32,
 }
 
 /// Where a source's change map comes from.
@@ -94,6 +99,11 @@ pub struct DiskReport {
     /// Why a change map was given but not used (the disk was read whole instead).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// A periodic verification (spec/format.md §15.1): chunks of volumes read raw that
+    /// differ from the parent although the change map did not list them (0: the tracker
+    /// missed nothing there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed_chunks: Option<u64>,
 }
 
 pub struct CaptureResult {
@@ -152,6 +162,7 @@ pub fn capture_checked(
             .cloned()
             .flatten()
             .unwrap_or_else(|| source.path.display().to_string());
+        let mut verify: Option<ChangeMap> = None;
         let (map, use_map, fallback) = match opts.changed_blocks.get(i).and_then(|c| c.as_ref()) {
             Some(input) => {
                 let (map, label) = match input {
@@ -170,9 +181,33 @@ pub fn capture_checked(
                     ));
                 }
                 let usable = parent_disk.is_some() && why.is_none();
-                (Some(map), usable, why)
+                let run = parent_disk
+                    .and_then(|d| d.tracking.as_ref())
+                    .map_or(0, |t| t.changed_blocks_run);
+                if usable && verify_due(run, opts.verify_cbt_every) {
+                    let why = format!(
+                        "periodic verification (--verify-cbt-every {}): the last {run} \
+                         capture(s) of this disk used change maps",
+                        opts.verify_cbt_every
+                    );
+                    progress.note(&format!(
+                        "{recorded_source}: {why}: reading it whole (hash-diff) and checking \
+                         the map {label} against what changed"
+                    ));
+                    verify = Some(map.clone());
+                    (Some(map), false, Some(why))
+                } else {
+                    (Some(map), usable, why)
+                }
             }
             None => (None, false, None),
+        };
+        let run = match use_map {
+            true => parent_disk
+                .and_then(|d| d.tracking.as_ref())
+                .map_or(0, |t| t.changed_blocks_run)
+                .saturating_add(1),
+            false => 0,
         };
         let mode = match (use_map, parent_disk) {
             (true, _) => "changed-blocks",
@@ -187,6 +222,7 @@ pub fn capture_checked(
             bytes_stored_new: 0,
             chunks_new: 0,
             fallback,
+            missed_chunks: verify.as_ref().map(|_| 0),
         };
         let mut volumes = Vec::new();
         for planned in &plan.volumes {
@@ -202,6 +238,7 @@ pub fn capture_checked(
                 planned,
                 parent_volume,
                 map.as_ref().filter(|_| use_map),
+                verify.as_ref(),
                 chunk_size,
                 opts,
                 progress,
@@ -213,7 +250,7 @@ pub fn capture_checked(
         source.check_size_unchanged()?;
         disks.push(Disk {
             name,
-            source: recorded_source,
+            source: recorded_source.clone(),
             size: source.region.len(),
             logical_sector_size: source.logical_sector_size,
             table: plan.table.clone(),
@@ -221,8 +258,17 @@ pub fn capture_checked(
             tracking: map.map(|m| Tracking {
                 generation: m.generation_hex(),
                 sequence: m.to_sequence,
+                changed_blocks_run: run,
             }),
         });
+        if let Some(n) = report.missed_chunks.filter(|&n| n > 0) {
+            progress.note(&format!(
+                "warning: {recorded_source}: {n} chunk(s) changed since the parent that its \
+                 change map did not list: the change tracking missed writes (this restore \
+                 point read the disk whole and is complete; check what writes the disk \
+                 behind the tracker)"
+            ));
+        }
         reports.push(report);
     }
 
@@ -260,6 +306,7 @@ fn capture_one(
     planned: &PlannedVolume,
     parent_volume: Option<&Volume>,
     map: Option<&ChangeMap>,
+    verify: Option<&ChangeMap>,
     chunk_size: u32,
     opts: &CaptureOptions,
     progress: &dyn Progress,
@@ -315,6 +362,10 @@ fn capture_one(
                 ),
                 _ => None,
             };
+            let verify_parent = match (verify, &parent_index, mode) {
+                (Some(m), Some(p), "raw") => Some((m, p.header().id())),
+                _ => None,
+            };
             let job = VolumeJob {
                 region,
                 chunk_size,
@@ -325,6 +376,11 @@ fn capture_one(
                 workers: opts.workers,
             };
             let (index, stats) = capture_volume(job, store, progress)?;
+            if let Some((m, parent_id)) = verify_parent {
+                let missed = missed_chunks(repo, &parent_id, &index, m, planned, chunk_size)
+                    .with_context(|| format!("verifying the change map of {}", planned.name))?;
+                *report.missed_chunks.get_or_insert(0) += missed;
+            }
             report.bytes_read += stats.bytes_read;
             report.bytes_stored_new += stats.bytes_stored_new;
             report.chunks_new += stats.chunks_new;
@@ -346,6 +402,50 @@ fn capture_one(
         filesystem,
         content,
     })
+}
+
+/// Whether a capture whose parent ends a run of `run` changed-blocks captures must verify
+/// (read whole) instead, with `--verify-cbt-every every` (0: never).
+pub fn verify_due(run: u32, every: u32) -> bool {
+    every > 0 && run.saturating_add(1) >= every
+}
+
+/// Chunks of a volume that differ between the parent's index and the new one although
+/// no range of `map` touches them: writes the tracker missed. Only meaningful for a
+/// volume read raw (a used-blocks capture zeroes free space, which changes chunks
+/// without writes).
+fn missed_chunks(
+    repo: &Repository,
+    parent: &Digest,
+    new: &Digest,
+    map: &ChangeMap,
+    planned: &PlannedVolume,
+    chunk_size: u32,
+) -> Result<u64> {
+    let old = repo.index(parent)?.read_all()?;
+    let new = repo.index(new)?.read_all()?;
+    let cs = u64::from(chunk_size);
+    let (start, end) = (planned.offset, planned.offset + planned.size);
+    let mut ranges: Vec<(u64, u64)> = map
+        .byte_ranges()
+        .map(|r| (r.start.max(start), r.end.min(end)))
+        .filter(|(s, e)| s < e)
+        .map(|(s, e)| (s - start, e - start))
+        .collect();
+    ranges.sort_unstable();
+    let mut next = 0;
+    let mut missed = 0;
+    for (i, (a, b)) in old.iter().zip(&new).enumerate() {
+        let (cs_start, cs_end) = (i as u64 * cs, (i as u64 + 1) * cs);
+        while next < ranges.len() && ranges[next].1 <= cs_start {
+            next += 1;
+        }
+        let listed = ranges.get(next).is_some_and(|&(s, _)| s < cs_end);
+        if a != b && !listed {
+            missed += 1;
+        }
+    }
+    Ok(missed)
 }
 
 /// Reads a change map and checks it describes this source.
@@ -424,6 +524,7 @@ mod tests {
             host: "test".into(),
             tool: "test".into(),
             consistency: crate::claim::Consistency::Offline,
+            verify_cbt_every: 0,
         }
     }
 
@@ -543,5 +644,93 @@ mod tests {
             &Silent
         )
         .is_err());
+    }
+
+    #[test]
+    fn verification_is_due_every_nth_capture() {
+        assert!(!verify_due(0, 0));
+        assert!(!verify_due(u32::MAX, 0));
+        assert!(verify_due(0, 1));
+        assert!(!verify_due(0, 2));
+        assert!(verify_due(1, 2));
+        assert!(verify_due(5, 3));
+        assert!(verify_due(u32::MAX, 7));
+    }
+
+    /// --verify-cbt-every 3: the third capture that could use its map reads the disk
+    /// whole, counts the chunk the (broken) tracker missed, and restarts the run.
+    #[test]
+    fn periodic_verification_reads_whole_and_counts_missed_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let root = dir.path().join("repo");
+        let store = LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap();
+        let repo = Repository::new(Box::new(LocalDir::open(&root).unwrap()));
+        let write = |block: u64, byte: u8| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap();
+            f.seek(SeekFrom::Start(block * 65536)).unwrap();
+            f.write_all(&[byte; 100]).unwrap();
+        };
+        let step = |n: u64, parent: Option<&str>| {
+            let parent = parent.map(|p| repo.resolve(p).unwrap());
+            let mut o = opts(
+                &image,
+                &format!("p{n}"),
+                Some(map(7, n - 1, n, vec![(3, 1)])),
+            );
+            o.verify_cbt_every = 3;
+            capture(&repo, &store, parent.as_ref(), &o, &Silent).unwrap()
+        };
+        let run = |r: &CaptureResult| {
+            r.manifest.disks[0]
+                .tracking
+                .as_ref()
+                .unwrap()
+                .changed_blocks_run
+        };
+
+        let p1 = step(1, None);
+        assert_eq!((p1.reports[0].mode.as_str(), run(&p1)), ("full", 0));
+        write(3, 1);
+        let p2 = step(2, Some("p1"));
+        assert_eq!(
+            (p2.reports[0].mode.as_str(), run(&p2)),
+            ("changed-blocks", 1)
+        );
+        assert_eq!(p2.reports[0].missed_chunks, None);
+        // Block 10 written behind the tracker's back: the map does not list it.
+        write(3, 2);
+        write(10, 3);
+        let p3 = step(3, Some("p2"));
+        assert_eq!(
+            (p3.reports[0].mode.as_str(), run(&p3)),
+            ("changed-blocks", 2)
+        );
+        write(3, 4);
+        let p4 = step(4, Some("p3"));
+        assert_eq!((p4.reports[0].mode.as_str(), run(&p4)), ("hash-diff", 0));
+        assert!(p4.reports[0]
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("periodic verification (--verify-cbt-every 3)"));
+        assert_eq!(p4.reports[0].missed_chunks, Some(1));
+        assert_eq!(p4.reports[0].bytes_read, 4 << 20);
+        // The run restarts; a verification that finds nothing reports 0.
+        let p5 = step(5, Some("p4"));
+        assert_eq!(
+            (p5.reports[0].mode.as_str(), run(&p5)),
+            ("changed-blocks", 1)
+        );
+        let p6 = step(6, Some("p5"));
+        assert_eq!(run(&p6), 2);
+        let p7 = step(7, Some("p6"));
+        assert_eq!((p7.reports[0].mode.as_str(), run(&p7)), ("hash-diff", 0));
+        assert_eq!(p7.reports[0].missed_chunks, Some(0));
     }
 }

@@ -22,6 +22,9 @@ pub struct Config {
     pub repository: Option<PathBuf>,
     /// Worker count of every command that takes `--threads`.
     pub threads: Option<NonZeroUsize>,
+    /// `--verify-cbt-every` of `capture` and `replicate --continuous`: every Nth capture
+    /// of a disk that could use its change map reads it whole instead (0: never).
+    pub verify_cbt_every: Option<u32>,
     #[serde(default)]
     pub s3: S3Config,
     #[serde(default)]
@@ -133,6 +136,11 @@ impl Config {
         })
     }
 
+    /// `--verify-cbt-every`: the flag, else the file's `verify-cbt-every`, else 0 (never).
+    pub fn verify_cbt_every(&self, flag: Option<u32>) -> u32 {
+        flag.or(self.verify_cbt_every).unwrap_or(0)
+    }
+
     pub fn threads(&self, flag: Option<usize>) -> Option<usize> {
         flag.or(self.threads.map(NonZeroUsize::get))
     }
@@ -204,6 +212,7 @@ mod tests {
 # every key
 repository = "/var/lib/bkimg/repo"
 threads = 8
+verify-cbt-every = 7
 
 [s3]
 endpoint = "http://127.0.0.1:9000"
@@ -231,6 +240,9 @@ keep-within = "1d 12h"
             Some(Path::new("/var/lib/bkimg/repo"))
         );
         assert_eq!(c.threads(None), Some(8));
+        assert_eq!(c.verify_cbt_every(None), 7);
+        assert_eq!(c.verify_cbt_every(Some(0)), 0);
+        assert_eq!(Config::default().verify_cbt_every(None), 0);
         assert_eq!(c.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(c.s3.region.as_deref(), Some("eu-west-1"));
         assert_eq!(c.standby.key.as_deref(), Some(Path::new("/etc/bkimg/key")));

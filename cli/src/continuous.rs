@@ -56,6 +56,10 @@ pub struct ContinuousArgs {
     /// Time between prunes when --keep-* rules are given.
     #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "1h")]
     pub prune_every: Duration,
+    /// As `capture --verify-cbt-every` [default: `verify-cbt-every` in the config file,
+    /// else 0: never].
+    #[arg(long, value_name = "N", requires = "continuous")]
+    pub verify_cbt_every: Option<u32>,
     /// The config file's `threads`, for the captures.
     #[arg(skip)]
     pub capture_threads: Option<usize>,
@@ -81,6 +85,7 @@ impl ContinuousArgs {
         }
         self.keep.settle(&config.retention);
         self.capture_threads = config.threads(None);
+        self.verify_cbt_every = Some(config.verify_cbt_every(self.verify_cbt_every));
         Ok(())
     }
 }
@@ -122,6 +127,7 @@ pub fn run(args: &ReplicateArgs, c: &ContinuousArgs) -> Result<i32> {
             post_freeze: None,
         }),
         workers: crate::workers(c.capture_threads),
+        verify_cbt_every: c.verify_cbt_every.unwrap_or(0),
         host: nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),

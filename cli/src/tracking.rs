@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use bkimg_kmod::{Control, SavedTracker, SectorRange, TrackerState};
+use bkimg_kmod::{Binding, Control, SavedTracker, SectorRange, TrackerState};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -25,7 +25,8 @@ pub enum CbtCommand {
         common: Common,
     },
     /// Stop tracking DEV. With --save, write its state to FILE for `cbt restore` at the
-    /// next boot (do this at shutdown, once DEV's filesystems are read-only).
+    /// next boot (do this at shutdown, once DEV's filesystems are read-only), with DEV's
+    /// identity and a fingerprint of its content.
     Detach {
         #[arg(value_name = "DEV")]
         device: PathBuf,
@@ -36,7 +37,8 @@ pub enum CbtCommand {
         common: Common,
     },
     /// Resume tracking DEV from a state saved by `cbt detach --save` (do this at boot,
-    /// before DEV is mounted read-write). FILE is removed: a state is used once.
+    /// before DEV is mounted read-write). FILE is removed: a state is used once. Refused
+    /// (exit 7, FILE left in place) if DEV is not the device saved or was written since.
     Restore {
         #[arg(value_name = "DEV")]
         device: PathBuf,
@@ -107,10 +109,20 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
             save,
             common,
         } => {
+            let mut bound = String::new();
             let state = match &save {
                 None => control.detach(&device)?,
                 Some(path) => {
-                    let saved = control.detach_save(&device)?;
+                    // Fingerprinted before the detach: a write in between is in the table
+                    // (and if it changes a fingerprinted region, the restore refuses the
+                    // state); fingerprinted after, such a write would be in neither.
+                    let dev = bkimg_kmod::DevNum::of_block_device(&device)?;
+                    let binding = Binding::of_device(dev).with_context(|| {
+                        format!("{} was not detached: tracking continues", device.display())
+                    })?;
+                    let mut saved = control.detach_save(&device)?;
+                    bound = describe_binding(&binding);
+                    saved.binding = Some(binding);
                     if let Err(e) = saved.write_to(path) {
                         // Not lost: tracking goes on as if nothing happened.
                         let back = control.attach_restore(saved.dev, &saved);
@@ -135,7 +147,7 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
                     state.generation_hex(),
                     state.sequence,
                     save.map_or(String::new(), |p| format!(
-                        "; state saved to {}",
+                        "; state saved to {} ({bound})",
                         p.display()
                     ))
                 );
@@ -253,6 +265,16 @@ pub fn run(cmd: CbtCommand) -> Result<i32> {
         }
     }
     Ok(exit::OK)
+}
+
+/// "bound to serial, wwid and the content of 3 regions" for the detach message.
+fn describe_binding(b: &Binding) -> String {
+    let keys: Vec<&str> = b.identity.iter().map(|(k, _)| k.as_str()).collect();
+    let id = match keys.len() {
+        0 => "no identity found: bound by content only".to_string(),
+        _ => format!("bound to its {}", keys.join(", ")),
+    };
+    format!("{id}; fingerprint of {} region(s)", b.regions.len())
 }
 
 /// The state a detach with SAVE returned, without its table.

@@ -596,6 +596,7 @@ fn tiny_restore_point() -> Res<TinyPoint> {
             Some(Tracking {
                 generation: "00112233445566778899aabbccddeeff".into(),
                 sequence: 7,
+                changed_blocks_run: 0,
             }),
         )],
         ..parent.clone()
@@ -961,6 +962,7 @@ fn layout_manifest() -> Manifest {
         tracking: Some(Tracking {
             generation: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
             sequence: 12,
+            changed_blocks_run: 0,
         }),
     };
     let msdos_disk = Disk {

@@ -126,6 +126,15 @@ pub struct MsdosPartition {
 pub struct Tracking {
     pub generation: String,
     pub sequence: u64,
+    /// Captures of this disk in a row, ending with this one, that used a change map
+    /// instead of reading the disk (0: this one read it whole). Counts toward the
+    /// periodic verification (spec/format.md §15.1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub changed_blocks_run: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -284,4 +293,30 @@ pub fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tracking_tests {
+    use super::Tracking;
+
+    /// `changed_blocks_run` is written only when non-zero, so manifests of captures that
+    /// read their disks stay as before, and read as 0 when absent (older writers).
+    #[test]
+    fn changed_blocks_run_is_optional() {
+        let t: Tracking = serde_json::from_str(
+            r#"{"generation": "00112233445566778899aabbccddeeff", "sequence": 7}"#,
+        )
+        .unwrap();
+        assert_eq!(t.changed_blocks_run, 0);
+        assert!(!serde_json::to_string(&t)
+            .unwrap()
+            .contains("changed_blocks_run"));
+        let t = Tracking {
+            changed_blocks_run: 3,
+            ..t
+        };
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains(r#""changed_blocks_run":3"#), "{text}");
+        assert_eq!(serde_json::from_str::<Tracking>(&text).unwrap(), t);
+    }
 }

@@ -774,7 +774,127 @@ t_smoke() {
     sh /root/smoke.sh /dev/vdb /repo
 }
 
+# A saved state whose device was written while untracked (the module unloaded: another
+# system, a rescue medium) is refused at restore with one line naming the device and what
+# differed; the next incremental is a hash-diff that restores to the disk's bytes. A state
+# restored on another device with the same bytes (a loop device over a copy) is refused by
+# its identity. packaging/cbt-state discards a refused state without failing.
+t_cbt_state_tampered() {
+    rm -rf /repo/r-tamper
+    pattern base 128 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    bkimg capture --repo /repo/r-tamper --live --raw --store /repo/l.store --store-size 16M --json /dev/vdb >/tmp/c.json \
+        || die "full live capture" || return 1
+    gen=$(bkimg cbt status /dev/vdb --json | jget generation)
+    bkimg cbt detach /dev/vdb --save /repo/vdb.cbt >/dev/null || die "detach --save" || return 1
+    rmmod bksnap || die "rmmod" || return 1
+    # Behind the tracker's back: the partition-table MiB and one far from it.
+    pattern behind 1 | dd of=/dev/vdb bs=1M seek=0 conv=fsync 2>/dev/null
+    pattern behind2 1 | dd of=/dev/vdb bs=1M seek=70 conv=fsync 2>/dev/null
+    insmod /root/bksnap.ko || die "insmod" || return 1
+    bkimg cbt restore /dev/vdb /repo/vdb.cbt 2>/tmp/r.err
+    rc=$?
+    cat /tmp/r.err
+    [ $rc = 7 ] || die "restore of a tampered disk: exit $rc, not 7" || return 1
+    [ "$(wc -l </tmp/r.err)" = 1 ] || die "not one line" || return 1
+    grep -q "saved tracker state /repo/vdb.cbt not restored on /dev/vdb (.*): its first MiB .* changed since the state was saved .*; the next capture reads /dev/vdb .* whole (hash-diff)" /tmp/r.err \
+        || die "message" || return 1
+    [ -f /repo/vdb.cbt ] || die "the refused state was removed by cbt restore" || return 1
+    bkimg cbt status /dev/vdb >/dev/null 2>&1 && { die "vdb tracked after a refused restore"; return 1; }
+    rm -f /repo/vdb.cbt
+    # The next incremental: a new generation, so a hash-diff that sees both writes.
+    bkimg capture --repo /repo/r-tamper --live --raw --parent latest --store /repo/l.store --store-size 16M --json /dev/vdb \
+        >/tmp/c.json 2>/tmp/c.err || { cat /tmp/c.err; die "incremental"; return 1; }
+    grep -q '"mode": *"hash-diff"' /tmp/c.json || die "not hash-diff: $(cat /tmp/c.json)" || return 1
+    [ "$(bkimg cbt status /dev/vdb --json | jget generation)" != "$gen" ] || die "same generation" || return 1
+    rm -f /repo/t.img
+    bkimg restore --repo /repo/r-tamper "$(jget id </tmp/c.json)" --target /repo/t.img >/dev/null 2>&1 || die "restore" || return 1
+    cmp -s /repo/t.img /dev/vdb || die "the hash-diff incremental restores other bytes than the disk" || return 1
+    rm -f /repo/t.img
+    bkimg cbt detach /dev/vdb >/dev/null
+
+    # Another device, same bytes: the identity differs (the loop device's backing file).
+    dd if=/dev/vdb of=/repo/a.img bs=1M count=16 2>/dev/null
+    cp /repo/a.img /repo/b.img
+    losetup /dev/loop0 /repo/a.img || die "losetup" || return 1
+    bkimg cbt attach /dev/loop0 >/dev/null || return 1
+    bkimg cbt detach /dev/loop0 --save /repo/loop.cbt >/dev/null || die "save loop0" || return 1
+    losetup -d /dev/loop0 && losetup /dev/loop0 /repo/b.img || die "losetup b" || return 1
+    bkimg cbt restore /dev/loop0 /repo/loop.cbt 2>/tmp/r.err
+    rc=$?
+    cat /tmp/r.err
+    [ $rc = 7 ] || die "restore on another loop device: exit $rc" || return 1
+    grep -q 'its loop_backing_file is "/repo/b.img", not "/repo/a.img"' /tmp/r.err || die "identity message" || return 1
+    losetup -d /dev/loop0
+    rm -f /repo/a.img /repo/b.img /repo/loop.cbt
+
+    # Through packaging/cbt-state: refused, discarded, not a failure.
+    export BKIMG_CBT_DIR=/repo/cbt-state
+    mkdir -p /dev/disk/by-id
+    ln -sf ../../vdb /dev/disk/by-id/virtio-vm-vdb
+    bkimg cbt attach /dev/vdb >/dev/null || return 1
+    sh /root/cbt-state save || die "save failed" || return 1
+    [ -f $BKIMG_CBT_DIR/by-id/virtio-vm-vdb.cbt ] || die "no state for vdb" || return 1
+    rmmod bksnap || return 1
+    pattern behind3 1 | dd of=/dev/vdb bs=1M seek=127 conv=fsync 2>/dev/null
+    insmod /root/bksnap.ko || return 1
+    sh /root/cbt-state restore 2>/tmp/r.err || { cat /tmp/r.err; die "cbt-state restore failed on a refused state"; return 1; }
+    cat /tmp/r.err
+    grep -q "not restored on /dev/vdb .*: its last MiB" /tmp/r.err || die "no message from cbt-state" || return 1
+    [ -z "$(ls -A $BKIMG_CBT_DIR 2>/dev/null)" ] || die "states left: $(ls -R $BKIMG_CBT_DIR)" || return 1
+    bkimg cbt status /dev/vdb >/dev/null 2>&1 && { die "vdb tracked after a refused restore"; return 1; }
+    rm -rf $BKIMG_CBT_DIR /dev/disk /repo/r-tamper
+    unset BKIMG_CBT_DIR
+}
+
+# --verify-cbt-every 3: the third incremental that could use its change map reads the
+# disk whole instead, and counts the chunks the tracker missed: a write made while the
+# module was unloaded, outside the regions the saved state's fingerprint covers, so the
+# restore accepts the state (the fingerprint is a sample) and the map lacks the write.
+t_cbt_verify_every() {
+    rm -rf /repo/r-ver
+    pattern vbase 128 | dd of=/dev/vdb bs=1M conv=fsync 2>/dev/null
+    cap() { # NAME [--parent latest]
+        local name=$1
+        shift
+        bkimg capture --repo /repo/r-ver --live --raw --verify-cbt-every 3 "$@" --store /repo/l.store --store-size 16M --json /dev/vdb \
+            >"/tmp/$name.json" 2>"/tmp/$name.err" || { cat "/tmp/$name.err"; return 1; }
+    }
+    bkimg cbt attach /dev/vdb >/dev/null || return 1
+    cap full || die "full" || return 1
+    pattern v1 1 | dd of=/dev/vdb bs=1M seek=10 conv=fsync 2>/dev/null
+    cap i1 --parent latest || die "i1" || return 1
+    grep -q '"mode": *"changed-blocks"' /tmp/i1.json || die "i1 not changed-blocks: $(cat /tmp/i1.json)" || return 1
+    pattern v2 1 | dd of=/dev/vdb bs=1M seek=20 conv=fsync 2>/dev/null
+    cap i2 --parent latest || die "i2" || return 1
+    grep -q '"mode": *"changed-blocks"' /tmp/i2.json || die "i2 not changed-blocks: $(cat /tmp/i2.json)" || return 1
+    # The missed write: saved, unloaded, written at 64 MiB, reloaded, restored.
+    bkimg cbt detach /dev/vdb --save /repo/vdb.cbt >/dev/null || die "save" || return 1
+    rmmod bksnap || return 1
+    pattern missed 1 | dd of=/dev/vdb bs=1M seek=64 conv=fsync 2>/dev/null
+    insmod /root/bksnap.ko || return 1
+    bkimg cbt restore /dev/vdb /repo/vdb.cbt >/dev/null || die "restore refused a state the fingerprint cannot tell apart" || return 1
+    pattern v3 1 | dd of=/dev/vdb bs=1M seek=30 conv=fsync 2>/dev/null
+    cap i3 --parent latest || die "i3" || return 1
+    cat /tmp/i3.err
+    grep -q '"mode": *"hash-diff"' /tmp/i3.json || die "i3 not a verification: $(cat /tmp/i3.json)" || return 1
+    grep -q 'periodic verification (--verify-cbt-every 3)' /tmp/i3.json || die "no reason given" || return 1
+    # 1 MiB at 64 MiB in 256 KiB chunks.
+    [ "$(jget missed_chunks </tmp/i3.json)" = 4 ] || die "missed_chunks: $(cat /tmp/i3.json)" || return 1
+    grep -q "warning: /dev/vdb: 4 chunk(s) changed since the parent that its change map did not list" /tmp/i3.err \
+        || die "no warning" || return 1
+    rm -f /repo/v.img
+    bkimg restore --repo /repo/r-ver "$(jget id </tmp/i3.json)" --target /repo/v.img >/dev/null 2>&1 || die "restore" || return 1
+    cmp -s /repo/v.img /dev/vdb || die "the verification restores other bytes than the disk" || return 1
+    # The run restarts: the next one uses its map again.
+    pattern v4 1 | dd of=/dev/vdb bs=1M seek=40 conv=fsync 2>/dev/null
+    cap i4 --parent latest || die "i4" || return 1
+    grep -q '"mode": *"changed-blocks"' /tmp/i4.json || die "i4 not changed-blocks: $(cat /tmp/i4.json)" || return 1
+    rm -rf /repo/r-ver /repo/v.img
+    bkimg cbt detach /dev/vdb >/dev/null
+}
+
 ALL="load untracked_writes cbt_basic snapshot_cow consistency_raw multi_device consistency_ext4 consistency_xfs cbt_incremental overflow store_growth save_reload cbt_state unload_busy stacked_loop nested_dm store_hang continuous immutable_store create_undo partition_overlap stress smoke unload_reload"
+ALL="$ALL cbt_state_tampered cbt_verify_every"
 [ -f /root/tests-extra.sh ] && . /root/tests-extra.sh
 
 insmod /root/bksnap.ko || echo "bksnap-tests: insmod failed"

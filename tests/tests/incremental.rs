@@ -608,3 +608,100 @@ fn dedup_across_sources() {
     restore_to(&repo, tw["id"].as_str().unwrap(), &rt);
     assert_eq!(sha256_file(&rt), sha256_file(&twice));
 }
+
+/// `--verify-cbt-every N` (the flag, else `verify-cbt-every` in the config file): the Nth
+/// capture in a row that could use its change map reads the image whole instead, counts
+/// the chunks the map did not list, and restores to the image's bytes.
+#[test]
+fn periodic_verification_of_change_maps() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("raw.img");
+    let repo = t.path().join("repo");
+    let size = 8 * MIB;
+    let generation = "00112233445566778899aabbccddeeff";
+    noise_image(&img, size, 11);
+    let config = t.path().join("bkimg.toml");
+    fs::write(&config, "verify-cbt-every = 2\n").unwrap();
+    let map = |n: u64, ranges: &[(u64, u64)]| {
+        let f = t.path().join(format!("{n}.map"));
+        changemap(&f, size, generation, n - 1, n, ranges);
+        f
+    };
+    let cap = |map: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "capture",
+            "--json",
+            "--quiet",
+            "--config",
+            p(&config),
+            "--repo",
+            p(&repo),
+            "--changed-blocks",
+            p(map),
+            "--raw",
+        ];
+        args.extend_from_slice(extra);
+        args.push(p(&img));
+        let r = bkimg_ok(&args);
+        (r.json(), r.stderr)
+    };
+    let run = |v: &Value| {
+        let id = v["id"].as_str().unwrap();
+        let info = bkimg_ok(&["info", "--repo", p(&repo), id, "--json"]).json();
+        info["manifest"]["disks"][0]["tracking"]["changed_blocks_run"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+
+    let (full, _) = cap(&map(1, &[]), &[]);
+    assert_eq!(disk0(&full)["mode"], "full");
+    write_at(&img, 100, &noise(10, 1));
+    let (a, _) = cap(&map(2, &[(100, 10)]), &["--parent", "latest"]);
+    assert_eq!(disk0(&a)["mode"], "changed-blocks", "{a:#}");
+    assert!(disk0(&a).get("missed_chunks").is_none(), "{a:#}");
+    assert_eq!(run(&a), 1);
+
+    // Chunk 20 written without the map saying so; the config file's 2 makes this capture
+    // a verification.
+    write_at(&img, 20 * CHUNK + 5, &noise(10, 2));
+    write_at(&img, 200, &noise(10, 3));
+    let (b, stderr) = cap(&map(3, &[(200, 10)]), &["--parent", "latest"]);
+    assert_eq!(disk0(&b)["mode"], "hash-diff", "{b:#}");
+    assert!(
+        disk0(&b)["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("periodic verification (--verify-cbt-every 2)"),
+        "{b:#}"
+    );
+    assert_eq!(u(&disk0(&b)["missed_chunks"]), 1, "{b:#}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("1 chunk(s) changed since the parent"),
+        "{stderr}"
+    );
+    assert_eq!(run(&b), 0);
+    let restored = t.path().join("restored.img");
+    restore_to(&repo, b["id"].as_str().unwrap(), &restored);
+    assert_eq!(sha256_file(&restored), sha256_file(&img));
+
+    // The flag wins over the file: 0 never verifies.
+    write_at(&img, 300, &noise(10, 4));
+    let (c, _) = cap(
+        &map(4, &[(300, 10)]),
+        &["--parent", "latest", "--verify-cbt-every", "0"],
+    );
+    assert_eq!(disk0(&c)["mode"], "changed-blocks", "{c:#}");
+    let (d, _) = cap(
+        &map(5, &[]),
+        &["--parent", "latest", "--verify-cbt-every", "0"],
+    );
+    assert_eq!(disk0(&d)["mode"], "changed-blocks", "{d:#}");
+    assert_eq!(run(&d), 2);
+    // Back to the file's 2: due, and nothing was missed this time.
+    let (e, _) = cap(&map(6, &[]), &["--parent", "latest"]);
+    assert_eq!(disk0(&e)["mode"], "hash-diff", "{e:#}");
+    assert_eq!(u(&disk0(&e)["missed_chunks"]), 0, "{e:#}");
+}

@@ -246,6 +246,7 @@ fn setup() -> Option<Setup> {
             host: "test".into(),
             tool: "test".into(),
             consistency: crate::claim::Consistency::FrozenSnapshot,
+            verify_cbt_every: 0,
         },
         live,
         repo,

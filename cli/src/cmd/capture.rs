@@ -33,6 +33,12 @@ pub struct CaptureArgs {
     /// next incremental can use the next map.
     #[arg(long = "changed-blocks", value_name = "FILE")]
     pub changed_blocks: Vec<String>,
+    /// Verify change tracking every N captures: when a disk's change map could be used
+    /// and the parent ends a run of N-1 captures that used maps, read the disk whole
+    /// instead (hash-diff) and count chunks the map missed (reported as `missed_chunks`
+    /// and a warning). 0: never [default: `verify-cbt-every` in the config file, else 0].
+    #[arg(long, value_name = "N")]
+    pub verify_cbt_every: Option<u32>,
     /// Chunk size, a power of two from 4K to 16M [default: 256K]. Incrementals use the
     /// parent's.
     #[arg(long, value_name = "SIZE", value_parser = units::size)]
@@ -59,12 +65,13 @@ pub struct CaptureArgs {
     pub common: Common,
 }
 
-pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
+pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
     let CaptureArgs {
         repo,
         sources,
         parent,
         changed_blocks,
+        verify_cbt_every,
         chunk_size,
         chunk_kib,
         level,
@@ -140,6 +147,7 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
             .unwrap_or_default(),
         tool: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
         consistency,
+        verify_cbt_every: config.verify_cbt_every(verify_cbt_every),
     };
     let session = live::start(&live, &mut opts, parent_point.as_ref(), &bar)?;
     let result = match &session {
@@ -170,10 +178,13 @@ pub fn run(args: CaptureArgs, _config: &Config) -> Result<i32> {
     } else {
         for r in &result.reports {
             eprintln!(
-                "{}: {} ({}), read {}, stored {} new in {} chunks",
+                "{}: {} ({}{}), read {}, stored {} new in {} chunks",
                 r.disk,
                 r.source,
                 r.mode,
+                r.missed_chunks.map_or(String::new(), |n| format!(
+                    ", verifying change tracking: {n} chunk(s) missed"
+                )),
                 HumanBytes(r.bytes_read),
                 HumanBytes(r.bytes_stored_new),
                 r.chunks_new

@@ -347,6 +347,7 @@ impl Control {
                         generation: a.generation,
                         sequence: a.sequence,
                         table,
+                        binding: None,
                     });
                 }
             }

@@ -61,6 +61,16 @@ pub enum KmodError {
         path = path.display()
     )]
     SavedUnsupported { path: PathBuf, detail: String },
+    #[error(
+        "saved tracker state {path} not restored on {device}: {detail}; the next capture \
+         reads {device} whole (hash-diff)",
+        path = path.display()
+    )]
+    SavedMismatch {
+        path: PathBuf,
+        device: String,
+        detail: String,
+    },
     #[error("difference store {path}: {detail}", path = path.display())]
     Store { path: PathBuf, detail: String },
     #[error(
@@ -98,7 +108,7 @@ impl KmodError {
                 _ => ErrorKind::Other,
             },
             KmodError::SavedDamaged { .. } => ErrorKind::Damaged,
-            KmodError::StaleGeneration { .. } => ErrorKind::Stale,
+            KmodError::StaleGeneration { .. } | KmodError::SavedMismatch { .. } => ErrorKind::Stale,
             KmodError::Invalid(_) => ErrorKind::Other,
         }
     }

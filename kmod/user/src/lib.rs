@@ -4,12 +4,14 @@
 //! - [`Control`]: change trackers (attach, detach, read, mark) and snapshots (create,
 //!   destroy, info, store growth, events), devices named by path or number;
 //! - [`StoreFile`]: a difference store backed by a preallocated file;
-//! - [`SavedTracker`]: a tracker's state saved across a reboot (spec §8);
+//! - [`SavedTracker`]: a tracker's state saved across a reboot (spec §8), bound to its
+//!   device by a [`Binding`] (identity and content fingerprint);
 //! - [`change_map`]: a tracker's table turned into a `bkimg_format` change map.
 //!
 //! `unsafe` is confined to `sys` (the ioctls).
 #![deny(unsafe_code)]
 
+pub mod binding;
 mod changemap;
 mod control;
 mod device;
@@ -20,6 +22,7 @@ mod store;
 mod sys;
 pub mod uapi;
 
+pub use binding::Binding;
 pub use changemap::{change_map, dirty_runs};
 pub use control::{
     describe_errno, image_path, Control, Event, EventKind, Extent, ModuleVersion, SectorRange,
@@ -30,12 +33,35 @@ pub use error::{ErrorKind, KmodError, Result};
 pub use saved::{remove_durably, write_atomic, SavedTracker};
 pub use store::{remove_store_path, StoreFile, STORE_ALIGN};
 
+/// Why a saved state may not be restored on `dev` (None: it may): another size, no
+/// binding (a version 1 file), another identity, or content changed since the save.
+pub fn saved_mismatch(saved: &SavedTracker, dev: DevNum) -> Result<Option<String>> {
+    let sectors = dev.sectors()?;
+    if sectors != saved.device_sectors {
+        return Ok(Some(format!(
+            "it was saved from a device of {} bytes, but this one has {} bytes (another device)",
+            saved.device_sectors * 512,
+            sectors * 512
+        )));
+    }
+    match &saved.binding {
+        None => Ok(Some(
+            "it was saved without the device's identity and fingerprint (an older bkimg), \
+             so it cannot be trusted"
+                .into(),
+        )),
+        Some(b) => b.mismatch_on_device(dev),
+    }
+}
+
 impl Control {
     /// Restores tracking of `dev` from a saved state file, which is consumed: it is
-    /// checked against the device, removed (durably), and only then the tracker is
-    /// attached. A state must be used once: after this boot's writes, the file no longer
-    /// describes the device, and reusing it after a crash would miss changes. If the
-    /// attach fails, the state is lost, which costs one full read, never a missed change.
+    /// checked against the device (size, identity, content fingerprint: a mismatch is a
+    /// [`KmodError::SavedMismatch`] and the file is left in place), removed (durably),
+    /// and only then the tracker is attached. A state must be used once: after this
+    /// boot's writes, the file no longer describes the device, and reusing it after a
+    /// crash would miss changes. If the attach fails, the state is lost, which costs one
+    /// full read, never a missed change.
     pub fn restore_from_file(
         &self,
         dev: impl AsDevice,
@@ -43,16 +69,12 @@ impl Control {
     ) -> Result<TrackerState> {
         let dev = dev.devnum()?;
         let saved = SavedTracker::read_from(path)?;
-        let sectors = dev.sectors()?;
-        if sectors != saved.device_sectors {
-            return Err(KmodError::Invalid(format!(
-                "{} was saved from a device of {} bytes, but {} has {} bytes: not this \
-                 device's state (left in place)",
-                path.display(),
-                saved.device_sectors * 512,
-                dev.describe(),
-                sectors * 512
-            )));
+        if let Some(detail) = saved_mismatch(&saved, dev)? {
+            return Err(KmodError::SavedMismatch {
+                path: path.to_path_buf(),
+                device: dev.describe(),
+                detail,
+            });
         }
         remove_durably(path).map_err(|e| {
             KmodError::io(

@@ -22,6 +22,8 @@ pub struct LocalCapture {
     /// Live captures (the bksnap module is loaded), with these options.
     pub live: Option<LiveOptions>,
     pub workers: usize,
+    /// As `CaptureOptions::verify_cbt_every`.
+    pub verify_cbt_every: u32,
     pub host: String,
     pub tool: String,
     /// What a live session says besides progress (store growth, warnings).
@@ -63,6 +65,7 @@ impl Capture for LocalCapture {
             } else {
                 bkimg_capture::claim::Consistency::Offline
             },
+            verify_cbt_every: self.verify_cbt_every,
         };
         let result = match &self.live {
             None => {

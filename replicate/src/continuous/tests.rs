@@ -78,6 +78,7 @@ fn setup() -> (tempfile::TempDir, LocalCapture, PathBuf) {
         sources: vec![image],
         live: None,
         workers: 2,
+        verify_cbt_every: 0,
         host: "test".into(),
         tool: "test".into(),
         log: Arc::new(|_: &str| {}),

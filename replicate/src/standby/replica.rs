@@ -1135,6 +1135,7 @@ mod tests {
                 host: "test".into(),
                 tool: "test".into(),
                 consistency: bkimg_capture::claim::Consistency::Offline,
+                verify_cbt_every: 0,
             };
             bkimg_capture::capture(
                 &repo,
