@@ -328,8 +328,7 @@ impl SnapDev {
 
     /// Creates the read-only image disk; returns its device number.
     pub(crate) fn add_image(this: &Arc<SnapDev>) -> Result<(u32, u32)> {
-        let (major, minor) =
-            Image::add_disk(this, &this.tracker.file, this.shared.id, this.index)?;
+        let (major, minor) = Image::add_disk(this, &this.tracker.file, this.shared.id, this.index)?;
         *this.image_dev.lock() = (major, minor);
         Ok((major, minor))
     }

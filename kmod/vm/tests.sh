@@ -713,6 +713,9 @@ t_stress() {
             seqs /dev/bksnap$id-1 32 0 >/tmp/stress.b
             bkimg snapshot info "$id" >/dev/null
             bkimg snapshot destroy "$id" --store /repo/s$n.store >/dev/null || echo "  destroy of $id failed"
+            # Detached again, so that at times nothing is attached and rmmod goes through.
+            bkimg cbt detach /dev/vda >/dev/null 2>&1
+            bkimg cbt detach /dev/vdb >/dev/null 2>&1
             consistent 2 32 /tmp/stress.a /tmp/stress.b || { echo "  snapshot $id (vda+vdb) torn"; touch /tmp/stress.torn; }
             ok=$((ok + 1))
         done
@@ -726,6 +729,7 @@ t_stress() {
             id=$(bkimg snapshot create /dev/vdc --store /repo/c$n.store --store-size 16M --no-freeze 2>/dev/null) || continue
             seqs /dev/bksnap$id-0 32 0 >/tmp/stress.c
             bkimg snapshot destroy "$id" --store /repo/c$n.store >/dev/null || echo "  destroy of $id failed"
+            bkimg cbt detach /dev/vdc >/dev/null 2>&1
             consistent 1 32 /tmp/stress.c || { echo "  snapshot $id (vdc) torn"; touch /tmp/stress.torn; }
             ok=$((ok + 1))
         done

@@ -112,13 +112,7 @@ impl Target {
                     "it does not exist",
                 ))
             })?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(open_err)?;
-            file.set_len(size).map_err(open_err)?;
+            let file = create_sized(path, size).map_err(open_err)?;
             return Ok(Target {
                 path: path.to_path_buf(),
                 direct: reopen_direct(&file),
@@ -238,6 +232,54 @@ pub fn identity(path: &Path) -> Option<(u64, u64)> {
     })
 }
 
+/// Creates `path` as a sparse file of `size` bytes, all at once: the name appears only
+/// with the full size, so a restore killed while creating it leaves no short file that a
+/// rerun would refuse as too small. The file is made unnamed (`O_TMPFILE`) in the target
+/// directory, sized, then linked in (failing, like `create_new`, if the name exists);
+/// filesystems without `O_TMPFILE` get a plain exclusive create.
+fn create_sized(path: &Path, size: u64) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let unnamed = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_TMPFILE)
+        .mode(0o644)
+        .open(dir);
+    match unnamed {
+        Ok(file) => {
+            file.set_len(size)?;
+            let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            nix::unistd::linkat(
+                None,
+                Path::new(&fd_path),
+                None,
+                path,
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )?;
+            Ok(file)
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EOPNOTSUPP) | Some(nix::libc::EISDIR) | Some(nix::libc::EINVAL)
+            ) =>
+        {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            file.set_len(size)?;
+            Ok(file)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn libc_o_excl() -> i32 {
     nix::libc::O_EXCL
 }
@@ -261,4 +303,28 @@ fn mounted(rdev: u64) -> Option<String> {
         (f.len() > 4 && devs.iter().any(|d| d == f[2]))
             .then(|| format!("device {} is mounted on {}", f[2], f[4]))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_image_appears_with_its_full_size_and_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.img");
+        let file = create_sized(&path, 5 << 20).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 5 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 5 << 20);
+        // Sparse: nothing allocated yet.
+        assert_eq!(std::fs::metadata(&path).unwrap().blocks(), 0);
+        // Only entry in the directory: no temporary name left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // An existing name is refused and left as it was.
+        std::fs::write(dir.path().join("old.img"), b"keep").unwrap();
+        let e = create_sized(&dir.path().join("old.img"), 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(dir.path().join("old.img")).unwrap(), b"keep");
+    }
 }

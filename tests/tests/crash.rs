@@ -363,6 +363,48 @@ fn an_export_killed_anywhere() {
     });
 }
 
+/// A restore into a new image file killed anywhere: the rerun (with `--yes`, the target
+/// now existing) completes and the image equals the disk. Before the file was created
+/// whole, a kill between its creation and its sizing left a 0-byte file that every rerun
+/// refused as too small.
+#[test]
+fn a_restore_to_a_new_file_killed_anywhere() {
+    if !have_strace() {
+        return;
+    }
+    let setup = |d: &Path| {
+        let disk = image(d, "disk.img", 11);
+        bkimg_ok(&["capture", "--repo", p(&d.join("repo")), p(&disk), "-q"]);
+    };
+    let args = |d: &Path| {
+        strings(&[
+            "restore",
+            "--repo",
+            p(&d.join("repo")),
+            "latest",
+            "--target",
+            p(&d.join("out.img")),
+            "-q",
+        ])
+    };
+    kill_everywhere("restore", &setup, &args, &|d| {
+        let mut rerun = args(d);
+        rerun.push("--yes".into());
+        let r = bkimg(&rerun.iter().map(String::as_str).collect::<Vec<_>>());
+        if r.code != 0 {
+            return Err(format!("the rerun: {}", show(&r)));
+        }
+        let (a, b) = (
+            std::fs::read(d.join("disk.img")).unwrap(),
+            std::fs::read(d.join("out.img")).unwrap(),
+        );
+        if a != b {
+            return Err("the restored image differs from the disk".into());
+        }
+        Ok(())
+    });
+}
+
 /// Two captures creating the same new repository at once both succeed, into one
 /// repository (the config is linked into place by one of them, never replaced).
 #[test]
@@ -873,6 +915,153 @@ fn a_standby_killed_anywhere_while_receiving() {
     assert!(
         failures.is_empty(),
         "{} of {tried} kills broke the standby:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The latest restore point of a repository.
+fn latest_id(repo: &Path) -> String {
+    let out = bkimg_ok(&["info", "--repo", p(repo), "latest", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    v["id"].as_str().expect("id").to_string()
+}
+
+/// Waits (generously) until the standby's replica holds `want` and reads as that point,
+/// or until `server` (if given) has ended; `Err` with what it last saw otherwise.
+fn replica_holds(
+    standby_repo: &Path,
+    want: &str,
+    mut server: Option<&mut std::process::Child>,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let r = bkimg(&["standby", "verify", "--repo", p(standby_repo), "--json"]);
+        let seen = serde_json::from_str::<serde_json::Value>(&r.stdout).ok();
+        let ok = seen.as_ref().is_some_and(|v| {
+            v["equal"] == serde_json::json!(true) && v["replicas"][0]["point"] == *want
+        });
+        if ok {
+            return Ok(());
+        }
+        let ended = server
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if ended || std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the replica does not hold {want}: standby verify exit {}: {}{}",
+                r.code, r.stdout, r.stderr
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The standby killed anywhere while it receives and applies to a replica: restarted, it
+/// finishes, and the replica holds the latest point, chunk for chunk.
+#[test]
+fn a_standby_killed_anywhere_while_applying() {
+    if !have_strace() {
+        return;
+    }
+    let top = TempDir::new().unwrap();
+    let source = source_repository(top.path());
+    let latest = latest_id(&source);
+    let keys = standby_keys(top.path());
+    let args = |d: &Path, port: u16| -> Vec<String> {
+        let mut a = serve_args(&keys, port, &d.join("standby"));
+        a.extend(strings(&["--replica", p(&d.join("replica.img"))]));
+        a
+    };
+    let spawn = |c: &mut Command| {
+        Killed(
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    // One traced, undisturbed session counts the calls of receiving and applying.
+    let counts = {
+        let d = TempDir::new().unwrap();
+        let port = free_port();
+        let mut server = spawn(
+            Command::new("strace")
+                .args(["-f", "-qq", "-o", p(&d.path().join("strace.log")), "-e"])
+                .arg(format!("trace={}", WRITE_SIDE.join(",")))
+                .arg(bkimg_path())
+                .args(args(d.path(), port)),
+        );
+        wait_listening(port, &mut server.0);
+        bkimg_ok(
+            &ship_args(&keys, port, &source)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        replica_holds(&d.path().join("standby"), &latest, None).unwrap();
+        drop(server);
+        write_side_calls(&std::fs::read_to_string(d.path().join("strace.log")).unwrap())
+    };
+    let mut failures = Vec::new();
+    let mut tried = 0;
+    for (syscall, count) in &counts {
+        for when in positions(*count) {
+            let d = TempDir::new().unwrap();
+            let port = free_port();
+            let mut server = spawn(
+                Command::new("strace")
+                    .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+                    .arg(format!("trace={syscall}"))
+                    .arg("-e")
+                    .arg(format!("inject={syscall}:signal=SIGKILL:when={when}"))
+                    .arg(bkimg_path())
+                    .args(args(d.path(), port)),
+            );
+            let mut ship = ship_args(&keys, port, &source);
+            ship.extend(strings(&["--retries", "0"]));
+            if listening_or_ended(port, &mut server.0) {
+                bkimg_env(&ship, &[]);
+                // Killed after the sender finished: while applying. Until it is killed or
+                // done.
+                let _ = replica_holds(&d.path().join("standby"), &latest, Some(&mut server.0));
+            }
+            drop(server);
+            tried += 1;
+            // Restarted without faults: it completes, and the replica is the point.
+            let port = free_port();
+            let log = d.path().join("restart.log");
+            let mut again = Killed(
+                Command::new(bkimg_path())
+                    .args(args(d.path(), port))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            if !listening_or_ended(port, &mut again.0) {
+                failures.push(format!(
+                    "standby killed at {syscall} #{when} of {count}: the restarted standby \
+                     ended: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+                continue;
+            }
+            let repo = d.path().join("standby");
+            let result = verifies_and_reruns(&repo, &ship_args(&keys, port, &source))
+                .and_then(|()| replica_holds(&repo, &latest, None));
+            drop(again);
+            if let Err(e) = result {
+                failures.push(format!(
+                    "standby killed at {syscall} #{when} of {count}: {e}"
+                ));
+            }
+        }
+    }
+    eprintln!("standby applying: {tried} kills at {counts:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {tried} kills broke the standby or its replica:\n{}",
         failures.len(),
         failures.join("\n")
     );

@@ -103,10 +103,16 @@ impl StoreFile {
         if immutable {
             let flags = sys::inode_flags(&ro).unwrap_or(0);
             sys::set_inode_flags(&ro, flags & !sys::FS_IMMUTABLE_FL).map_err(|e| {
-                KmodError::store(path, format!("cannot clear the immutable flag: {}", e.desc()))
+                KmodError::store(
+                    path,
+                    format!("cannot clear the immutable flag: {}", e.desc()),
+                )
             })?;
         }
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path);
         if immutable {
             let flags = sys::inode_flags(&ro).unwrap_or(0);
             let _ = sys::set_inode_flags(&ro, flags | sys::FS_IMMUTABLE_FL);
