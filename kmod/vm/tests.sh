@@ -760,6 +760,17 @@ t_stress() {
     ) &
     p4=$!
     wait $p1 $p2 $p3 $p4
+    # Then unloads under the writers: with nothing attached every write still enters the
+    # hook and passes through, and rmmod must wait for those asleep in the pass-through.
+    grep -q '^bksnap ' /proc/modules || insmod /root/bksnap.ko
+    for d in vda vdb vdc; do bkimg cbt detach /dev/$d >/dev/null 2>&1; done
+    u=0
+    while [ $u -lt 20 ]; do
+        rmmod bksnap || { die "rmmod with nothing attached"; touch /tmp/stop; return 1; }
+        insmod /root/bksnap.ko || { die "insmod"; touch /tmp/stop; return 1; }
+        u=$((u + 1))
+    done
+    echo $(($(cat /tmp/stress.rmmod) + u)) >/tmp/stress.rmmod
     touch /tmp/stop
     wait $w1 $w2
     log "$secs s: $(cat /tmp/stress.multi) two-device and $(cat /tmp/stress.single) one-device snapshots checked, $(cat /tmp/stress.detach) detaches, $(cat /tmp/stress.rmmod) unloads"
