@@ -45,6 +45,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 FormatError::Unsupported { .. } => UNSUPPORTED,
                 FormatError::Missing { .. } | FormatError::NotRepository(_) => NOT_FOUND,
                 FormatError::Busy(_) => BUSY,
+                FormatError::Denied(_) => DENIED,
                 FormatError::Io { .. } => remote(err).map_or(FAILURE, remote_code),
             };
         }

@@ -1177,6 +1177,7 @@ fn manifests(p: &TinyPoint) -> Value {
     let config = RepoConfig {
         repository_id: "0b7ef2a4-1c3d-4e5f-8a9b-c0d1e2f3a4b5".into(),
         created: "2024-01-01T00:00:00Z".into(),
+        encryption: None,
     };
     let config_bytes = sealed::seal(&CONFIG_KIND, Features::default(), &config);
     let valid = vec![

@@ -29,6 +29,10 @@ pub enum FormatError {
     #[error("{0}")]
     Busy(String),
 
+    /// A passphrase or key file that does not unlock the repository's key.
+    #[error("{0}")]
+    Denied(String),
+
     /// `source` is printed by whoever prints the error chain, not by this message.
     #[error("{context}")]
     Io {

@@ -8,10 +8,12 @@
 pub mod buf;
 pub mod changemap;
 pub mod chunk;
+pub mod crypto;
 pub mod digest;
 pub mod error;
 pub mod firmware;
 pub mod index;
+pub mod keys;
 pub mod loopdev;
 pub mod magic;
 pub mod manifest;

@@ -11,9 +11,11 @@ pub const CHANGE_MAP: [u8; 8] = [0x67, 0xb2, 0x98, 0x14, 0xa5, 0x44, 0x38, 0xfe]
 pub const EXPORT_HEAD: [u8; 8] = [0x2e, 0xf4, 0xdb, 0xb0, 0x8c, 0xd4, 0x96, 0x05]; // "bkimg export v1"
 pub const EXPORT_TAIL: [u8; 8] = [0xec, 0xd5, 0x21, 0x50, 0x77, 0x25, 0xe6, 0x58]; // "bkimg export trailer v1"
 pub const PRUNE_RECORD: [u8; 8] = [0xc8, 0x46, 0x91, 0x3c, 0x96, 0x30, 0xd5, 0x59]; // "bkimg prune record v1"
+pub const ENVELOPE: [u8; 8] = [0x83, 0xd0, 0xc4, 0xaa, 0x9c, 0x51, 0x4e, 0x7c]; // "bkimg envelope v1"
+pub const KEY_SLOT: [u8; 8] = [0x61, 0x39, 0x8e, 0xa2, 0x82, 0x96, 0x38, 0x72]; // "bkimg key slot v1"
 
 /// The strings each magic number is derived from, in the order of the constants above.
-pub const SOURCES: [(&str, [u8; 8]); 8] = [
+pub const SOURCES: [(&str, [u8; 8]); 10] = [
     ("bkimg chunk v1", CHUNK),
     ("bkimg index v1", INDEX),
     ("bkimg manifest v1", MANIFEST),
@@ -22,6 +24,8 @@ pub const SOURCES: [(&str, [u8; 8]); 8] = [
     ("bkimg export v1", EXPORT_HEAD),
     ("bkimg export trailer v1", EXPORT_TAIL),
     ("bkimg prune record v1", PRUNE_RECORD),
+    ("bkimg envelope v1", ENVELOPE),
+    ("bkimg key slot v1", KEY_SLOT),
 ];
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ fn class(e: &FormatError) -> &'static str {
         FormatError::Missing { .. } => "missing",
         FormatError::NotRepository(_) => "not-repository",
         FormatError::Busy(_) => "busy",
+        FormatError::Denied(_) => "denied",
         FormatError::Io { .. } => "io",
     }
 }

@@ -7,6 +7,8 @@
 //! DIR/points/<id>              manifests: one per restore point, written last
 //! DIR/pruned/<id>              records of pruned parents of remaining restore points
 //! DIR/lock                     advisory lock: shared by every user, exclusive for prune
+//!                              and key changes
+//! DIR/keys/<16 hex>            key slots of an encrypted repository
 //! DIR/tmp/<pid>-<n>/           scratch space of running writers
 //! ```
 //! Chunks and indexes are written to scratch files and renamed into place, so a name in
@@ -30,6 +32,7 @@ use super::{StoreMaintain, StoreRead, StoreWrite};
 use crate::chunk::{self, ChunkHeader};
 use crate::digest::Digest;
 use crate::error::{FormatError, IoContext, Result};
+use crate::keys::Encryption;
 use crate::magic;
 use crate::manifest::valid_id;
 use crate::sealed::{self, Features, Kind};
@@ -42,10 +45,68 @@ pub const CONFIG_KIND: Kind = Kind {
     known_incompat: 0,
 };
 
+/// Incompat feature bit of the config: the repository is encrypted or signed and its
+/// config has an `encryption` member (spec/format.md §8, §18).
+pub const FEATURE_ENCRYPTION: u32 = 0x1;
+
+/// The config as the key commands read it: they know the encryption bit, which the
+/// commands that read restore points do not know yet.
+pub const CONFIG_KIND_KEYS: Kind = Kind {
+    known_incompat: FEATURE_ENCRYPTION,
+    ..CONFIG_KIND
+};
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RepoConfig {
     pub repository_id: String,
     pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+impl RepoConfig {
+    /// The header features this config needs.
+    pub fn features(&self) -> Features {
+        Features {
+            incompat: if self.encryption.is_some() {
+                FEATURE_ENCRYPTION
+            } else {
+                0
+            },
+            compat: 0,
+        }
+    }
+}
+
+/// Reads a repository's config, refusing an encrypted one unless `keys` (the key commands)
+/// with a message that says what this bkimg can and cannot do with it.
+fn read_config(root: &Path, keys: bool) -> Result<RepoConfig> {
+    let config = root.join(names::CONFIG);
+    let bytes = read_bounded(&config, crate::sealed::MAX_BODY_LEN + 64, || {
+        format!("repository config {}", config.display())
+    })
+    .map_err(|e| match e {
+        FormatError::Missing { .. } => FormatError::NotRepository(format!(
+            "{} is not a bkimg repository (it has no config file)",
+            root.display()
+        )),
+        other => other,
+    })?;
+    let (value, features): (RepoConfig, Features) = sealed::open(&CONFIG_KIND_KEYS, &bytes)?;
+    if features.incompat & FEATURE_ENCRYPTION != 0 && !keys {
+        return Err(FormatError::unsupported(
+            format!("repository {}", root.display()),
+            "encryption (config feature bit 0x1), which this bkimg can manage with `bkimg key` \
+             but cannot yet capture into, list, verify or restore",
+        ));
+    }
+    if (features.incompat & FEATURE_ENCRYPTION != 0) != value.encryption.is_some() {
+        return Err(FormatError::corrupt(
+            format!("repository config {}", config.display()),
+            "the encryption feature bit and the encryption member disagree",
+        ));
+    }
+    Ok(value)
 }
 
 pub struct LocalDir {
@@ -79,19 +140,10 @@ impl LocalDir {
     }
 
     fn open_locked(root: &Path, lock: Lock) -> Result<LocalDir> {
-        let config = root.join(names::CONFIG);
-        let bytes = read_bounded(&config, crate::sealed::MAX_BODY_LEN + 64, || {
-            format!("repository config {}", config.display())
-        })
-        .map_err(|e| match e {
-            FormatError::Missing { .. } => FormatError::NotRepository(format!(
-                "{} is not a bkimg repository (it has no config file)",
-                root.display()
-            )),
-            other => other,
-        })?;
-        let _: (RepoConfig, Features) = sealed::open(&CONFIG_KIND, &bytes)?;
+        read_config(root, false)?;
         let lock = take_lock(root, lock)?;
+        // `bkimg key init` may have encrypted it while we waited for the lock.
+        read_config(root, false)?;
         Ok(LocalDir {
             root: root.to_path_buf(),
             scratch: OnceLock::new(),
@@ -133,6 +185,7 @@ impl LocalDir {
         let config = RepoConfig {
             repository_id: repository_id.to_string(),
             created: created.to_string(),
+            encryption: None,
         };
         let bytes = sealed::seal(&CONFIG_KIND, Features::default(), &config);
         let dest = root.join(names::CONFIG);
@@ -163,6 +216,84 @@ impl LocalDir {
             .and_then(|d| d.sync_all())
             .ctx(|| format!("syncing {}", root.display()))?;
         Self::open(root)
+    }
+
+    /// Opens a repository, encrypted or not, for changing its keys: no other process may
+    /// use it meanwhile ([`FormatError::Busy`] at once otherwise).
+    pub fn open_for_keys(root: &Path) -> Result<(LocalDir, RepoConfig)> {
+        read_config(root, true)?;
+        let lock = take_lock(root, Lock::Exclusive { wait: false })?;
+        let config = read_config(root, true)?;
+        Ok((
+            LocalDir {
+                root: root.to_path_buf(),
+                scratch: OnceLock::new(),
+                scratch_seq: AtomicU64::new(0),
+                _lock: lock,
+            },
+            config,
+        ))
+    }
+
+    /// Whether any restore point (or prune record) exists.
+    pub fn has_points(&self) -> Result<bool> {
+        for sub in [names::POINTS, names::PRUNED] {
+            let dir = self.root.join(sub);
+            match fs::read_dir(&dir) {
+                Ok(mut entries) => {
+                    if entries.next().is_some() {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(FormatError::io(format!("listing {}", dir.display()), e)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Replaces the config (temp file, fsync, rename, fsync). Only under the exclusive
+    /// lock of [`open_for_keys`](Self::open_for_keys).
+    pub fn replace_config(&self, config: &RepoConfig) -> Result<()> {
+        let bytes = sealed::seal(&CONFIG_KIND, config.features(), config);
+        write_durably(&self.root.join(names::CONFIG), &bytes, self.scratch_dir()?)
+    }
+
+    /// The key slots stored in the repository: id and bytes, by id.
+    pub fn key_slots(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let dir = self.root.join(names::KEYS);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(FormatError::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !crate::keys::valid_slot_id(&id) {
+                continue;
+            }
+            let path = entry.path();
+            let bytes = read_bounded(&path, crate::sealed::MAX_BODY_LEN + 64, || {
+                format!("key slot {id}")
+            })?;
+            out.push((id, bytes));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn put_key_slot(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        let dir = self.root.join(names::KEYS);
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        write_durably(&dir.join(id), bytes, self.scratch_dir()?)
+    }
+
+    pub fn delete_key_slot(&self, id: &str) -> Result<()> {
+        remove_durably(&self.root.join(names::KEYS).join(id))
     }
 
     pub fn root(&self) -> &Path {

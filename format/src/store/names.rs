@@ -9,6 +9,8 @@ pub const INDEXES: &str = "indexes";
 pub const POINTS: &str = "points";
 /// Records of pruned restore points that a remaining point names as its parent.
 pub const PRUNED: &str = "pruned";
+/// Key slots of an encrypted repository.
+pub const KEYS: &str = "keys";
 /// Advisory lock file of a local repository (shared by every user, exclusive for prune).
 pub const LOCK: &str = "lock";
 
