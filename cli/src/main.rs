@@ -83,6 +83,9 @@ enum Command {
     /// Ship restore points to S3 (s3://BUCKET/PREFIX) or to a standby host
     /// (bkimg://HOST:PORT): only what the target lacks, manifests last, resumable.
     Replicate(Box<cmd::replicate::ReplicateCommand>),
+    /// Encrypt a new repository and manage its keys: init, add, remove, passwd, list.
+    #[command(subcommand)]
+    Key(cmd::key::KeyCommand),
     /// Recovery media: a bootable image that restores a bare machine.
     #[command(subcommand)]
     Rescue(cmd::rescue::RescueCommand),
@@ -259,6 +262,7 @@ fn settle(command: &mut Command, config: &Config) -> Result<()> {
         Command::Prune(args) => args.settle(config)?,
         Command::Replicate(args) => args.settle(config)?,
         Command::Standby(cmd) => cmd.settle(config)?,
+        Command::Key(cmd) => cmd.settle(config)?,
         Command::Cbt(_)
         | Command::Snapshot(_)
         | Command::Changemap(_)
@@ -302,6 +306,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Cbt(cmd) => tracking::run(cmd),
         Command::Snapshot(cmd) => snapshot::run(cmd),
         Command::Rescue(cmd) => cmd::rescue::run(cmd, explicit_config),
+        Command::Key(cmd) => cmd::key::run(cmd),
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
 }

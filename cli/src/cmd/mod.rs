@@ -5,6 +5,7 @@ pub mod capture;
 pub mod changemap;
 pub mod export;
 pub mod info;
+pub mod key;
 pub mod list;
 pub mod replicate;
 pub mod rescue;
