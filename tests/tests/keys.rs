@@ -383,3 +383,34 @@ fn init_refuses_a_repository_with_restore_points_and_an_unencrypted_one_stays_re
         "is not encrypted",
     );
 }
+
+/// A `key init` killed after writing its slots and before the config leaves an empty,
+/// unencrypted repository with stray slots: the next `key init` starts clean.
+#[test]
+fn init_after_an_interrupted_init_drops_its_stray_slots() {
+    let env = Env::new();
+    let (other, _, _) = env.init();
+    let stray = fs::read_dir(other.join("keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let repo = env.path("second");
+    drop(
+        bkimg_format::store::LocalDir::open_or_create(&repo, "second", "2026-01-01T00:00:00Z")
+            .unwrap(),
+    );
+    fs::create_dir(repo.join("keys")).unwrap();
+    fs::copy(stray.path(), repo.join("keys").join(stray.file_name())).unwrap();
+    let pw = env.secret("pw-second", "second repository");
+    let mut init = vec!["key", "init", "--repo", p(&repo), "--password-file", p(&pw)];
+    init.extend(KDF);
+    env.ok(&init, &[]);
+    let listed = slots(&env, &repo);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_ne!(listed[0]["id"].as_str(), stray.file_name().to_str());
+    let k = env.path("k");
+    let mut add = vec!["key", "add", "--repo", p(&repo), "--password-file", p(&pw)];
+    add.extend(["--key-file-out", p(&k)]);
+    env.ok(&add, &[]);
+}

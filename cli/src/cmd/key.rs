@@ -217,6 +217,11 @@ fn init(args: InitArgs) -> Result<i32> {
         ))
         .into());
     }
+    // Slots of an earlier `key init` that was killed before it wrote the config wrap a
+    // master key that never became this repository's.
+    for (id, _) in store.key_slots()? {
+        store.delete_key_slot(&id)?;
+    }
     let master = Key::random();
     let keys = RepoKeys::derive(&master, &config.repository_id);
     let mode = match args.mode {

@@ -106,6 +106,16 @@ fn read_config(root: &Path, keys: bool) -> Result<RepoConfig> {
             "the encryption feature bit and the encryption member disagree",
         ));
     }
+    if value
+        .encryption
+        .as_ref()
+        .is_some_and(|e| e.mode == crate::keys::Mode::None)
+    {
+        return Err(FormatError::corrupt(
+            format!("repository config {}", config.display()),
+            "encryption mode \"none\" is written as no encryption member",
+        ));
+    }
     Ok(value)
 }
 
@@ -757,4 +767,82 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Key, RepoKeys};
+    use crate::keys::Mode;
+
+    /// Rewrites the config of repository "r" as `key init` would, or with the bit left out.
+    fn encrypt(root: &Path, mode: Mode, bit: bool) {
+        let keys = RepoKeys::derive(&Key::random(), "r");
+        let config = RepoConfig {
+            repository_id: "r".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            encryption: Some(Encryption::new(mode, &keys)),
+        };
+        let mut features = config.features();
+        if !bit {
+            features.incompat = 0;
+        }
+        let bytes = sealed::seal(&CONFIG_KIND, features, &config);
+        write_durably(&root.join(names::CONFIG), &bytes, &root.join("tmp")).unwrap();
+    }
+
+    #[test]
+    fn an_encrypted_repository_opens_only_for_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        drop(LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap());
+        encrypt(&root, Mode::Encrypted, true);
+        let e = LocalDir::open(&root).err().expect("refused");
+        assert!(matches!(e, FormatError::Unsupported { .. }), "{e}");
+        assert!(e.to_string().contains("bkimg key"), "{e}");
+        assert!(LocalDir::open_or_create(&root, "x", "y").is_err());
+        let (store, config) = LocalDir::open_for_keys(&root).unwrap();
+        assert_eq!(config.encryption.unwrap().mode, Mode::Encrypted);
+        // The key commands hold the repository alone.
+        drop(store);
+    }
+
+    #[test]
+    fn a_config_whose_bit_and_member_disagree_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        drop(LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap());
+        encrypt(&root, Mode::Encrypted, false);
+        assert!(matches!(
+            LocalDir::open(&root),
+            Err(FormatError::Corrupt { .. })
+        ));
+        encrypt(&root, Mode::None, true);
+        assert!(matches!(
+            LocalDir::open_for_keys(&root),
+            Err(FormatError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn slots_are_stored_listed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        drop(LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap());
+        let (store, _) = LocalDir::open_for_keys(&root).unwrap();
+        assert!(store.key_slots().unwrap().is_empty());
+        store.put_key_slot("00000000000000aa", b"one").unwrap();
+        store.put_key_slot("00000000000000bb", b"two").unwrap();
+        fs::write(root.join(names::KEYS).join("not-a-slot"), b"x").unwrap();
+        let ids: Vec<String> = store
+            .key_slots()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(ids, ["00000000000000aa", "00000000000000bb"]);
+        store.delete_key_slot("00000000000000aa").unwrap();
+        assert_eq!(store.key_slots().unwrap().len(), 1);
+        assert!(!store.has_points().unwrap());
+    }
 }
