@@ -2,7 +2,7 @@
 //! master key (spec/format.md §18). Capture, restore and the other commands do not read
 //! encrypted repositories yet; they refuse them as unsupported.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -543,9 +543,12 @@ fn new_passphrase(file: Option<&Path>) -> Result<Zeroizing<String>> {
     Ok(first)
 }
 
-/// Asks on the controlling terminal with echo off (restored afterwards, also on error).
+/// Asks on the controlling terminal with echo off. The terminal is read a byte at a time
+/// with signals off, so that Ctrl-C cancels (exit 130) with its settings restored rather
+/// than killing bkimg with echo still off.
 fn ask_secret(question: &str) -> Result<Zeroizing<String>> {
-    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg, SpecialCharacterIndices};
+    use std::io::Read;
     let tty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -559,19 +562,47 @@ fn ask_secret(question: &str) -> Result<Zeroizing<String>> {
         })?;
     let old = tcgetattr(&tty).context("reading the terminal's settings")?;
     let mut quiet = old.clone();
-    quiet.local_flags.remove(LocalFlags::ECHO);
-    quiet.local_flags.insert(LocalFlags::ECHONL);
+    quiet
+        .local_flags
+        .remove(LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG);
+    quiet.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+    quiet.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
     tcsetattr(&tty, SetArg::TCSAFLUSH, &quiet).context("turning the terminal's echo off")?;
     let answer = (|| {
         (&tty).write_all(question.as_bytes())?;
-        let mut line = Zeroizing::new(String::new());
-        std::io::BufReader::new(&tty).read_line(&mut line)?;
-        Ok::<_, std::io::Error>(Zeroizing::new(
-            line.trim_end_matches(['\n', '\r']).to_string(),
-        ))
+        let mut line = Zeroizing::new(Vec::new());
+        let mut byte = [0u8; 1];
+        loop {
+            if (&tty).read(&mut byte)? == 0 {
+                break;
+            }
+            match byte[0] {
+                b'\n' | b'\r' => break,
+                // Ctrl-C, or Ctrl-D on an empty line.
+                0x03 => return Ok(None),
+                0x04 if line.is_empty() => return Ok(None),
+                0x7f | 0x08 => {
+                    // Backspace removes one character (UTF-8 continuation bytes too).
+                    while let Some(b) = line.pop() {
+                        if b & 0xc0 != 0x80 {
+                            break;
+                        }
+                    }
+                }
+                0x15 => line.clear(), // Ctrl-U
+                b => line.push(b),
+            }
+        }
+        Ok::<_, std::io::Error>(Some(line))
     })();
     let _ = tcsetattr(&tty, SetArg::TCSAFLUSH, &old);
-    answer.context("reading the passphrase from the terminal")
+    let _ = (&tty).write_all(b"\n");
+    match answer.context("reading the passphrase from the terminal")? {
+        None => Err(anyhow::Error::new(exit::Interrupted).context("no passphrase given")),
+        Some(bytes) => Ok(Zeroizing::new(
+            String::from_utf8(bytes.to_vec()).context("the passphrase is not UTF-8")?,
+        )),
+    }
 }
 
 fn kdf_text(s: &Slot) -> String {
