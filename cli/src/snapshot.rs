@@ -2,7 +2,7 @@
 //! Store growth (`snapshot watch`) is the one a live capture uses, from
 //! `bkimg_capture::live`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -193,10 +193,37 @@ pub fn run(cmd: SnapshotCommand) -> Result<i32> {
             Ok(exit::OK)
         }
         SnapshotCommand::Destroy { id, store, common } => {
-            let control = Control::open()?;
-            control.destroy(id)?;
+            // A store outlives its snapshot when destroying failed, or across a reboot;
+            // it stays immutable until removed here. When the snapshot is already gone
+            // the store is removed only if no snapshot at all is live (one of them could
+            // be writing into it).
+            let gone = match Control::open() {
+                Ok(control) => match control.destroy(id) {
+                    Ok(()) => None,
+                    Err(e) if e.kind() == ErrorKind::NotFound && store.is_some() => {
+                        let live = control.snapshots()?;
+                        if !live.is_empty() {
+                            let path = store.as_deref().unwrap_or(Path::new("")).display();
+                            bail!(
+                                "{e}; snapshot(s) {live:?} are live and one may write into \
+                                 {path}: destroy them first (or, if sure none uses it, \
+                                 `chattr -i {path}` and remove it)"
+                            );
+                        }
+                        Some(format!("snapshot {id} no longer exists"))
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) if e.kind() == ErrorKind::NotLoaded && store.is_some() => {
+                    Some("the bksnap module is not loaded: no snapshot exists".to_string())
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(path) = &store {
                 StoreFile::open(path)?.remove()?;
+                if let Some(why) = &gone {
+                    eprintln!("bkimg: {why}; its store {} is removed", path.display());
+                }
             }
             if common.json {
                 out_json(&json!({ "id": id, "destroyed": true, "store_removed": store }));

@@ -645,7 +645,18 @@ t_immutable_store() {
     truncate -s 0 /repo/i.store 2>/dev/null
     [ "$(stat -c %s /repo/i.store)" = 16777216 ] || die "the store was truncated" || return 1
     bkimg snapshot destroy "$id" --store /repo/i.store >/dev/null || die "destroy" || return 1
-    [ ! -e /repo/i.store ] || die "destroy --store left the store"
+    [ ! -e /repo/i.store ] || die "destroy --store left the store" || return 1
+    # A store left behind by a snapshot already gone (destroyed without --store, or a
+    # reboot) is removed by destroy --store, unless another snapshot is live.
+    id=$(bkimg snapshot create /dev/vdb --store /repo/j.store --store-size 16M) || die "create j" || return 1
+    bkimg snapshot destroy "$id" >/dev/null || die "destroy j" || return 1
+    other=$(bkimg snapshot create /dev/vdc --store /repo/k.store --store-size 16M) || die "create k" || return 1
+    bkimg snapshot destroy "$id" --store /repo/j.store >/dev/null 2>/tmp/j.err && { die "removed with a snapshot live"; return 1; }
+    [ -f /repo/j.store ] || die "the store went while a snapshot was live" || return 1
+    log "refused: $(cat /tmp/j.err)"
+    bkimg snapshot destroy "$other" --store /repo/k.store >/dev/null || die "destroy k" || return 1
+    bkimg snapshot destroy "$id" --store /repo/j.store >/dev/null 2>/tmp/j.err || die "destroy --store of a gone snapshot: $(cat /tmp/j.err)" || return 1
+    [ ! -e /repo/j.store ] || die "the left-behind store is still there"
 }
 
 t_create_undo() {

@@ -524,11 +524,12 @@ impl Session {
                 // Still the kernel's: freeing its blocks would let it write into other
                 // files.
                 (self.log)(&format!(
-                    "warning: the store {} is kept, as snapshot {} may still write to it: \
-                     remove it once `bkimg snapshot destroy {}` has succeeded",
+                    "warning: the store {} is kept (immutable), as snapshot {} may still write \
+                     to it: release both with `bkimg snapshot destroy {} --store {}`",
                     self.shared.store_path.display(),
                     self.id,
-                    self.id
+                    self.id,
+                    self.shared.store_path.display()
                 ));
                 file.keep(true);
             } else if let Err(e) = file.remove() {

@@ -437,7 +437,9 @@ fn the_store_stays_while_the_snapshot_may_write_to_it() {
         log.contains("is kept") && log.contains("bkimg snapshot destroy 1"),
         "{log}"
     );
-    // Once destroyed for real, removing it is the user's to do; it is a plain file.
+    // Once destroyed for real, removing it is the user's to do (`snapshot destroy ID
+    // --store FILE`): it stays immutable until then where the filesystem has the flag.
     s.fake.refuse_destroy.store(false, Ordering::SeqCst);
-    std::fs::remove_file(&store).unwrap();
+    bkimg_kmod::remove_store_path(&store).unwrap();
+    assert!(!store.exists());
 }
