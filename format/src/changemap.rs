@@ -37,9 +37,11 @@ impl ChangeMap {
     /// Changed byte ranges, clipped to the device.
     pub fn byte_ranges(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
         let bs = u64::from(self.block_size);
-        self.ranges
-            .iter()
-            .map(move |&(first, count)| first * bs..((first + count) * bs).min(self.device_size))
+        // A valid range starts inside the device, so `first * bs` fits; its end need not
+        // (the last block of a device within a block of 2^64 bytes): clip, never wrap.
+        self.ranges.iter().map(move |&(first, count)| {
+            first * bs..(first + count).saturating_mul(bs).min(self.device_size)
+        })
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -168,5 +170,21 @@ mod tests {
             ..map
         };
         assert!(ChangeMap::decode(&overlapping.encode()).is_err());
+    }
+
+    #[test]
+    fn byte_ranges_of_a_device_near_2_pow_64_are_clipped_not_wrapped() {
+        // Found by the changemap fuzz target's harness: the last block's end overflowed.
+        let map = ChangeMap {
+            block_size: 512,
+            device_size: u64::MAX,
+            generation: [1; 16],
+            from_sequence: 0,
+            to_sequence: 1,
+            ranges: vec![((1 << 55) - 1, 1)],
+        };
+        let map = ChangeMap::decode(&map.encode()).unwrap();
+        let ranges: Vec<_> = map.byte_ranges().collect();
+        assert_eq!(ranges, vec![u64::MAX - 511..u64::MAX]);
     }
 }

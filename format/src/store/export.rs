@@ -84,9 +84,15 @@ impl ExportFile {
     }
 
     pub fn open(path: &Path) -> Result<ExportFile> {
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        ExportFile::from_file(path, file)
+    }
+
+    /// [`ExportFile::open`] on a file already open (any readable file: a memfd in the
+    /// fuzz tests); `path` names it in messages.
+    pub fn from_file(path: &Path, file: File) -> Result<ExportFile> {
         let what = format!("export file {}", path.display());
         let bad = |d: String| FormatError::corrupt(what.clone(), d);
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
         let size = file
             .metadata()
             .ctx(|| format!("reading {}", path.display()))?
