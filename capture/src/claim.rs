@@ -94,11 +94,26 @@ pub fn claim_offline(sources: &[PathBuf]) -> Result<Claim, InUse> {
     Ok(Claim { _held: held })
 }
 
+/// Opens a block device exclusively. `EBUSY` is retried for a few seconds: a holder can be
+/// on its way out (a filesystem just unmounted, a loop device being detached, a probe by
+/// udev), and refusing the capture for that would be wrong; a real mount stays busy.
 fn exclusive(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_EXCL)
-        .open(path)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(path);
+        match r {
+            Err(e)
+                if e.raw_os_error() == Some(nix::libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The process holding a lock that conflicts with reading the whole file consistently
