@@ -71,12 +71,45 @@ struct Work {
     parent: Option<Digest>,
 }
 
-/// Counters the workers share.
+/// Counters the workers share, and the chunks being stored right now.
 #[derive(Default)]
 struct Shared {
     stored_new: AtomicU64,
     chunks_new: AtomicU64,
     bytes_data: AtomicU64,
+    /// Digests a worker is encoding and storing (at most one per worker): a volume that
+    /// repeats itself hands the same new chunk to two workers at once, and only one may
+    /// store and count it.
+    storing: std::sync::Mutex<std::collections::HashSet<Digest>>,
+}
+
+/// A worker's claim on storing one chunk; released when dropped, after the chunk is in
+/// the store.
+struct Storing<'a> {
+    shared: &'a Shared,
+    digest: Digest,
+}
+
+impl Shared {
+    /// Claims `digest` for storing; `None` if another worker holds it.
+    fn claim(&self, digest: Digest) -> Option<Storing<'_>> {
+        let mut set = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(digest).then_some(Storing {
+            shared: self,
+            digest,
+        })
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        let mut set = self
+            .shared
+            .storing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.digest);
+    }
 }
 
 struct Done {
@@ -289,6 +322,14 @@ fn worker(
             }
             let digest = Digest::of_chunk(data);
             if digest.is_hole() || w.parent == Some(digest) || store.has_chunk(&digest)? {
+                return Ok(Done { seq: w.seq, digest });
+            }
+            // Another worker storing the same chunk: it is present once that one is done.
+            // A claim taken after the holder let go sees its stored file on the re-check.
+            let Some(_storing) = shared.claim(digest) else {
+                return Ok(Done { seq: w.seq, digest });
+            };
+            if store.has_chunk(&digest)? {
                 return Ok(Done { seq: w.seq, digest });
             }
             chunk::encode_into(data, digest, level, &mut blob)?;
