@@ -94,7 +94,12 @@ impl Shared {
     /// Claims `digest` for storing; `None` if another worker holds it.
     fn claim(&self, digest: Digest) -> Option<Storing<'_>> {
         let mut set = self.storing.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(digest).then_some(Storing {
+        // Built only when the claim is taken (a guard built and dropped here would lock
+        // the mutex held above, and release another worker's claim).
+        if !set.insert(digest) {
+            return None;
+        }
+        Some(Storing {
             shared: self,
             digest,
         })
@@ -369,4 +374,25 @@ fn collect(
         return Err(anyhow!("capture stopped after {next} of {count} chunks"));
     }
     index.finish().context("writing the volume index")
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    #[test]
+    fn one_worker_at_a_time_stores_a_digest() {
+        let shared = Shared::default();
+        let d = Digest::of_chunk(b"some chunk");
+        let first = shared.claim(d).expect("free");
+        // A second claim is refused, and refusing does not release the first.
+        assert!(shared.claim(d).is_none());
+        assert!(shared.claim(d).is_none());
+        let other = shared
+            .claim(Digest::of_chunk(b"another"))
+            .expect("another digest");
+        drop(other);
+        drop(first);
+        assert!(shared.claim(d).is_some(), "free again once stored");
+    }
 }
