@@ -539,10 +539,14 @@ mod tests {
         }
     }
 
-    /// A live capture's inputs: a recorded source name, maps in memory, and a last check
-    /// before the commit.
-    #[test]
-    fn recorded_names_maps_in_memory_and_the_commit_check() {
+    /// A 4 MiB patterned image and a new repository beside it, in a temporary directory.
+    fn image_and_repository() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Vec<u8>,
+        LocalDir,
+        Repository,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image");
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -550,6 +554,14 @@ mod tests {
         let root = dir.path().join("repo");
         let store = LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap();
         let repo = Repository::new(Box::new(LocalDir::open(&root).unwrap()));
+        (dir, image, data, store, repo)
+    }
+
+    /// A live capture's inputs: a recorded source name, maps in memory, and a last check
+    /// before the commit.
+    #[test]
+    fn recorded_names_maps_in_memory_and_the_commit_check() {
+        let (_dir, image, _data, store, repo) = image_and_repository();
 
         // Full: the map only records where tracking stands.
         let full = capture(
@@ -661,13 +673,7 @@ mod tests {
     /// whole, counts the chunk the (broken) tracker missed, and restarts the run.
     #[test]
     fn periodic_verification_reads_whole_and_counts_missed_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("image");
-        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&image, &data).unwrap();
-        let root = dir.path().join("repo");
-        let store = LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap();
-        let repo = Repository::new(Box::new(LocalDir::open(&root).unwrap()));
+        let (_dir, image, _data, store, repo) = image_and_repository();
         let write = |block: u64, byte: u8| {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

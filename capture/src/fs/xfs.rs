@@ -515,10 +515,12 @@ fn log_is_clean(vol: &Region, geo: &Geometry) -> Result<bool, Bail> {
     let Some(scan) = scan_log(vol, start, bbs)? else {
         return Ok(false);
     };
-    if ends_unmounted(vol, geo, start, bbs, &scan)? {
+    // The last record's header: both checks start from it.
+    let last = vol.read_vec(start + scan.last_header * BB, BB as usize)?;
+    if ends_unmounted(vol, geo, start, bbs, &scan, &last)? {
         return Ok(true);
     }
-    only_superblock_updates(vol, start, bbs, &scan)
+    only_superblock_updates(vol, start, bbs, &scan, &last)
 }
 
 fn ends_unmounted(
@@ -527,20 +529,20 @@ fn ends_unmounted(
     start: u64,
     bbs: u64,
     scan: &LogScan,
+    header: &[u8],
 ) -> Result<bool, Bail> {
-    let header = vol.read_vec(start + scan.last_header * BB, BB as usize)?;
-    let version = be32(&header, 8);
+    let version = be32(header, 8);
     if version != 1 && version != 2 {
         return Ok(false);
     }
-    let len = u64::from(be32(&header, 12));
-    let h_size = u64::from(be32(&header, 320));
+    let len = u64::from(be32(header, 12));
+    let h_size = u64::from(be32(header, 320));
     let header_bbs = if geo.logv2 && version == 2 && h_size > LOG_HEADER_CYCLE_SIZE {
         h_size.div_ceil(LOG_HEADER_CYCLE_SIZE)
     } else {
         1
     };
-    if len > bbs * BB || header_bbs > 8 || be32(&header, 40) != 1 {
+    if len > bbs * BB || header_bbs > 8 || be32(header, 40) != 1 {
         return Ok(false);
     }
     let after = (scan.last_header + header_bbs + len.div_ceil(BB)) % bbs;
@@ -599,9 +601,9 @@ fn only_superblock_updates(
     start: u64,
     bbs: u64,
     scan: &LogScan,
+    last: &[u8],
 ) -> Result<bool, Bail> {
-    let last = vol.read_vec(start + scan.last_header * BB, BB as usize)?;
-    let tail_lsn = be64(&last, REC_TAIL_LSN);
+    let tail_lsn = be64(last, REC_TAIL_LSN);
     let (tail_cycle, tail_block) = ((tail_lsn >> 32) as u32, tail_lsn & 0xFFFF_FFFF);
     if tail_block >= bbs {
         return Ok(false);
@@ -1108,8 +1110,11 @@ mod tests {
         let start = geo.byte_of(geo.log_ag, geo.log_agbno);
         let bbs = geo.log_blocks * geo.block_size / BB;
         let scan = scan_log(&vol, start, bbs).unwrap().expect("log scan");
+        let last = vol
+            .read_vec(start + scan.last_header * BB, BB as usize)
+            .unwrap();
         assert!(
-            !ends_unmounted(&vol, &geo, start, bbs, &scan).unwrap_or(false),
+            !ends_unmounted(&vol, &geo, start, bbs, &scan, &last).unwrap_or(false),
             "a frozen log has no unmount record (the test would prove nothing)"
         );
         let info = detect(&vol).unwrap().expect("detected");
