@@ -306,6 +306,7 @@ fn worker(
 ) {
     let mut blob = Vec::new();
     let mut buf = AlignedBuf::default();
+    let ids = store.chunk_ids();
     for w in rx {
         let result = (|| -> Result<Done> {
             region
@@ -325,7 +326,7 @@ fn worker(
             if !bkimg_format::digest::is_zero(data) {
                 shared.bytes_data.fetch_add(w.len as u64, Ordering::Relaxed);
             }
-            let digest = Digest::of_chunk(data);
+            let digest = ids.of(data);
             if digest.is_hole() || w.parent == Some(digest) || store.has_chunk(&digest)? {
                 return Ok(Done { seq: w.seq, digest });
             }

@@ -198,6 +198,7 @@ impl Retain for Prune<'_> {
                     &place,
                     &args.s3_settings(),
                     &policy,
+                    &crate::cmd::key::Unlock::default(),
                     false,
                     false,
                 );

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use bkimg_format::repo::Repository;
+use bkimg_format::store::LocalDir;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::Config;
@@ -173,20 +174,34 @@ fn out_json(value: &serde_json::Value) {
 /// credentials from the AWS chain: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...; then
 /// the config file's endpoint and region) or a standby host's, bkimg://HOST:PORT (with
 /// `standby`'s key and pinned fingerprint, `workers` requests in flight at most).
+///
+/// A protected local repository is unlocked with `unlock` (spec/format.md §18): the
+/// passphrase is asked for only when the repository is encrypted or signed.
 fn open_repository(
     location: &Path,
     standby: &standby::StandbyArgs,
+    unlock: &cmd::key::Unlock,
     workers: usize,
     config: &Config,
 ) -> Result<Repository> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
+            unlock.refuse_for("an S3 repository")?;
             s3cmd::open(url, &prune::s3_settings(None, &config.s3))
         }
         Some(url) if url.starts_with("bkimg://") => {
+            unlock.refuse_for("a standby host's repository")?;
             standby::open_reader(url, standby, workers.clamp(1, STANDBY_CONNECTIONS))
         }
-        _ => Ok(Repository::open(location)?),
+        _ if location.is_dir() => {
+            let (store, repo_config) = LocalDir::open_any(location)?;
+            let protection = cmd::key::protection(&store, &repo_config, unlock)?;
+            Ok(cmd::key::protected_repository(store, protection))
+        }
+        _ => {
+            unlock.refuse_for("an export file")?;
+            Ok(Repository::open(location)?)
+        }
     }
 }
 

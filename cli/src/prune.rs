@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use bkimg_format::prune::{self, Decision, Policy, PruneReport};
 use bkimg_format::repo::Repository;
-use bkimg_format::store::{LocalDir, StoreMaintain};
+use bkimg_format::store::{LocalDir, Protected, StoreMaintain};
 use bkimg_replicate::s3::{LockKind, S3Settings, S3Store};
 use bkimg_replicate::standby::replica;
 use clap::Args;
@@ -89,6 +89,8 @@ pub struct PruneArgs {
     pub endpoint: Option<String>,
     #[command(flatten)]
     pub keep: KeepArgs,
+    #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
     /// Say what would be deleted and delete nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -129,6 +131,7 @@ pub fn run(args: &PruneArgs) -> Result<i32> {
         args.repo.path(),
         &s3_settings(args.endpoint.as_deref(), &args.s3_config),
         &args.keep.policy(),
+        &args.unlock,
         args.dry_run,
         args.wait,
     )?;
@@ -146,11 +149,13 @@ pub fn prune_location(
     location: &std::path::Path,
     s3: &S3Settings,
     policy: &Policy,
+    unlock: &crate::cmd::key::Unlock,
     dry_run: bool,
     wait: bool,
 ) -> Result<(Vec<Decision>, PruneReport)> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
+            unlock.refuse_for("an S3 repository")?;
             let store = Arc::new(S3Store::open(url, s3)?);
             store.check_config()?;
             let _lock = store.lock(LockKind::Prune, wait)?;
@@ -158,11 +163,17 @@ pub fn prune_location(
             apply(store.clone(), policy, &[], dry_run)
         }
         _ => {
-            let store = Arc::new(LocalDir::open_exclusive(location, wait)?);
+            let (store, config) = LocalDir::open_exclusive_any(location, wait)?;
+            let protection = crate::cmd::key::protection(&store, &config, unlock)?;
             // On a standby: the points its replicas hold (or an interrupted apply names)
             // stay, so the next apply writes only changed chunks instead of whole disks.
             let held = replica_points(location)?;
-            apply(store, policy, &held, dry_run)
+            apply(
+                Arc::new(Protected::new(store, protection)),
+                policy,
+                &held,
+                dry_run,
+            )
         }
     }
 }

@@ -1,11 +1,14 @@
-//! Writes spec/vectors/crypto.json: derived keys, keyed chunk ids, envelopes, MACs and key
-//! slots from fixed keys, nonces and salts (spec/format.md §18). Deterministic.
+//! Writes spec/vectors/crypto.json: derived keys, keyed chunk ids, envelopes, segmented
+//! envelopes, MACs, MAC envelopes and key slots from fixed keys, nonces and salts (spec/format.md §18). Deterministic.
 //!
 //! `cargo run -p bkimg-format --example gen_crypto_vectors -- spec/vectors`
 
 use bkimg_format::crypto::{Aead, Key, ObjectKind, RepoKeys, ENVELOPE_HEADER_LEN};
 use bkimg_format::keys::{Argon2Params, Encryption, Mode, Secret, Slot};
+use bkimg_format::protect::{mac_seal, StreamSealer, SEGMENT_LEN, STREAM_HEADER_LEN};
+use bkimg_format::Digest;
 use serde_json::{json, Value};
+use std::io::Write;
 
 const REPO_ID: &str = "0b7ef2a4-1c3d-4e5f-8a9b-c0d1e2f3a4b5";
 
@@ -279,6 +282,82 @@ fn main() {
         }
     ]);
 
+    // Segmented envelopes (volume indexes, §18.4.1). Plaintext byte i is i mod 251;
+    // segment k's nonce is 12 bytes of (0x30 + k). Large ones are given by length and the
+    // SHA-256 of the sealed bytes.
+    let stream_plain = |n: usize| -> Vec<u8> { (0..n).map(|i| (i % 251) as u8).collect() };
+    let stream_nonce = |k: u64| [0x30u8.wrapping_add(k as u8); 12];
+    let seal_stream = |aead: Aead, name: &str, plain: &[u8]| -> Vec<u8> {
+        let mut s = StreamSealer::new(&keys, aead, ObjectKind::Index, name.into(), Vec::new())
+            .with_fixed_nonces(stream_nonce);
+        s.write_all(plain).unwrap();
+        s.finish().unwrap()
+    };
+    let index_name = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let mut streams = Vec::new();
+    for (aead, len) in [
+        (Aead::Aes256Gcm, 0usize),
+        (Aead::ChaCha20Poly1305, 300),
+        (Aead::Aes256Gcm, SEGMENT_LEN),
+        (Aead::ChaCha20Poly1305, SEGMENT_LEN + 5),
+    ] {
+        let plain = stream_plain(len);
+        let sealed = seal_stream(aead, index_name, &plain);
+        let mut v = json!({
+            "name": format!("index-{}-{len}", aead.name()),
+            "aead": aead.name(),
+            "kind": "index",
+            "object_name": index_name,
+            "plaintext_len": len,
+            "segments": len.div_ceil(SEGMENT_LEN).max(1),
+            "sealed_len": sealed.len(),
+            "sealed_sha256": Digest::of_bytes(&sealed).to_hex(),
+        });
+        if sealed.len() <= 1024 {
+            v["sealed_hex"] = hex::encode(&sealed).into();
+        }
+        streams.push(v);
+    }
+    // Invalid: the two-segment stream cut after its first segment (sealed as not last).
+    let two = seal_stream(
+        Aead::ChaCha20Poly1305,
+        index_name,
+        &stream_plain(SEGMENT_LEN + 5),
+    );
+    let cut = &two[..STREAM_HEADER_LEN + 12 + SEGMENT_LEN + 16];
+    let invalid_streams = json!([{
+        "name": "cut-at-a-segment-boundary",
+        "description": "the two-segment ChaCha20-Poly1305 stream above without its last segment",
+        "object_name": index_name,
+        "sealed_len": cut.len(),
+        "sealed_sha256": Digest::of_bytes(cut).to_hex(),
+        "error": "corrupt",
+    }]);
+
+    // MAC envelopes (signed mode, §18.7).
+    let mac_envelopes: Vec<Value> = [
+        (
+            ObjectKind::Manifest,
+            "20260102T030405Z-abcdef",
+            b"{}\n".to_vec(),
+        ),
+        (
+            ObjectKind::PruneRecord,
+            "20260102T030405Z-abcdef",
+            b"[]\n".to_vec(),
+        ),
+    ]
+    .into_iter()
+    .map(|(kind, name, content)| {
+        json!({
+            "kind": kind_name(kind),
+            "object_name": name,
+            "content_hex": hex::encode(&content),
+            "sealed_hex": hex::encode(mac_seal(&keys, kind, name, &content)),
+        })
+    })
+    .collect();
+
     let doc = json!({
         "vectors": "encryption and authentication: derived keys, keyed chunk ids, AEAD envelopes, MACs, key slots",
         "format": "bkimg v1 (spec/format.md §18)",
@@ -296,6 +375,9 @@ fn main() {
         "valid": envelopes,
         "invalid": invalid,
         "macs": macs,
+        "streams": streams,
+        "invalid_streams": invalid_streams,
+        "mac_envelopes": mac_envelopes,
         "slots": slots,
     });
     let path = std::path::Path::new(&dir).join("crypto.json");

@@ -472,7 +472,13 @@ fn chunks() -> Res<Value> {
         let blob = hex::decode(v["blob_hex"].as_str().unwrap())?;
         let d = Digest::from_hex(v["lookup_digest"].as_str().unwrap()).unwrap();
         assert!(
-            chunk::decode_into(&blob, &d, &mut Vec::new()).is_err(),
+            chunk::decode_into(
+                &blob,
+                &d,
+                &bkimg_format::protect::ChunkIds::Sha256,
+                &mut Vec::new()
+            )
+            .is_err(),
             "{v}"
         );
     }

@@ -4,6 +4,7 @@ use std::cell::RefCell;
 
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
+use crate::protect::ChunkIds;
 use crate::{magic, MAX_CHUNK_SIZE};
 
 pub const HEADER_LEN: usize = 64;
@@ -139,11 +140,16 @@ pub fn encode_into(plain: &[u8], digest: Digest, level: i32, blob: &mut Vec<u8>)
 
 /// Decodes a blob into `out` (cleared first) and checks the plaintext against both the
 /// digest in the header and `expected`, the digest it was looked up by.
-pub fn decode_into(blob: &[u8], expected: &Digest, out: &mut Vec<u8>) -> Result<()> {
+pub fn decode_into(
+    blob: &[u8],
+    expected: &Digest,
+    ids: &ChunkIds,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let len = plain_len(blob, expected)?;
     out.clear();
     out.resize(len, 0);
-    decode_to(blob, expected, out)
+    decode_to(blob, expected, ids, out)
 }
 
 /// The plain length a chunk blob declares, after checking its header against `expected`
@@ -153,8 +159,8 @@ pub fn plain_len(blob: &[u8], expected: &Digest) -> Result<usize> {
 }
 
 /// Decodes a chunk blob into `out`, which must be exactly [`plain_len`] bytes, and checks
-/// the result against `expected`.
-pub fn decode_to(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<()> {
+/// the result against `expected`, computed as `ids` says.
+pub fn decode_to(blob: &[u8], expected: &Digest, ids: &ChunkIds, out: &mut [u8]) -> Result<()> {
     let what = || format!("chunk {expected}");
     let header = checked_header(blob, expected)?;
     if out.len() != header.plain_len as usize {
@@ -204,10 +210,10 @@ pub fn decode_to(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<()> {
             }
         }
     }
-    if Digest::of_bytes(out) != *expected {
+    if ids.of_stored(out) != *expected {
         return Err(FormatError::corrupt(
             what(),
-            "content does not match its SHA-256 digest",
+            format!("content does not match its {}", ids.name()),
         ));
     }
     Ok(())
@@ -259,7 +265,7 @@ mod tests {
         let d = Digest::of_chunk(plain);
         let blob = encode(plain, d, level).unwrap();
         let mut out = Vec::new();
-        decode_into(&blob, &d, &mut out).unwrap();
+        decode_into(&blob, &d, &ChunkIds::Sha256, &mut out).unwrap();
         assert_eq!(out, plain);
         blob
     }
@@ -295,10 +301,10 @@ mod tests {
             let mut bad = blob.clone();
             bad[i] ^= 0x40;
             assert!(
-                decode_into(&bad, &d, &mut out).is_err(),
+                decode_into(&bad, &d, &ChunkIds::Sha256, &mut out).is_err(),
                 "flip at {i} accepted"
             );
         }
-        assert!(decode_into(&blob[..blob.len() - 1], &d, &mut out).is_err());
+        assert!(decode_into(&blob[..blob.len() - 1], &d, &ChunkIds::Sha256, &mut out).is_err());
     }
 }

@@ -129,7 +129,13 @@ impl Aead {
         }
     }
 
-    fn seal(self, key: &Key, nonce: &[u8; NONCE_LEN], msg: &[u8], aad: &[u8]) -> Vec<u8> {
+    pub(crate) fn seal(
+        self,
+        key: &Key,
+        nonce: &[u8; NONCE_LEN],
+        msg: &[u8],
+        aad: &[u8],
+    ) -> Vec<u8> {
         let payload = Payload { msg, aad };
         match self {
             Aead::Aes256Gcm => Aes256Gcm::new((&key.0).into())
@@ -141,7 +147,13 @@ impl Aead {
         }
     }
 
-    fn open(self, key: &Key, nonce: &[u8; NONCE_LEN], ct: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn open(
+        self,
+        key: &Key,
+        nonce: &[u8; NONCE_LEN],
+        ct: &[u8],
+        aad: &[u8],
+    ) -> Option<Vec<u8>> {
         let payload = Payload { msg: ct, aad };
         match self {
             Aead::Aes256Gcm => Aes256Gcm::new((&key.0).into())
@@ -168,6 +180,12 @@ fn aes_hardware() -> bool {
 #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
 fn aes_hardware() -> bool {
     false
+}
+
+/// Whether `bytes` start like an envelope of `kind`: a cheap check that an object is
+/// present and whole enough to try; only opening it authenticates it.
+pub fn is_envelope_of(bytes: &[u8], kind: ObjectKind) -> bool {
+    bytes.len() >= ENVELOPE_HEADER_LEN && bytes[..8] == magic::ENVELOPE && bytes[9] == kind.byte()
 }
 
 /// Kinds of stored objects, bound into every envelope and MAC.
@@ -251,10 +269,16 @@ impl RepoKeys {
         if plain.iter().all(|&b| b == 0) {
             return Digest::HOLE;
         }
-        let id = Digest(hmac(&self.chunk_id, &[plain]));
+        let id = self.chunk_mac(plain);
         // Probability 2^-256; a writer must not store a non-zero chunk as a hole.
         assert!(!id.is_hole(), "HMAC-SHA256 produced the reserved hole id");
         id
+    }
+
+    /// HMAC-SHA256 of a stored chunk's plaintext, what its id must be (no hole rule: a
+    /// stored chunk is never a hole).
+    pub fn chunk_mac(&self, plain: &[u8]) -> Digest {
+        Digest(hmac(&self.chunk_id, &[plain]))
     }
 
     /// Published in the repository config: tells a key that unwraps from some slot but

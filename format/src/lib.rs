@@ -18,6 +18,7 @@ pub mod loopdev;
 pub mod magic;
 pub mod manifest;
 pub mod progress;
+pub mod protect;
 pub mod prune;
 pub mod record;
 pub mod repo;

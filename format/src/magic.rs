@@ -13,9 +13,11 @@ pub const EXPORT_TAIL: [u8; 8] = [0xec, 0xd5, 0x21, 0x50, 0x77, 0x25, 0xe6, 0x58
 pub const PRUNE_RECORD: [u8; 8] = [0xc8, 0x46, 0x91, 0x3c, 0x96, 0x30, 0xd5, 0x59]; // "bkimg prune record v1"
 pub const ENVELOPE: [u8; 8] = [0x83, 0xd0, 0xc4, 0xaa, 0x9c, 0x51, 0x4e, 0x7c]; // "bkimg envelope v1"
 pub const KEY_SLOT: [u8; 8] = [0x61, 0x39, 0x8e, 0xa2, 0x82, 0x96, 0x38, 0x72]; // "bkimg key slot v1"
+pub const ENVELOPE_STREAM: [u8; 8] = [0x6f, 0x53, 0x4f, 0xaf, 0xa8, 0xef, 0xc6, 0x8f]; // "bkimg envelope stream v1"
+pub const MAC_ENVELOPE: [u8; 8] = [0x71, 0x5a, 0x1a, 0x84, 0x3f, 0x46, 0x5d, 0xe9]; // "bkimg mac envelope v1"
 
 /// The strings each magic number is derived from, in the order of the constants above.
-pub const SOURCES: [(&str, [u8; 8]); 10] = [
+pub const SOURCES: [(&str, [u8; 8]); 12] = [
     ("bkimg chunk v1", CHUNK),
     ("bkimg index v1", INDEX),
     ("bkimg manifest v1", MANIFEST),
@@ -26,6 +28,8 @@ pub const SOURCES: [(&str, [u8; 8]); 10] = [
     ("bkimg prune record v1", PRUNE_RECORD),
     ("bkimg envelope v1", ENVELOPE),
     ("bkimg key slot v1", KEY_SLOT),
+    ("bkimg envelope stream v1", ENVELOPE_STREAM),
+    ("bkimg mac envelope v1", MAC_ENVELOPE),
 ];
 
 #[cfg(test)]

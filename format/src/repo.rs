@@ -8,7 +8,9 @@ use crate::chunk;
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
 use crate::index::{self, EntryReader, IndexHeader};
+use crate::keys::Mode;
 use crate::manifest::{Manifest, ParentRef};
+use crate::protect::ChunkIds;
 use crate::record::PruneRecord;
 use crate::store::export::{ExportWriter, ObjectKind};
 use crate::store::{ExportFile, LocalDir, StoreRead};
@@ -65,6 +67,16 @@ impl Repository {
 
     pub fn location(&self) -> String {
         self.store.location()
+    }
+
+    /// How this repository's chunk ids are computed (keyed when it is encrypted).
+    pub fn chunk_ids(&self) -> ChunkIds {
+        self.store.chunk_ids()
+    }
+
+    /// How this repository protects its objects.
+    pub fn protection(&self) -> Mode {
+        self.store.protection()
     }
 
     /// Loads and checks one manifest.
@@ -255,7 +267,7 @@ impl Repository {
     /// Reads, decompresses and checks one chunk. `blob` is scratch space.
     pub fn chunk(&self, digest: &Digest, blob: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         self.store.read_chunk(digest, blob)?;
-        chunk::decode_into(blob, digest, out)
+        chunk::decode_into(blob, digest, &self.store.chunk_ids(), out)
     }
 
     /// Writes `point` and everything it needs as one self-contained export file. Indexes
@@ -270,6 +282,7 @@ impl Repository {
         let io = |e| FormatError::io("writing the export file", e);
         let mut w = ExportWriter::new(out).map_err(io)?;
         let (mut blob, mut plain, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+        let ids = self.store.chunk_ids();
         for (_, _, index) in point.manifest.indexes() {
             let Some(index) = index else { continue };
             let mut entries = self.index(&index)?;
@@ -283,7 +296,7 @@ impl Repository {
                     }
                     self.store.read_chunk(d, &mut blob)?;
                     // Check before copying: an export must not carry damage silently.
-                    chunk::decode_into(&blob, d, &mut plain)?;
+                    chunk::decode_into(&blob, d, &ids, &mut plain)?;
                     w.add(ObjectKind::Chunk, *d, &blob).map_err(io)?;
                     progress(plain.len() as u64);
                 }

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use bkimg_format::crypto::{Aead, Key, ObjectKind, RepoKeys};
 use bkimg_format::keys::{self, Encryption, Mode, Secret, Slot};
-use bkimg_format::FormatError;
+use bkimg_format::protect::{mac_open, mac_seal, StreamOpener, StreamSealer, SEGMENT_LEN};
+use bkimg_format::{Digest, FormatError};
 use serde_json::Value;
+use std::io::{Read, Write};
 
 fn vectors() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors/crypto.json");
@@ -115,6 +117,83 @@ fn macs() {
         );
         keys.verify_mac(k, name, &content, &unhex(&m["mac"]))
             .unwrap();
+    }
+}
+
+fn stream_plain(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+fn reseal_stream(keys: &RepoKeys, aead: &str, name: &str, plain: &[u8]) -> Vec<u8> {
+    let aead = match aead {
+        "aes-256-gcm" => Aead::Aes256Gcm,
+        _ => Aead::ChaCha20Poly1305,
+    };
+    let mut s = StreamSealer::new(keys, aead, ObjectKind::Index, name.into(), Vec::new())
+        .with_fixed_nonces(|k| [0x30u8.wrapping_add(k as u8); 12]);
+    s.write_all(plain).unwrap();
+    s.finish().unwrap()
+}
+
+#[test]
+fn segmented_envelopes_reseal_to_the_same_bytes_and_open() {
+    let v = vectors();
+    let (_, keys) = repo_keys(&v);
+    let keys = std::sync::Arc::new(keys);
+    for e in v["streams"].as_array().unwrap() {
+        let name = e["object_name"].as_str().unwrap();
+        let plain = stream_plain(e["plaintext_len"].as_u64().unwrap() as usize);
+        let sealed = reseal_stream(&keys, e["aead"].as_str().unwrap(), name, &plain);
+        assert_eq!(sealed.len() as u64, e["sealed_len"].as_u64().unwrap());
+        assert_eq!(
+            Digest::of_bytes(&sealed).to_hex(),
+            e["sealed_sha256"].as_str().unwrap()
+        );
+        if let Some(hex) = e.get("sealed_hex") {
+            assert_eq!(hex::encode(&sealed), hex.as_str().unwrap());
+        }
+        let mut r = StreamOpener::new(&keys, ObjectKind::Index, name.into(), &sealed[..]).unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, plain, "{}", e["name"]);
+    }
+    for e in v["invalid_streams"].as_array().unwrap() {
+        let name = e["object_name"].as_str().unwrap();
+        let whole = reseal_stream(
+            &keys,
+            "chacha20-poly1305",
+            name,
+            &stream_plain(SEGMENT_LEN + 5),
+        );
+        let cut = &whole[..e["sealed_len"].as_u64().unwrap() as usize];
+        assert_eq!(
+            Digest::of_bytes(cut).to_hex(),
+            e["sealed_sha256"].as_str().unwrap()
+        );
+        let opened =
+            StreamOpener::new(&keys, ObjectKind::Index, name.into(), cut).and_then(|mut r| {
+                let mut out = Vec::new();
+                r.read_to_end(&mut out)
+                    .map_err(|e| FormatError::corrupt("stream", e.to_string()))
+            });
+        assert!(
+            matches!(opened, Err(FormatError::Corrupt { .. })),
+            "{}",
+            e["name"]
+        );
+    }
+}
+
+#[test]
+fn mac_envelopes() {
+    let v = vectors();
+    let (_, keys) = repo_keys(&v);
+    for m in v["mac_envelopes"].as_array().unwrap() {
+        let (k, name) = (kind(&m["kind"]), m["object_name"].as_str().unwrap());
+        let content = unhex(&m["content_hex"]);
+        let sealed = mac_seal(&keys, k, name, &content);
+        assert_eq!(hex::encode(&sealed), m["sealed_hex"].as_str().unwrap());
+        assert_eq!(mac_open(&keys, k, name, &sealed).unwrap(), content);
     }
 }
 

@@ -80,20 +80,39 @@ pub fn chunk(data: &[u8]) {
     );
     assert!(header.plain_len <= MAX_CHUNK_SIZE && header.stored_len <= header.plain_len);
     let mut out = Vec::new();
-    if chunk::decode_into(data, &header.digest, &mut out).is_ok() {
+    if chunk::decode_into(
+        data,
+        &header.digest,
+        &bkimg_format::protect::ChunkIds::Sha256,
+        &mut out,
+    )
+    .is_ok()
+    {
         assert_eq!(out.len(), header.plain_len as usize);
         assert_eq!(Digest::of_bytes(&out), header.digest);
         assert_eq!(data.len() as u64, header.blob_len());
         // Re-encoding gives a blob that decodes to the same bytes.
         let again = chunk::encode(&out, header.digest, 1).expect("encode");
         let mut back = Vec::new();
-        chunk::decode_into(&again, &header.digest, &mut back).expect("re-encoded chunk");
+        chunk::decode_into(
+            &again,
+            &header.digest,
+            &bkimg_format::protect::ChunkIds::Sha256,
+            &mut back,
+        )
+        .expect("re-encoded chunk");
         assert_eq!(back, out);
     }
     // A digest other than the header's is always refused.
     let other = Digest(sha256(data));
     if other != header.digest {
-        assert!(chunk::decode_into(data, &other, &mut out).is_err());
+        assert!(chunk::decode_into(
+            data,
+            &other,
+            &bkimg_format::protect::ChunkIds::Sha256,
+            &mut out
+        )
+        .is_err());
     }
 }
 

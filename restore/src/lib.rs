@@ -364,6 +364,7 @@ fn restore_volume(
             let (written, verified) = (&written, &verified);
             handles.push(s.spawn(move || -> Result<()> {
                 let (mut blob, mut plain) = (Vec::new(), AlignedBuf::default());
+                let ids = repo.chunk_ids();
                 for (offset, len, digest) in rx {
                     repo.store().read_chunk(&digest, &mut blob)?;
                     let n = chunk::plain_len(&blob, &digest)?;
@@ -375,7 +376,7 @@ fn restore_volume(
                         .into());
                     }
                     plain.prepare(n);
-                    chunk::decode_to(&blob, &digest, plain.data_mut())?;
+                    chunk::decode_to(&blob, &digest, &ids, plain.data_mut())?;
                     let plain = plain.data();
                     target.write_at(plain, base + offset).with_context(|| {
                         format!(

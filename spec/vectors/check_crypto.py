@@ -65,6 +65,63 @@ def open_envelope(keys, kind, name, sealed):
         raise Refused("corrupt")
 
 
+STREAM_MAGIC = hashlib.sha256(b"bkimg envelope stream v1").digest()[:8]
+MAC_MAGIC = hashlib.sha256(b"bkimg mac envelope v1").digest()[:8]
+SEGMENT = 1 << 20
+
+
+def open_stream(keys, kind, name, sealed):
+    """§18.4.1: header, then segments of nonce || ciphertext || tag."""
+    header = sealed[:12]
+    if len(header) < 12 or header[:8] != STREAM_MAGIC:
+        raise Refused("corrupt")
+    if header[8] not in AEADS:
+        raise Refused("unsupported")
+    if header[9] != kind or header[10] != 0:
+        raise Refused("corrupt")
+    if header[11] != 20:
+        raise Refused("unsupported")
+    aead = AEADS[header[8]](object_key(keys, header[8], kind, name))
+    rest, out, k = sealed[12:], b"", 0
+    while True:
+        seg = rest[:12 + SEGMENT + 16]
+        rest = rest[len(seg):]
+        last = len(rest) == 0
+        if len(seg) < 28:
+            raise Refused("corrupt")
+        ad = header + struct.pack("<Q", k) + bytes([last]) + name.encode()
+        try:
+            out += aead.decrypt(seg[:12], seg[12:], ad)
+        except InvalidTag:
+            raise Refused("corrupt")
+        if last:
+            return out
+        k += 1
+
+
+def seal_stream(keys, alg, kind, name, plain):
+    """As a writer would with the vectors' fixed nonces (segment k: 12 bytes of 0x30 + k)."""
+    header = STREAM_MAGIC + bytes([alg, kind, 0, 20])
+    aead = AEADS[alg](object_key(keys, alg, kind, name))
+    parts = [plain[i:i + SEGMENT] for i in range(0, len(plain), SEGMENT)] or [b""]
+    out = header
+    for k, part in enumerate(parts):
+        nonce = bytes([(0x30 + k) % 256]) * 12
+        ad = header + struct.pack("<Q", k) + bytes([k == len(parts) - 1]) + name.encode()
+        out += nonce + aead.encrypt(nonce, part, ad)
+    return out
+
+
+def open_mac_envelope(keys, kind, name, sealed):
+    if len(sealed) < 44 or sealed[:8] != MAC_MAGIC or sealed[8] != kind or sealed[9:12] != b"\0\0\0":
+        raise Refused("corrupt")
+    content, tag = sealed[12:-32], sealed[-32:]
+    msg = b"bkimg object mac v1" + bytes([kind]) + struct.pack("<I", len(name)) + name.encode() + content
+    if not hmac.compare_digest(hmac.new(keys["mac_key"], msg, hashlib.sha256).digest(), tag):
+        raise Refused("corrupt")
+    return content
+
+
 def sealed_body(doc):
     assert doc[:8] == SLOT_MAGIC and struct.unpack_from("<I", doc, 8)[0] == 1
     (length,) = struct.unpack_from("<Q", doc, 24)
@@ -120,6 +177,28 @@ def main():
         msg = (b"bkimg object mac v1" + bytes([KINDS[m["kind"]]]) + struct.pack("<I", len(name))
                + name + bytes.fromhex(m["content_hex"]))
         assert hmac.new(keys["mac_key"], msg, hashlib.sha256).hexdigest() == m["mac"]
+    for e in v["streams"]:
+        plain = bytes(i % 251 for i in range(e["plaintext_len"]))
+        alg = {"aes-256-gcm": 1, "chacha20-poly1305": 2}[e["aead"]]
+        sealed = seal_stream(keys, alg, KINDS[e["kind"]], e["object_name"], plain)
+        assert len(sealed) == e["sealed_len"], e["name"]
+        assert hashlib.sha256(sealed).hexdigest() == e["sealed_sha256"], e["name"]
+        if "sealed_hex" in e:
+            assert sealed.hex() == e["sealed_hex"], e["name"]
+        assert open_stream(keys, KINDS[e["kind"]], e["object_name"], sealed) == plain, e["name"]
+    for e in v["invalid_streams"]:
+        plain = bytes(i % 251 for i in range(SEGMENT + 5))
+        cut = seal_stream(keys, 2, KINDS["index"], e["object_name"], plain)[:e["sealed_len"]]
+        assert hashlib.sha256(cut).hexdigest() == e["sealed_sha256"], e["name"]
+        try:
+            open_stream(keys, KINDS["index"], e["object_name"], cut)
+            raise AssertionError(e["name"] + " was accepted")
+        except Refused as r:
+            assert r.cls == e["error"], (e["name"], r.cls)
+    for m in v["mac_envelopes"]:
+        sealed = bytes.fromhex(m["sealed_hex"])
+        content = open_mac_envelope(keys, KINDS[m["kind"]], m["object_name"], sealed)
+        assert content.hex() == m["content_hex"]
     for s in v["slots"]:
         body = sealed_body(bytes.fromhex(s["document_hex"]))
         assert body == s["body"]

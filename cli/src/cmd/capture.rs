@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use bkimg_capture::claim::Consistency;
 use bkimg_capture::{CaptureOptions, ChangeSource};
-use bkimg_format::repo::Repository;
-use bkimg_format::store::LocalDir;
+use bkimg_format::store::{LocalDir, Protected};
 use clap::Args;
 use indicatif::HumanBytes;
 use serde_json::json;
@@ -62,6 +61,8 @@ pub struct CaptureArgs {
     #[command(flatten)]
     pub live: live::LiveArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -79,6 +80,7 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
         threads,
         allow_inconsistent,
         live,
+        unlock,
         common,
     } = args;
     let repo = repo.path();
@@ -121,8 +123,12 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
         Consistency::Offline
     };
     let (id, created) = bkimg_capture::new_point_id()?;
-    let store = LocalDir::open_or_create(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
-    let reader = Repository::new(Box::new(LocalDir::open(repo)?));
+    unlock.refuse_new_repository(repo)?;
+    let (store, repo_config) =
+        LocalDir::open_or_create_any(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
+    let protection = crate::cmd::key::protection(&store, &repo_config, &unlock)?;
+    let store = Protected::new(store, protection.clone());
+    let reader = crate::cmd::key::protected_repository(LocalDir::open_any(repo)?.0, protection);
     let parent_point = match &parent {
         Some(p) => Some(reader.resolve(p).context("the --parent restore point")?),
         None => None,

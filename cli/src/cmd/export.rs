@@ -24,6 +24,8 @@ pub struct ExportArgs {
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -33,9 +35,10 @@ pub fn run(args: ExportArgs, config: &Config) -> Result<i32> {
         id,
         output,
         standby,
+        unlock,
         common,
     } = args;
-    let repo = open_repository(repo.path(), &standby, 1, config)?;
+    let repo = open_repository(repo.path(), &standby, &unlock, 1, config)?;
     let point = repo.resolve(&id)?;
     export(&repo, &point, &output, common.quiet || common.json)?;
     if common.json {

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::config::{Config, RepoArgs};
 use crate::{exit, open_repository, out, out_json, Common};
+use bkimg_format::keys::Mode;
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -19,6 +20,8 @@ pub struct InfoArgs {
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -27,18 +30,37 @@ pub fn run(args: InfoArgs, config: &Config) -> Result<i32> {
         repo,
         id,
         standby,
+        unlock,
         common,
     } = args;
-    let repo = open_repository(repo.path(), &standby, 1, config)?;
+    let repo = open_repository(repo.path(), &standby, &unlock, 1, config)?;
     let point = repo.resolve(&id)?;
     if common.json {
         let mut v = point_summary(&point);
+        v["protection"] = protection_name(repo.protection()).into();
         v["manifest"] = serde_json::to_value(&point.manifest)?;
         out_json(&v);
     } else {
         print_info(&point.manifest, &point);
+        out(&format!(
+            "  protection {}",
+            match repo.protection() {
+                Mode::None => "none (plaintext, unauthenticated)",
+                Mode::Encrypted => "encrypted and authenticated",
+                Mode::Signed => "signed (plaintext, authenticated)",
+            }
+        ));
     }
     Ok(exit::OK)
+}
+
+/// The JSON name of a repository's protection (spec/format.md §18.1).
+pub fn protection_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::None => "none",
+        Mode::Encrypted => "encrypted",
+        Mode::Signed => "signed",
+    }
 }
 
 pub fn point_summary(p: &Point) -> serde_json::Value {

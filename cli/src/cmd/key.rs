@@ -1,6 +1,6 @@
 //! `bkimg key`: make a repository encrypted and manage the key slots that unlock its
-//! master key (spec/format.md §18). Capture, restore and the other commands do not read
-//! encrypted repositories yet; they refuse them as unsupported.
+//! master key (spec/format.md §18); and the unlocking every command that reads or writes a
+//! protected local repository goes through ([`protection`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use bkimg_format::crypto::{Key, RepoKeys};
 use bkimg_format::keys::{self, Argon2Params, Encryption, Mode, Secret, Slot};
-use bkimg_format::store::LocalDir;
+use bkimg_format::protect::Protection;
+use bkimg_format::repo::Repository;
+use bkimg_format::store::{LocalDir, Protected};
 use bkimg_format::FormatError;
 use clap::{Args, Subcommand, ValueEnum};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::config::{Config, RepoArgs};
@@ -33,7 +36,7 @@ pub enum KeyCommand {
 }
 
 /// How to unlock the repository's key.
-#[derive(Args)]
+#[derive(Args, Default)]
 pub struct Unlock {
     /// Read the passphrase from FILE (its first line) instead of asking on the terminal.
     #[arg(long, env = "BKIMG_PASSWORD_FILE", value_name = "FILE")]
@@ -46,6 +49,82 @@ pub struct Unlock {
         conflicts_with = "password_file"
     )]
     pub key_file: Option<PathBuf>,
+}
+
+impl Unlock {
+    fn given(&self) -> Option<String> {
+        match (&self.key_file, &self.password_file) {
+            (Some(k), _) => Some(format!("key file {}", k.display())),
+            (None, Some(p)) => Some(format!("password file {}", p.display())),
+            (None, None) => None,
+        }
+    }
+
+    /// Refuses to create a repository when a key was given: it would be unprotected.
+    pub fn refuse_new_repository(&self, root: &Path) -> Result<()> {
+        match self.given() {
+            Some(key) if !LocalDir::is_repository(root) => Err(Refused(format!(
+                "{} is not a repository yet and a key was given ({key}): make it encrypted \
+                 first with `bkimg key init --repo {}`, or capture without the key for an \
+                 unprotected one",
+                root.display(),
+                root.display()
+            ))
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a key given for a repository that cannot use one (yet).
+    pub fn refuse_for(&self, what: &str) -> Result<()> {
+        match self.given() {
+            Some(key) => Err(Refused(format!(
+                "a key was given ({key}, or BKIMG_KEY_FILE / BKIMG_PASSWORD_FILE) for {what}, \
+                 which bkimg reads only unprotected so far: unset it to read the repository \
+                 as it is"
+            ))
+            .into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How a local repository's objects are protected, its keys unlocked with `how` when it is
+/// encrypted or signed (the passphrase is asked for only then).
+///
+/// A key given for a repository that is neither is refused: a repository that should be
+/// protected may have been replaced by an unprotected one carrying someone else's restore
+/// points.
+pub fn protection(
+    store: &LocalDir,
+    config: &bkimg_format::store::local::RepoConfig,
+    how: &Unlock,
+) -> Result<Arc<Protection>> {
+    let Some(enc) = &config.encryption else {
+        if let Some(key) = how.given() {
+            return Err(FormatError::Denied(format!(
+                "{} is neither encrypted nor signed, but a key was given ({key}, or \
+                 BKIMG_KEY_FILE / BKIMG_PASSWORD_FILE): if it should be protected it may have \
+                 been replaced; otherwise unset the key to read it as it is",
+                store.root().display()
+            ))
+            .into());
+        }
+        return Ok(Arc::new(Protection::none()));
+    };
+    let slots = slots(store, config)?;
+    let (master, _) = unlock(config, &slots, how)?;
+    let keys = enc.keys(&master, &config.repository_id)?;
+    Ok(Arc::new(Protection::new(enc, keys)))
+}
+
+/// A repository read through its protection (directly when it has none).
+pub fn protected_repository(store: LocalDir, protection: Arc<Protection>) -> Repository {
+    if protection.mode() == Mode::None {
+        Repository::new(Box::new(store))
+    } else {
+        Repository::new(Box::new(Protected::new(store, protection)))
+    }
 }
 
 /// Cost of the Argon2id derivation of new passphrase slots.
@@ -407,6 +486,12 @@ fn open_encrypted(
         ))
         .into());
     }
+    let slots = slots(&store, &config)?;
+    Ok((store, config, slots))
+}
+
+/// Decodes every key slot in the repository's keys/.
+fn slots(store: &LocalDir, config: &bkimg_format::store::local::RepoConfig) -> Result<Vec<Slot>> {
     let mut slots = Vec::new();
     for (id, bytes) in store.key_slots()? {
         let slot = Slot::decode(&bytes).with_context(|| format!("reading key slot {id}"))?;
@@ -419,7 +504,7 @@ fn open_encrypted(
         }
         slots.push(slot);
     }
-    Ok((store, config, slots))
+    Ok(slots)
 }
 
 /// The master key from the first slot the secret unlocks, and that slot's id.

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::HumanBytes;
 
-use super::info::point_summary;
+use super::info::{point_summary, protection_name};
 use crate::config::{Config, RepoArgs};
 use crate::{exit, open_repository, out, out_json, Common};
 
@@ -15,6 +15,8 @@ pub struct ListArgs {
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -22,9 +24,10 @@ pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
     let ListArgs {
         repo,
         standby,
+        unlock,
         common,
     } = args;
-    let repo = open_repository(repo.path(), &standby, 1, config)?;
+    let repo = open_repository(repo.path(), &standby, &unlock, 1, config)?;
     let (points, bad) = repo.points()?;
     for (id, e) in &bad {
         eprintln!(
@@ -46,6 +49,7 @@ pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
             .map(|p| {
                 let mut v = point_summary(p);
                 v["parent_pruned"] = serde_json::Value::Bool(parent_gone(&p.manifest));
+                v["protection"] = protection_name(repo.protection()).into();
                 v
             })
             .collect();

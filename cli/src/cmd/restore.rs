@@ -41,6 +41,8 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -54,10 +56,11 @@ pub fn run(args: RestoreArgs, config: &Config) -> Result<i32> {
         yes,
         threads,
         standby,
+        unlock,
         common,
     } = args;
     let workers = io_workers(threads, repo.path());
-    let repo = open_repository(repo.path(), &standby, workers, config)?;
+    let repo = open_repository(repo.path(), &standby, &unlock, workers, config)?;
     let point = repo.resolve(&id)?;
     let req = RestoreRequest {
         targets: bkimg_restore::match_targets(&point, &target)?,

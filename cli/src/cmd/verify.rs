@@ -21,6 +21,8 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
     #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -30,10 +32,11 @@ pub fn run(args: VerifyArgs, config: &Config) -> Result<i32> {
         ids,
         threads,
         standby,
+        unlock,
         common,
     } = args;
     let workers = io_workers(threads, repo.path());
-    let repo = open_repository(repo.path(), &standby, workers, config)?;
+    let repo = open_repository(repo.path(), &standby, &unlock, workers, config)?;
     let bar = Bar::new(common.quiet || common.json);
     let report = bkimg_restore::verify::verify(&repo, &ids, workers, &bar);
     bar.finish();

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{StoreMaintain, StoreRead, StoreWrite};
 use crate::chunk::{self, ChunkHeader};
+use crate::crypto::ObjectKind;
 use crate::digest::Digest;
 use crate::error::{FormatError, IoContext, Result};
 use crate::keys::Encryption;
@@ -119,8 +120,17 @@ fn read_config(root: &Path, keys: bool) -> Result<RepoConfig> {
     Ok(value)
 }
 
+fn seals_chunks(config: &RepoConfig) -> bool {
+    config
+        .encryption
+        .as_ref()
+        .is_some_and(|e| e.mode == crate::keys::Mode::Encrypted)
+}
+
 pub struct LocalDir {
     root: PathBuf,
+    /// Chunks are stored in envelopes (an encrypted repository, spec/format.md §18.4).
+    sealed_chunks: bool,
     /// This process's scratch directory, made on first use.
     scratch: OnceLock<PathBuf>,
     scratch_seq: AtomicU64,
@@ -139,27 +149,46 @@ impl LocalDir {
 
     /// Opens an existing repository, sharing it with other readers and writers (waits
     /// for a running prune to finish).
+    ///
+    /// An encrypted or signed repository is refused: its objects must be read through
+    /// [`Protected`](super::Protected), so callers that can unlock it use
+    /// [`open_any`](Self::open_any).
     pub fn open(root: &Path) -> Result<LocalDir> {
-        Self::open_locked(root, Lock::Shared)
+        Ok(Self::open_locked(root, Lock::Shared, false)?.0)
+    }
+
+    /// Opens an existing repository, protected or not, and returns its config, which
+    /// says how to unlock it (spec/format.md §18.6).
+    pub fn open_any(root: &Path) -> Result<(LocalDir, RepoConfig)> {
+        Self::open_locked(root, Lock::Shared, true)
     }
 
     /// Opens an existing repository for pruning: no other process may use it meanwhile.
     /// Without `wait`, a repository in use is refused at once ([`FormatError::Busy`]).
     pub fn open_exclusive(root: &Path, wait: bool) -> Result<LocalDir> {
-        Self::open_locked(root, Lock::Exclusive { wait })
+        Ok(Self::open_locked(root, Lock::Exclusive { wait }, false)?.0)
     }
 
-    fn open_locked(root: &Path, lock: Lock) -> Result<LocalDir> {
-        read_config(root, false)?;
+    /// [`open_exclusive`](Self::open_exclusive) for a repository protected or not.
+    pub fn open_exclusive_any(root: &Path, wait: bool) -> Result<(LocalDir, RepoConfig)> {
+        Self::open_locked(root, Lock::Exclusive { wait }, true)
+    }
+
+    fn open_locked(root: &Path, lock: Lock, protected: bool) -> Result<(LocalDir, RepoConfig)> {
+        read_config(root, protected)?;
         let lock = take_lock(root, lock)?;
         // `bkimg key init` may have encrypted it while we waited for the lock.
-        read_config(root, false)?;
-        Ok(LocalDir {
-            root: root.to_path_buf(),
-            scratch: OnceLock::new(),
-            scratch_seq: AtomicU64::new(0),
-            _lock: lock,
-        })
+        let config = read_config(root, protected)?;
+        Ok((
+            LocalDir {
+                root: root.to_path_buf(),
+                sealed_chunks: seals_chunks(&config),
+                scratch: OnceLock::new(),
+                scratch_seq: AtomicU64::new(0),
+                _lock: lock,
+            },
+            config,
+        ))
     }
 
     /// Opens the repository at `root`, creating it if the directory is missing or empty.
@@ -169,8 +198,23 @@ impl LocalDir {
     /// once end up with the same repository (the config is linked into place, never
     /// replaced).
     pub fn open_or_create(root: &Path, repository_id: &str, created: &str) -> Result<LocalDir> {
+        Self::create(root, repository_id, created)?;
+        Self::open(root)
+    }
+
+    /// [`open_or_create`](Self::open_or_create) for a repository protected or not.
+    pub fn open_or_create_any(
+        root: &Path,
+        repository_id: &str,
+        created: &str,
+    ) -> Result<(LocalDir, RepoConfig)> {
+        Self::create(root, repository_id, created)?;
+        Self::open_any(root)
+    }
+
+    fn create(root: &Path, repository_id: &str, created: &str) -> Result<()> {
         if Self::is_repository(root) {
-            return Self::open(root);
+            return Ok(());
         }
         if root.exists() && !root.is_dir() {
             return Err(FormatError::NotRepository(format!(
@@ -224,8 +268,7 @@ impl LocalDir {
         let _ = fs::remove_file(&tmp);
         File::open(root)
             .and_then(|d| d.sync_all())
-            .ctx(|| format!("syncing {}", root.display()))?;
-        Self::open(root)
+            .ctx(|| format!("syncing {}", root.display()))
     }
 
     /// Opens a repository, encrypted or not, for changing its keys: no other process may
@@ -237,6 +280,7 @@ impl LocalDir {
         Ok((
             LocalDir {
                 root: root.to_path_buf(),
+                sealed_chunks: seals_chunks(&config),
                 scratch: OnceLock::new(),
                 scratch_seq: AtomicU64::new(0),
                 _lock: lock,
@@ -490,7 +534,13 @@ impl StoreRead for LocalDir {
             .metadata()
             .ctx(|| format!("reading {}", path.display()))?
             .len();
-        let max = chunk::HEADER_LEN as u64 + u64::from(crate::MAX_CHUNK_SIZE);
+        let max = chunk::HEADER_LEN as u64
+            + u64::from(crate::MAX_CHUNK_SIZE)
+            + if self.sealed_chunks {
+                crate::crypto::ENVELOPE_OVERHEAD as u64
+            } else {
+                0
+            };
         if len > max {
             return Err(FormatError::corrupt(
                 format!("chunk {digest}"),
@@ -517,6 +567,12 @@ impl StoreRead for LocalDir {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if file.read_exact_at(&mut head, 0).is_err() {
             return Ok(false);
+        }
+        if self.sealed_chunks {
+            // The blob's length is known only once opened: a complete envelope is at least
+            // its overhead and a blob header long and starts as a chunk's envelope.
+            return Ok(crate::crypto::is_envelope_of(&head, ObjectKind::Chunk)
+                && len >= (crate::crypto::ENVELOPE_OVERHEAD + chunk::HEADER_LEN) as u64);
         }
         Ok(ChunkHeader::parse(&head).is_ok_and(|h| h.digest == *digest && h.blob_len() == len))
     }

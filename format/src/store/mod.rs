@@ -8,13 +8,17 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 use crate::error::Result;
+use crate::keys::Mode;
+use crate::protect::ChunkIds;
 
 pub mod export;
 pub mod local;
 pub mod names;
+pub mod protected;
 
 pub use export::ExportFile;
 pub use local::LocalDir;
+pub use protected::Protected;
 
 pub trait StoreRead: Send + Sync {
     /// For messages: where this store is.
@@ -36,6 +40,14 @@ pub trait StoreRead: Send + Sync {
     }
     /// The prune record of restore point `id` (spec/format.md §7.5), if the store has one.
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>>;
+    /// How chunk ids are computed: keyed in an encrypted repository (spec/format.md §18.3).
+    fn chunk_ids(&self) -> ChunkIds {
+        ChunkIds::Sha256
+    }
+    /// How the repository protects its objects (spec/format.md §18.1).
+    fn protection(&self) -> Mode {
+        Mode::None
+    }
 }
 
 pub trait StoreWrite: StoreRead {
@@ -98,5 +110,11 @@ impl<T: StoreRead + ?Sized> StoreRead for std::sync::Arc<T> {
     }
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
         (**self).read_prune_record(id)
+    }
+    fn chunk_ids(&self) -> ChunkIds {
+        (**self).chunk_ids()
+    }
+    fn protection(&self) -> Mode {
+        (**self).protection()
     }
 }

@@ -222,6 +222,7 @@ fn send_chunks(
         for _ in 0..parallel.min(chunks.len()) {
             s.spawn(|| {
                 let (mut blob, mut plain) = (Vec::new(), Vec::new());
+                let ids = src.chunk_ids();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(d, len)) = chunks.get(i) else {
@@ -229,7 +230,7 @@ fn send_chunks(
                     };
                     let result = (|| -> Result<()> {
                         src.store().read_chunk(&d, &mut blob)?;
-                        chunk::decode_into(&blob, &d, &mut plain).map_err(|e| {
+                        chunk::decode_into(&blob, &d, &ids, &mut plain).map_err(|e| {
                             anyhow::Error::from(e).context(
                                 "the local repository is damaged: this chunk is not shipped \
                                  (run bkimg verify on the repository)",

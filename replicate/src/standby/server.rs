@@ -462,7 +462,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     let blob = &body[32..];
                     // Verified before it is stored: header, length, decompression, digest.
                     let mut plain = Vec::new();
-                    chunk::decode_into(blob, &d, &mut plain)?;
+                    chunk::decode_into(blob, &d, &store.chunk_ids(), &mut plain)?;
                     if !store.has_chunk(&d)? {
                         store.put_chunk(&d, blob)?;
                     }
