@@ -125,6 +125,18 @@ pub fn capture(
 
 /// [`capture`], with a last check before the commit: if `before_commit` fails, nothing is
 /// committed (a live capture checks that its snapshot stayed intact while it was read).
+/// One more than the largest sequence of the restore points in `repo` (0 for those of
+/// older writers; unreadable manifests are skipped: they are reported by list and verify).
+pub fn next_sequence(repo: &Repository) -> Result<u64> {
+    let (points, _) = repo.points()?;
+    Ok(points
+        .iter()
+        .filter_map(|p| p.manifest.sequence)
+        .max()
+        .unwrap_or(0)
+        + 1)
+}
+
 pub fn capture_checked(
     repo: &Repository,
     store: &dyn StoreWrite,
@@ -290,6 +302,7 @@ pub fn capture_checked(
         disks,
         firmware,
         consistency: Some(opts.consistency.as_str().to_string()),
+        sequence: Some(next_sequence(repo)?),
     };
     before_commit()?;
     store

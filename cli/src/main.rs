@@ -11,6 +11,7 @@ mod continuous;
 mod demo;
 mod exit;
 mod interrupt;
+mod known;
 mod live;
 mod progress;
 mod prune;
@@ -196,7 +197,9 @@ fn open_repository(
         _ if location.is_dir() => {
             let (store, repo_config) = LocalDir::open_any(location)?;
             let protection = cmd::key::protection(&store, &repo_config, unlock)?;
-            Ok(cmd::key::protected_repository(store, protection))
+            let repo = cmd::key::protected_repository(store, protection);
+            known::check(location, &repo_config, &repo, unlock.accept_rollback)?;
+            Ok(repo)
         }
         _ => {
             unlock.refuse_for("an export file")?;

@@ -165,15 +165,17 @@ pub fn prune_location(
         _ => {
             let (store, config) = LocalDir::open_exclusive_any(location, wait)?;
             let protection = crate::cmd::key::protection(&store, &config, unlock)?;
+            let store = Arc::new(Protected::new(store, protection));
+            crate::known::check(
+                location,
+                &config,
+                &Repository::new(Box::new(store.clone())),
+                unlock.accept_rollback,
+            )?;
             // On a standby: the points its replicas hold (or an interrupted apply names)
             // stay, so the next apply writes only changed chunks instead of whole disks.
             let held = replica_points(location)?;
-            apply(
-                Arc::new(Protected::new(store, protection)),
-                policy,
-                &held,
-                dry_run,
-            )
+            apply(store, policy, &held, dry_run)
         }
     }
 }

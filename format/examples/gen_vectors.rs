@@ -582,6 +582,7 @@ fn tiny_restore_point() -> Res<TinyPoint> {
         )],
         firmware: None,
         consistency: None,
+        sequence: None,
     };
     let parent_bytes = parent.encode();
     let child = Manifest {
@@ -1056,6 +1057,7 @@ fn layout_manifest() -> Manifest {
         disks: vec![gpt_disk, msdos_disk],
         firmware: None,
         consistency: None,
+        sequence: None,
     }
 }
 
@@ -1126,6 +1128,7 @@ fn manifests(p: &TinyPoint) -> Value {
         id: "20240105T000000Z-0d0e0f".into(),
         created: "2024-01-05T00:00:00Z".into(),
         consistency: Some("frozen-snapshot".into()),
+        sequence: None,
         firmware: Some(Firmware {
             uefi_boot_entries: vec![
                 BootEntry {

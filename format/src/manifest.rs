@@ -19,6 +19,8 @@ pub const KIND: Kind = Kind {
 pub const COMPAT_FIRMWARE: u32 = 0x1;
 /// Compatible feature bit: the manifest says how consistent the capture is (`consistency`).
 pub const COMPAT_CONSISTENCY: u32 = 0x2;
+/// Compat feature bit: the manifest carries `sequence` (§7.8).
+pub const COMPAT_SEQUENCE: u32 = 0x4;
 
 /// Longest restore-point id accepted (ids are file names).
 pub const MAX_ID_LEN: usize = 64;
@@ -42,6 +44,10 @@ pub struct Manifest {
     /// "snapshot", "offline" or "inconsistent"; absent in manifests of older writers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<String>,
+    /// Position in the repository's history (§7.8): one more than the largest sequence
+    /// of the restore points the writer saw; absent in manifests of older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
 }
 
 /// Link to the parent restore point: its id and the SHA-256 of its manifest file, so that
@@ -210,6 +216,10 @@ impl Manifest {
                 0
             } | if self.consistency.is_some() {
                 COMPAT_CONSISTENCY
+            } else {
+                0
+            } | if self.sequence.is_some() {
+                COMPAT_SEQUENCE
             } else {
                 0
             },

@@ -73,15 +73,21 @@ pub fn decide(points: &[Point], policy: &Policy, now: i64) -> Vec<Decision> {
     }
     let mut out = Vec::new();
     for (_, mut group) in groups {
-        // Newest first (to the nanosecond: several points can share a second); ids break
-        // ties the same way every time.
+        // Newest first: by sequence (§7.8), then time (to the nanosecond: several points
+        // can share a second); ids break ties the same way every time.
         group.sort_by(|a, b| {
-            point_order(
-                &b.manifest.created,
-                &b.manifest.id,
-                &a.manifest.created,
-                &a.manifest.id,
-            )
+            b.manifest
+                .sequence
+                .unwrap_or(0)
+                .cmp(&a.manifest.sequence.unwrap_or(0))
+                .then_with(|| {
+                    point_order(
+                        &b.manifest.created,
+                        &b.manifest.id,
+                        &a.manifest.created,
+                        &a.manifest.id,
+                    )
+                })
         });
         let mut buckets: [(usize, &str, HashSet<i64>); 4] = [
             (policy.hourly, "hourly", HashSet::new()),
@@ -438,6 +444,7 @@ mod tests {
                 disks: Vec::new(),
                 firmware: None,
                 consistency: None,
+                sequence: None,
             },
             manifest_sha256: Digest::of_bytes(id.as_bytes()),
         }

@@ -114,13 +114,20 @@ impl Repository {
                 Err(e) => bad.push((id, e)),
             }
         }
+        // By sequence first (authenticated in a protected repository, §7.8), then time.
         good.sort_by(|a, b| {
-            crate::time::point_order(
-                &a.manifest.created,
-                &a.manifest.id,
-                &b.manifest.created,
-                &b.manifest.id,
-            )
+            a.manifest
+                .sequence
+                .unwrap_or(0)
+                .cmp(&b.manifest.sequence.unwrap_or(0))
+                .then_with(|| {
+                    crate::time::point_order(
+                        &a.manifest.created,
+                        &a.manifest.id,
+                        &b.manifest.created,
+                        &b.manifest.id,
+                    )
+                })
         });
         Ok((good, bad))
     }

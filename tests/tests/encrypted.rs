@@ -2,7 +2,9 @@
 //! capture, incremental, list, info, verify, restore and prune through the key; nothing of
 //! the disk readable in the repository; chunk names that do not reveal content; every
 //! tampering (a flipped byte, swapped chunks, a replayed or forged manifest) refused with
-//! the object named; wrong, missing and misplaced keys refused with their exit codes.
+//! the object named; wrong, missing and misplaced keys refused with their exit codes; a
+//! rollback (newer restore points removed) and a downgrade (the protection removed from
+//! the config) refused by a client that has seen the repository before.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,7 @@ impl Env {
             .env_remove("BKIMG_PASSWORD_FILE")
             .env_remove("BKIMG_KEY_FILE")
             .env("BKIMG_CONFIG", self.path("empty.toml"))
+            .env("BKIMG_STATE_DIR", self.path("state"))
             .stdin(Stdio::null());
         for (k, v) in envs {
             cmd.env(k, v);
@@ -431,4 +434,63 @@ fn a_signed_repository_keeps_plain_chunks_and_refuses_forged_manifests() {
     env.fails(&env.with_pw("verify", &[]), 3, "MAC does not match");
     fs::write(&manifest, &signed).unwrap();
     env.ok(&env.with_pw("verify", &[]));
+}
+
+#[test]
+fn a_rolled_back_or_unprotected_repository_is_refused_by_a_client_that_saw_it() {
+    let env = Env::new("encrypted");
+    let img = env.path("disk.img");
+    disk_image(&img, 5);
+    let a = env.capture(&img, None)["id"].as_str().unwrap().to_string();
+    let b = env.capture(&img, Some("latest"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let info = env.ok(&env.with_pw("info", &[&b, "--json"])).json();
+    assert_eq!(info["manifest"]["sequence"], 2, "{info}");
+
+    // The newest point removed (as someone with write access but no key can): refused,
+    // until accepted once.
+    let points = env.repo.join("points");
+    let kept = env.path("kept-manifest");
+    fs::rename(points.join(&b), &kept).unwrap();
+    let r = env.fails(&env.with_pw("list", &[]), 8, "was rolled back");
+    assert!(
+        r.stderr.contains(&b) && r.stderr.contains(&a),
+        "{}",
+        r.stderr
+    );
+    let t = env.path("t.img");
+    env.fails(
+        &env.with_pw("restore", &["latest", "--target", p(&t), "--quiet"]),
+        8,
+        "was rolled back",
+    );
+    assert!(!t.exists(), "nothing restored");
+    env.fails(
+        &env.with_pw("capture", &["--quiet", p(&img)]),
+        8,
+        "was rolled back",
+    );
+    env.ok(&env.with_pw("list", &["--accept-rollback"]));
+    env.ok(&env.with_pw("list", &[]));
+    fs::rename(&kept, points.join(&b)).unwrap();
+    env.ok(&env.with_pw("list", &[]));
+
+    // The config swapped for an unprotected one of the same repository id.
+    let config = fs::read(env.repo.join("config")).unwrap();
+    let id = env
+        .ok(&["key", "list", "--repo", p(&env.repo), "--json"])
+        .json()["repository_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plain = env.path("plain");
+    drop(
+        bkimg_format::store::LocalDir::open_or_create(&plain, &id, "2026-01-01T00:00:00Z").unwrap(),
+    );
+    fs::copy(plain.join("config"), env.repo.join("config")).unwrap();
+    env.fails(&["list", "--repo", p(&env.repo)], 8, "is now unprotected");
+    fs::write(env.repo.join("config"), &config).unwrap();
+    env.ok(&env.with_pw("list", &[]));
 }

@@ -129,6 +129,7 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
     let protection = crate::cmd::key::protection(&store, &repo_config, &unlock)?;
     let store = Protected::new(store, protection.clone());
     let reader = crate::cmd::key::protected_repository(LocalDir::open_any(repo)?.0, protection);
+    crate::known::check(repo, &repo_config, &reader, unlock.accept_rollback)?;
     let parent_point = match &parent {
         Some(p) => Some(reader.resolve(p).context("the --parent restore point")?),
         None => None,
@@ -163,6 +164,7 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
     bar.finish();
     let live_report = session.map(live::finish);
     let result = result?;
+    crate::known::wrote(&repo_config, &result.manifest.id, result.manifest.sequence)?;
     let secs = started.elapsed().as_secs_f64();
     let m = &result.manifest;
     let read: u64 = result.reports.iter().map(|r| r.bytes_read).sum();

@@ -49,6 +49,11 @@ pub struct Unlock {
         conflicts_with = "password_file"
     )]
     pub key_file: Option<PathBuf>,
+    /// Accept a protected repository whose newest restore point is older than one this
+    /// client has seen (restore points removed), or that is no longer protected, and
+    /// remember it as it is now.
+    #[arg(long)]
+    pub accept_rollback: bool,
 }
 
 impl Unlock {
@@ -418,6 +423,7 @@ fn passwd(args: PasswdArgs) -> Result<i32> {
     let unlock_args = Unlock {
         password_file: args.password_file.clone(),
         key_file: None,
+        accept_rollback: false,
     };
     let (master, by) = unlock(&config, &slots, &unlock_args)?;
     let p = new_passphrase(args.new_password_file.as_deref())?;

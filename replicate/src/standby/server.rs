@@ -926,6 +926,7 @@ mod tests {
             }],
             firmware: None,
             consistency: None,
+            sequence: None,
         };
         Sent {
             chunks,
