@@ -187,8 +187,7 @@ fn open_repository(
 ) -> Result<Repository> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
-            unlock.refuse_for("an S3 repository")?;
-            s3cmd::open(url, &prune::s3_settings(None, &config.s3))
+            s3cmd::open(url, &prune::s3_settings(None, &config.s3), unlock)
         }
         Some(url) if url.starts_with("bkimg://") => {
             unlock.refuse_for("a standby host's repository")?;

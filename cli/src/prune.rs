@@ -155,12 +155,20 @@ pub fn prune_location(
 ) -> Result<(Vec<Decision>, PruneReport)> {
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
-            unlock.refuse_for("an S3 repository")?;
             let store = Arc::new(S3Store::open(url, s3)?);
-            store.check_config()?;
+            let config = store.config(true)?;
+            let protection =
+                crate::cmd::key::protection_with(url, &config, || store.key_slots(), unlock)?;
             let _lock = store.lock(LockKind::Prune, wait)?;
             store.remove_stale_locks()?;
-            apply(store.clone(), policy, &[], dry_run)
+            let protected = Arc::new(Protected::new(store.clone(), protection));
+            crate::known::check(
+                location,
+                &config,
+                &Repository::new(Box::new(protected.clone())),
+                unlock.accept_rollback,
+            )?;
+            apply(protected, policy, &[], dry_run)
         }
         _ => {
             let (store, config) = LocalDir::open_exclusive_any(location, wait)?;

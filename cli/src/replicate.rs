@@ -36,6 +36,8 @@ pub struct ReplicateArgs {
     pub s3: crate::s3cmd::S3Args,
     #[command(flatten)]
     pub standby: crate::standby::StandbyArgs,
+    #[command(flatten)]
+    pub unlock: crate::cmd::key::Unlock,
     /// The config file's [s3] section.
     #[arg(skip)]
     pub s3_config: S3Config,
@@ -92,9 +94,14 @@ impl ReplicateArgs {
 /// Ships once to the target `--to` names; `quiet`: no progress bar.
 pub fn ship(args: &ReplicateArgs, quiet: bool) -> Result<Shipped> {
     let bar = Bar::new(quiet);
-    let shipped = args
-        .target()
-        .and_then(|t| t.ship(args.repo.path(), &args.options(), &bar));
+    let shipped = args.target().and_then(|t| {
+        t.ship(
+            args.repo.path(),
+            &|local, config| crate::cmd::key::protection(local, config, &args.unlock),
+            &args.options(),
+            &bar,
+        )
+    });
     bar.finish();
     shipped
 }

@@ -2,9 +2,13 @@
 //! `restore`, `export` on `s3://BUCKET/PREFIX`). Set-up: docs/replication-s3.md.
 
 use anyhow::Result;
+use bkimg_format::keys::Mode;
 use bkimg_format::repo::Repository;
+use bkimg_format::store::Protected;
 use bkimg_replicate::s3::{S3Settings, S3Store};
 use clap::Args;
+
+use crate::cmd::key::Unlock;
 
 /// Options of `bkimg replicate` that only S3 targets use.
 #[derive(Args)]
@@ -17,10 +21,26 @@ pub struct S3Args {
 
 /// A repository in a bucket, for the read commands. Endpoint and credentials come from
 /// the AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles...), then `settings`.
-pub fn open(url: &str, settings: &S3Settings) -> Result<Repository> {
+///
+/// A protected repository (encrypted or signed) is read through the key `unlock` gives,
+/// with the key slots replicated beside it, and checked against what this client saw of
+/// it before (rollback, downgrade).
+pub fn open(url: &str, settings: &S3Settings, unlock: &Unlock) -> Result<Repository> {
     let store = S3Store::open(url, settings)?;
     // Wrong credentials, a missing repository or an endpoint that is down show here,
     // with their exit codes, rather than halfway through a command.
-    store.check_config()?;
-    Ok(Repository::new(Box::new(store)))
+    let config = store.config(true)?;
+    let protection = crate::cmd::key::protection_with(url, &config, || store.key_slots(), unlock)?;
+    let repo = if protection.mode() == Mode::None {
+        Repository::new(Box::new(store))
+    } else {
+        Repository::new(Box::new(Protected::new(store, protection)))
+    };
+    crate::known::check(
+        std::path::Path::new(url),
+        &config,
+        &repo,
+        unlock.accept_rollback,
+    )?;
+    Ok(repo)
 }

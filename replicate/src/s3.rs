@@ -27,7 +27,7 @@ use aws_sdk_s3::Client;
 use bkimg_format::chunk;
 use bkimg_format::manifest::valid_id;
 use bkimg_format::sealed;
-use bkimg_format::store::local::CONFIG_KIND;
+use bkimg_format::store::local::{parse_config, RepoConfig};
 use bkimg_format::store::names;
 use bkimg_format::store::{StoreRead, StoreWrite};
 use bkimg_format::{Digest, FormatError};
@@ -681,8 +681,15 @@ impl S3Store {
         }
     }
 
-    /// Checks the config object: a repository is there and this bkimg can read it.
+    /// Checks the config object: a repository is there and this bkimg can read it
+    /// without a key.
     pub fn check_config(&self) -> anyhow::Result<()> {
+        self.config(false).map(drop)
+    }
+
+    /// The repository's config; a protected one (encrypted or signed) is refused unless
+    /// `protected` (the caller reads it through its key).
+    pub fn config(&self, protected: bool) -> anyhow::Result<RepoConfig> {
         match self
             .read_config()
             .map_err(|f| f.into_anyhow("the repository config"))?
@@ -694,24 +701,68 @@ impl S3Store {
                 self.url()
             ))
             .into()),
-            Some(bytes) => {
-                let _: (bkimg_format::store::local::RepoConfig, _) =
-                    sealed::open(&CONFIG_KIND, &bytes).map_err(|e| match e {
-                        FormatError::Corrupt { detail, .. } => FormatError::corrupt(
-                            format!("repository config of {}", self.url()),
-                            detail,
-                        ),
-                        other => other,
-                    })?;
-                Ok(())
+            Some(bytes) => Ok(parse_config(
+                &bytes,
+                &format!("repository {}", self.url()),
+                &format!("repository config of {}", self.url()),
+                protected,
+            )?),
+        }
+    }
+
+    /// The key slots stored beside a protected repository (spec/format.md §18.5), by id.
+    pub fn key_slots(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let max = sealed::MAX_BODY_LEN + 64;
+        let mut out = Vec::new();
+        for (k, _) in self
+            .list(&format!("{}/", names::KEYS))
+            .map_err(|f| f.into_anyhow("the key slots"))?
+        {
+            if !bkimg_format::keys::valid_slot_id(&k) {
+                continue;
+            }
+            let what = format!("key slot {k}");
+            let bytes = self
+                .get(&self.key_slot(&k), max, &what)
+                .map_err(|e| get_error(e, what, max))?;
+            out.push((k, bytes));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Uploads the key slots the bucket lacks or holds otherwise, and removes those the
+    /// source no longer has (a removed passphrase must not stay usable on the copy).
+    pub fn sync_key_slots(&self, slots: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+        let have = self.key_slots()?;
+        for (id, bytes) in slots {
+            if !have.iter().any(|(i, b)| i == id && b == bytes) {
+                self.put(&self.key_slot(id), bytes.clone())
+                    .map_err(|f| f.into_anyhow(&format!("key slot {id}")))?;
             }
         }
+        for (id, _) in &have {
+            if !slots.iter().any(|(i, _)| i == id) {
+                self.delete_key(&self.key_slot(id))
+                    .map_err(|f| f.into_anyhow(&format!("key slot {id}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn key_slot(&self, id: &str) -> String {
+        format!("{}{}/{id}", self.prefix, names::KEYS)
     }
 
     /// Uploads `local` (the source repository's config) unless the bucket has one; a
     /// repository config is written once, like a local one.
     pub fn ensure_config(&self, local: &[u8]) -> anyhow::Result<()> {
-        let _: (bkimg_format::store::local::RepoConfig, _) = sealed::open(&CONFIG_KIND, local)?;
+        parse_config(
+            local,
+            "the local repository",
+            "the local repository's config",
+            true,
+        )?;
         let have = self
             .read_config()
             .map_err(|f| f.into_anyhow("the repository config"))?;
@@ -972,7 +1023,10 @@ impl StoreRead for S3Store {
 
     fn read_chunk(&self, digest: &Digest, out: &mut Vec<u8>) -> bkimg_format::Result<()> {
         let what = format!("chunk {digest}");
-        let max = chunk::HEADER_LEN as u64 + u64::from(bkimg_format::MAX_CHUNK_SIZE);
+        // Sealed in an encrypted repository: the blob and the envelope around it.
+        let max = chunk::HEADER_LEN as u64
+            + u64::from(bkimg_format::MAX_CHUNK_SIZE)
+            + bkimg_format::crypto::ENVELOPE_OVERHEAD as u64;
         *out = self
             .get(&self.key_chunk(digest), max, &what)
             .map_err(|e| get_error(e, what, max))?;

@@ -10,6 +10,14 @@ use bkimg_format::repo::Repository;
 use serde_json::json;
 
 use crate::s3::{S3Settings, S3Store};
+use bkimg_format::protect::Protection;
+use bkimg_format::store::local::RepoConfig;
+use bkimg_format::store::{LocalDir, Protected};
+use std::sync::Arc;
+
+/// Unlocks a protected local repository (the CLI asks for its passphrase or reads its key
+/// file); returns the protection to read it through (none for an unprotected one).
+pub type Unlocker<'a> = &'a dyn Fn(&LocalDir, &RepoConfig) -> Result<Arc<Protection>>;
 use crate::standby::{self, tls, ClientConfig};
 use crate::{ReplicateOptions, ShipReport};
 
@@ -74,9 +82,13 @@ impl Target {
     }
 
     /// Ships the restore points of the local repository `repo` that the target lacks.
+    /// A protected repository is read through the key `unlock` gives (spec/format.md
+    /// §18): its objects go to S3 as they are stored, sealed, with its config and key
+    /// slots; the standby does not take protected repositories yet.
     pub fn ship(
         &self,
         repo: &Path,
+        unlock: Unlocker<'_>,
         options: &ReplicateOptions,
         progress: &dyn Progress,
     ) -> Result<Shipped> {
@@ -98,13 +110,19 @@ impl Target {
                         anyhow::Error::from(e).context(format!("reading {}", config_path.display()))
                     }
                 })?;
-                let src = Repository::open(repo)?;
+                let (local, repo_config) = LocalDir::open_any(repo)?;
+                let protection = unlock(&local, &repo_config)?;
+                let local = Arc::new(local);
+                let src = Repository::new(Box::new(Protected::new(local.clone(), protection)));
                 let mut store = S3Store::open(url, settings)?;
                 if let Some(days) = object_lock_days {
                     store.enable_object_lock(*days)?;
                 }
                 store.ensure_config(&config)?;
-                let report = crate::s3::replicate(&src, &store, options, progress)?;
+                if repo_config.encryption.is_some() {
+                    store.sync_key_slots(&local.key_slots()?)?;
+                }
+                let report = crate::s3::replicate(&src, local.as_ref(), &store, options, progress)?;
                 Ok(Shipped {
                     report,
                     target: store.url(),
@@ -118,6 +136,8 @@ impl Target {
                 retries,
                 timeout,
             } => {
+                // A protected repository is refused before anything else is asked for.
+                let src = Repository::open(repo)?;
                 let key = key.as_ref().context(
                     "--key DIR is needed for a standby target, or `key` in the config file's \
                      [standby] (make one with `bkimg standby keygen --dir DIR`)",
@@ -134,7 +154,6 @@ impl Target {
                     retries: *retries,
                     timeout: *timeout,
                 };
-                let src = Repository::open(repo)?;
                 let report = standby::replicate(&src, &cfg, options, progress)?;
                 Ok(Shipped {
                     report,

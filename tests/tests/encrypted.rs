@@ -236,6 +236,32 @@ fn an_encrypted_repository_captures_restores_verifies_and_prunes_through_its_key
     ]);
     assert_eq!(fs::read(&t2).unwrap(), changed);
 
+    // Not written anywhere unprotected: an export and a standby refuse it.
+    let export = env.path("point.bkimg");
+    env.fails(
+        &env.with_pw("export", &["latest", "--output", p(&export)]),
+        6,
+        "export file cannot carry",
+    );
+    assert!(!export.exists());
+    env.fails(
+        &[
+            "replicate",
+            "--repo",
+            p(&env.repo),
+            "--to",
+            "bkimg://127.0.0.1:9",
+            "--key",
+            p(&env.path("k")),
+            "--server-fingerprint",
+            &"0".repeat(64),
+            "--password-file",
+            p(&env.pw),
+        ],
+        6,
+        "cannot read an encrypted or signed repository yet",
+    );
+
     // Prune the first point: the second stays whole (its parent's record is sealed too).
     env.ok(&env.with_pw("prune", &["--keep-last", "1"]));
     env.ok(&env.with_pw("verify", &[]));

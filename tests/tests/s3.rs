@@ -96,7 +96,10 @@ impl Server {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_ENDPOINT_URL_S3");
+            .env_remove("AWS_ENDPOINT_URL_S3")
+            .env_remove("BKIMG_PASSWORD_FILE")
+            .env_remove("BKIMG_KEY_FILE")
+            .env("BKIMG_STATE_DIR", self.root.path().join("client-state"));
         c
     }
 
@@ -1119,5 +1122,198 @@ fn a_skewed_clock_does_not_make_a_live_lock_stale() {
             .unwrap()
             .len(),
         2
+    );
+}
+
+/// An encrypted repository replicated to the bucket: every object arrives sealed (no byte
+/// of the disk readable there), with the config and key slots, so the bucket alone
+/// restores with the passphrase or the key file; list, verify, restore and prune read it
+/// through the key; a key slot removed at the source is removed from the bucket.
+#[test]
+fn an_encrypted_repository_is_shipped_sealed_and_restores_from_the_bucket() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let s = Server::start();
+    let t = TempDir::new().unwrap();
+    let (repo, img, pw, kf) = (
+        t.path().join("repo"),
+        t.path().join("disk.img"),
+        t.path().join("pw"),
+        t.path().join("repo.key"),
+    );
+    fs::write(&pw, "bucket passphrase\n").unwrap();
+    s.ok(&[
+        "key",
+        "init",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "--key-file-out",
+        p(&kf),
+        "--kdf-memory-mib",
+        "1",
+        "--kdf-iterations",
+        "1",
+    ]);
+    // Noise, then a chunk of text that stands for a secret, then zeros.
+    let marker = b"shadow:SECRET-HASH-IN-THE-BUCKET-TEST:19700:0:99999:7:::\n";
+    let mut disk = noise(2 * MIB as usize, 7);
+    while disk.len() < 2 * MIB as usize + CHUNK as usize {
+        disk.extend_from_slice(marker);
+    }
+    disk.resize(4 * MIB as usize, 0);
+    fs::write(&img, &disk).unwrap();
+    let url = format!("s3://{BUCKET}/sealed");
+    let with_pw = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        v.extend(["--password-file".to_string(), p(&pw).to_string()]);
+        v
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        s.ok(&refs)
+    };
+    let first = run(with_pw(&[
+        "capture",
+        "--repo",
+        p(&repo),
+        "--json",
+        "--quiet",
+        p(&img),
+    ]))
+    .json();
+    let first_id = first["id"].as_str().unwrap().to_string();
+    run(with_pw(&[
+        "replicate",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--json",
+    ]));
+
+    let stored = objects(&s.dir("sealed"));
+    assert!(stored.len() > 5, "{stored:?}");
+    for f in &stored {
+        let bytes = fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(20).any(|w| w == &marker[7..27]),
+            "{} holds plaintext",
+            f.display()
+        );
+    }
+    let slots = objects(&s.dir("sealed/keys"));
+    assert_eq!(slots.len(), 2, "{slots:?}");
+
+    // Without a key there is nothing to read; with either secret everything is.
+    let r = s.bkimg(&["list", "--repo", &url]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--password-file"), "{}", r.stderr);
+    let listed = run(with_pw(&["list", "--repo", &url, "--json"])).json();
+    assert_eq!(listed[0]["protection"], "encrypted", "{listed}");
+    run(with_pw(&["verify", "--repo", &url]));
+    let target = t.path().join("restored.img");
+    run(with_pw(&[
+        "restore",
+        "--repo",
+        &url,
+        &first_id,
+        "--target",
+        p(&target),
+        "--quiet",
+    ]));
+    assert_eq!(fs::read(&target).unwrap(), disk);
+
+    // An incremental goes the same way; restored with the key file.
+    let mut changed = disk.clone();
+    changed[10..20].copy_from_slice(b"0123456789");
+    fs::write(&img, &changed).unwrap();
+    run(with_pw(&[
+        "capture",
+        "--repo",
+        p(&repo),
+        "--parent",
+        "latest",
+        "--quiet",
+        p(&img),
+    ]));
+    let r = run(with_pw(&[
+        "replicate",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--json",
+    ]))
+    .json();
+    assert_eq!(u(&r["chunks_sent"]), 1, "{r}");
+    let target2 = t.path().join("restored2.img");
+    s.ok(&[
+        "restore",
+        "--repo",
+        &url,
+        "--key-file",
+        p(&kf),
+        "latest",
+        "--target",
+        p(&target2),
+        "--quiet",
+    ]);
+    assert_eq!(fs::read(&target2).unwrap(), changed);
+
+    // The passphrase slot removed at the source: gone from the bucket at the next run.
+    let keys = s.ok(&["key", "list", "--repo", p(&repo), "--json"]).json();
+    let pass_slot = keys["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "passphrase")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.ok(&[
+        "key",
+        "remove",
+        "--repo",
+        p(&repo),
+        "--slot",
+        &pass_slot,
+        "--key-file",
+        p(&kf),
+    ]);
+    s.ok(&[
+        "replicate",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--key-file",
+        p(&kf),
+    ]);
+    assert_eq!(objects(&s.dir("sealed/keys")).len(), 1);
+    let r = s.bkimg(&["list", "--repo", &url, "--password-file", p(&pw)]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+
+    // Prune in the bucket through the key; what is left verifies.
+    s.ok(&[
+        "prune",
+        "--repo",
+        &url,
+        "--key-file",
+        p(&kf),
+        "--keep-last",
+        "1",
+    ]);
+    s.ok(&["verify", "--repo", &url, "--key-file", p(&kf)]);
+    assert_eq!(
+        s.ok(&["list", "--repo", &url, "--key-file", p(&kf), "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
     );
 }

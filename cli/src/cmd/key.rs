@@ -105,19 +105,35 @@ pub fn protection(
     config: &bkimg_format::store::local::RepoConfig,
     how: &Unlock,
 ) -> Result<Arc<Protection>> {
+    protection_with(
+        &store.root().display().to_string(),
+        config,
+        || Ok(store.key_slots()?),
+        how,
+    )
+}
+
+/// [`protection`] for a repository anywhere: `slots` gives its stored key slots, read
+/// only when it is protected.
+pub fn protection_with(
+    location: &str,
+    config: &bkimg_format::store::local::RepoConfig,
+    slots: impl FnOnce() -> Result<Vec<(String, Vec<u8>)>>,
+    how: &Unlock,
+) -> Result<Arc<Protection>> {
     let Some(enc) = &config.encryption else {
         if let Some(key) = how.given() {
             return Err(FormatError::Denied(format!(
                 "{} is neither encrypted nor signed, but a key was given ({key}, or \
                  BKIMG_KEY_FILE / BKIMG_PASSWORD_FILE): if it should be protected it may have \
                  been replaced; otherwise unset the key to read it as it is",
-                store.root().display()
+                location
             ))
             .into());
         }
         return Ok(Arc::new(Protection::none()));
     };
-    let slots = slots(store, config)?;
+    let slots = decode_slots(slots()?, config)?;
     let (master, _) = unlock(config, &slots, how)?;
     let keys = enc.keys(&master, &config.repository_id)?;
     Ok(Arc::new(Protection::new(enc, keys)))
@@ -498,8 +514,15 @@ fn open_encrypted(
 
 /// Decodes every key slot in the repository's keys/.
 fn slots(store: &LocalDir, config: &bkimg_format::store::local::RepoConfig) -> Result<Vec<Slot>> {
+    decode_slots(store.key_slots()?, config)
+}
+
+fn decode_slots(
+    raw: Vec<(String, Vec<u8>)>,
+    config: &bkimg_format::store::local::RepoConfig,
+) -> Result<Vec<Slot>> {
     let mut slots = Vec::new();
-    for (id, bytes) in store.key_slots()? {
+    for (id, bytes) in raw {
         let slot = Slot::decode(&bytes).with_context(|| format!("reading key slot {id}"))?;
         if slot.slot_id != id || slot.repository_id != config.repository_id {
             return Err(FormatError::corrupt(

@@ -93,17 +93,39 @@ fn read_config(root: &Path, keys: bool) -> Result<RepoConfig> {
         )),
         other => other,
     })?;
-    let (value, features): (RepoConfig, Features) = sealed::open(&CONFIG_KIND_KEYS, &bytes)?;
-    if features.incompat & FEATURE_ENCRYPTION != 0 && !keys {
+    parse_config(
+        &bytes,
+        &format!("repository {}", root.display()),
+        &format!("repository config {}", config.display()),
+        keys,
+    )
+}
+
+/// Decodes a repository config (`what` names the repository, `config_what` its config, in
+/// messages). A protected one (encrypted or signed) is refused as unsupported unless
+/// `protected`: the caller must then read the repository through its key.
+pub fn parse_config(
+    bytes: &[u8],
+    what: &str,
+    config_what: &str,
+    protected: bool,
+) -> Result<RepoConfig> {
+    let (value, features): (RepoConfig, Features) = sealed::open(&CONFIG_KIND_KEYS, bytes)
+        .map_err(|e| match e {
+            FormatError::Corrupt { detail, .. } => FormatError::corrupt(config_what, detail),
+            other => other,
+        })?;
+    if features.incompat & FEATURE_ENCRYPTION != 0 && !protected {
         return Err(FormatError::unsupported(
-            format!("repository {}", root.display()),
-            "encryption (config feature bit 0x1), which this bkimg can manage with `bkimg key` \
-             but cannot yet capture into, list, verify or restore",
+            what,
+            "encryption (config feature bit 0x1): this command cannot read an encrypted or \
+             signed repository yet (capture, list, info, verify, restore, prune and \
+             replication to S3 can, with its key; export and the standby cannot)",
         ));
     }
     if (features.incompat & FEATURE_ENCRYPTION != 0) != value.encryption.is_some() {
         return Err(FormatError::corrupt(
-            format!("repository config {}", config.display()),
+            config_what,
             "the encryption feature bit and the encryption member disagree",
         ));
     }
@@ -113,7 +135,7 @@ fn read_config(root: &Path, keys: bool) -> Result<RepoConfig> {
         .is_some_and(|e| e.mode == crate::keys::Mode::None)
     {
         return Err(FormatError::corrupt(
-            format!("repository config {}", config.display()),
+            config_what,
             "encryption mode \"none\" is written as no encryption member",
         ));
     }

@@ -48,6 +48,11 @@ pub trait StoreRead: Send + Sync {
     fn protection(&self) -> Mode {
         Mode::None
     }
+    /// Turns a chunk as another store holds it (sealed in an encrypted repository) into
+    /// its blob, in place: for copying objects between stores as they are stored.
+    fn open_stored_chunk(&self, _digest: &Digest, _stored: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub trait StoreWrite: StoreRead {
@@ -116,5 +121,50 @@ impl<T: StoreRead + ?Sized> StoreRead for std::sync::Arc<T> {
     }
     fn protection(&self) -> Mode {
         (**self).protection()
+    }
+    fn open_stored_chunk(&self, digest: &Digest, stored: &mut Vec<u8>) -> Result<()> {
+        (**self).open_stored_chunk(digest, stored)
+    }
+}
+
+impl<T: StoreWrite + ?Sized> StoreWrite for std::sync::Arc<T> {
+    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<()> {
+        (**self).put_chunk(digest, blob)
+    }
+    fn scratch_file(&self) -> Result<(File, PathBuf)> {
+        (**self).scratch_file()
+    }
+    fn put_index(&self, id: &Digest, scratch: &Path) -> Result<()> {
+        (**self).put_index(id, scratch)
+    }
+    fn commit_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        (**self).commit_manifest(id, bytes)
+    }
+}
+
+impl<T: StoreMaintain + ?Sized> StoreMaintain for std::sync::Arc<T> {
+    fn list_indexes(&self) -> Result<Vec<Digest>> {
+        (**self).list_indexes()
+    }
+    fn scan_chunks(&self, each: &mut ChunkBatchFn<'_>) -> Result<()> {
+        (**self).scan_chunks(each)
+    }
+    fn list_prune_records(&self) -> Result<Vec<String>> {
+        (**self).list_prune_records()
+    }
+    fn put_prune_record(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        (**self).put_prune_record(id, bytes)
+    }
+    fn delete_manifest(&self, id: &str) -> Result<()> {
+        (**self).delete_manifest(id)
+    }
+    fn delete_index(&self, id: &Digest) -> Result<()> {
+        (**self).delete_index(id)
+    }
+    fn delete_chunks(&self, digests: &[Digest]) -> Result<()> {
+        (**self).delete_chunks(digests)
+    }
+    fn delete_prune_record(&self, id: &str) -> Result<()> {
+        (**self).delete_prune_record(id)
     }
 }

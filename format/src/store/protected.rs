@@ -85,6 +85,10 @@ impl<S: StoreRead> StoreRead for Protected<S> {
     fn protection(&self) -> Mode {
         self.protection.mode()
     }
+
+    fn open_stored_chunk(&self, digest: &Digest, stored: &mut Vec<u8>) -> Result<()> {
+        self.protection.open_chunk(digest, stored)
+    }
 }
 
 impl<S: StoreWrite> StoreWrite for Protected<S> {

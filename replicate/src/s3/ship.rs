@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bkimg_format::repo::{Point, Repository};
-use bkimg_format::store::StoreMaintain;
+use bkimg_format::store::{StoreMaintain, StoreRead};
 use bkimg_format::{chunk, Digest, FormatError};
 
 use super::S3Store;
@@ -31,8 +31,12 @@ struct Plan {
     indexes: Vec<Digest>,
 }
 
+///
+/// `raw` is the store under `src` as it holds its objects: they are shipped as stored
+/// (sealed, in an encrypted repository), and checked through `src` before they leave.
 pub fn replicate(
     src: &Repository,
+    raw: &dyn StoreRead,
     store: &S3Store,
     opts: &ReplicateOptions,
     progress: &dyn Progress,
@@ -155,6 +159,7 @@ pub fn replicate(
         let id = plan.point.manifest.id.clone();
         let sent = send_chunks(
             src,
+            raw,
             store,
             &plan.chunks,
             parallel,
@@ -166,7 +171,7 @@ pub fn replicate(
         .with_context(|| format!("sending the chunks of restore point {id}"))?;
         report.chunks_sent += sent;
         for index in &plan.indexes {
-            let mut input = src.store().open_index(index)?;
+            let mut input = raw.open_index(index)?;
             let n = store
                 .put_stream(&store.key_index(index), &mut input, 0, &|n| {
                     throttle.take_blocking(n)
@@ -177,17 +182,22 @@ pub fn replicate(
         }
         // A parent pruned here and absent there: its record ends the chain there too.
         if let Some(link) = &plan.point.manifest.parent {
-            if !present.contains(&link.id) && !shipped.contains(&link.id) {
-                if let Some(end) = src.pruned_link(link)? {
-                    store
-                        .put_prune_record(&link.id, &end.bytes)
-                        .map_err(anyhow::Error::from)
-                        .map_err(with_resume)?;
-                }
+            // Checked through the key, shipped as stored.
+            if !present.contains(&link.id)
+                && !shipped.contains(&link.id)
+                && src.pruned_link(link)?.is_some()
+            {
+                let stored = raw
+                    .read_prune_record(&link.id)?
+                    .ok_or_else(|| FormatError::missing(format!("prune record of {}", link.id)))?;
+                store
+                    .put_prune_record(&link.id, &stored)
+                    .map_err(anyhow::Error::from)
+                    .map_err(with_resume)?;
             }
         }
         // The commit point: last, after the server acknowledged everything it names.
-        let manifest = src.store().read_manifest(&id)?;
+        let manifest = raw.read_manifest(&id)?;
         throttle.take_blocking(manifest.len() as u64);
         bytes_sent.fetch_add(manifest.len() as u64, Ordering::Relaxed);
         store
@@ -205,8 +215,10 @@ pub fn replicate(
 
 /// Sends `chunks` with `parallel` requests in flight; each blob is read and checked
 /// against its digest first. Memory: two buffers per sender. Returns the count sent.
+#[allow(clippy::too_many_arguments)]
 fn send_chunks(
     src: &Repository,
+    raw: &dyn StoreRead,
     store: &S3Store,
     chunks: &[(Digest, u32)],
     parallel: usize,
@@ -221,16 +233,24 @@ fn send_chunks(
     std::thread::scope(|s| {
         for _ in 0..parallel.min(chunks.len()) {
             s.spawn(|| {
-                let (mut blob, mut plain) = (Vec::new(), Vec::new());
+                let (mut blob, mut opened, mut plain) = (Vec::new(), Vec::new(), Vec::new());
                 let ids = src.chunk_ids();
+                let sealed = src.protection() == bkimg_format::keys::Mode::Encrypted;
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(d, len)) = chunks.get(i) else {
                         break;
                     };
                     let result = (|| -> Result<()> {
-                        src.store().read_chunk(&d, &mut blob)?;
-                        chunk::decode_into(&blob, &d, &ids, &mut plain).map_err(|e| {
+                        raw.read_chunk(&d, &mut blob)?;
+                        let check = if sealed {
+                            opened.clone_from(&blob);
+                            src.store().open_stored_chunk(&d, &mut opened)?;
+                            &opened
+                        } else {
+                            &blob
+                        };
+                        chunk::decode_into(check, &d, &ids, &mut plain).map_err(|e| {
                             anyhow::Error::from(e).context(
                                 "the local repository is damaged: this chunk is not shipped \
                                  (run bkimg verify on the repository)",
