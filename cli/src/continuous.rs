@@ -116,8 +116,18 @@ pub fn run(args: &ReplicateArgs, c: &ContinuousArgs) -> Result<i32> {
     if !live && (c.store.is_some() || c.store_size.is_some() || c.max_store.is_some()) {
         log("--store, --store-size and --max-store are ignored: the captures are not live");
     }
+    // Unlocked once, before the first cycle (every later unlock reuses it).
+    let repo = args.repo.path();
+    args.unlock.refuse_new_repository(repo)?;
+    let protection = if bkimg_format::store::LocalDir::is_repository(repo) {
+        let (store, config) = bkimg_format::store::LocalDir::open_any(repo)?;
+        crate::cmd::key::protection(&store, &config, &args.unlock)?
+    } else {
+        Arc::new(bkimg_format::protect::Protection::none())
+    };
     let mut capture = LocalCapture {
-        repo: args.repo.path().to_path_buf(),
+        repo: repo.to_path_buf(),
+        protection,
         sources: c.sources.clone(),
         live: live.then(|| LiveOptions {
             store: c.store.clone(),
@@ -198,7 +208,7 @@ impl Retain for Prune<'_> {
                     &place,
                     &args.s3_settings(),
                     &policy,
-                    &crate::cmd::key::Unlock::default(),
+                    &args.unlock,
                     false,
                     false,
                 );

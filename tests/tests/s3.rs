@@ -1263,6 +1263,48 @@ fn an_encrypted_repository_is_shipped_sealed_and_restores_from_the_bucket() {
     ]);
     assert_eq!(fs::read(&target2).unwrap(), changed);
 
+    // Continuous replication with pruning at both ends, unlocked once for all cycles.
+    let out = s.ok(&[
+        "replicate",
+        "--continuous",
+        "--every",
+        "1s",
+        "--cycles",
+        "3",
+        "--keep-last",
+        "2",
+        "--prune-every",
+        "1ms",
+        "--repo",
+        p(&repo),
+        "--to",
+        &url,
+        "--json",
+        "--quiet",
+        "--password-file",
+        p(&pw),
+        p(&img),
+    ]);
+    assert_eq!(
+        out.stdout.lines().count(),
+        3,
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    for f in objects(&s.dir("sealed")) {
+        let bytes = fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(20).any(|w| w == &marker[7..27]),
+            "{}",
+            f.display()
+        );
+    }
+    let listed = run(with_pw(&["list", "--repo", &url, "--json"])).json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    run(with_pw(&["verify", "--repo", &url]));
+    run(with_pw(&["verify", "--repo", p(&repo)]));
+
     // The passphrase slot removed at the source: gone from the bucket at the next run.
     let keys = s.ok(&["key", "list", "--repo", p(&repo), "--json"]).json();
     let pass_slot = keys["slots"]

@@ -133,10 +133,27 @@ pub fn protection_with(
         }
         return Ok(Arc::new(Protection::none()));
     };
+    // A long-running command (replicate --continuous) unlocks each cycle: the passphrase
+    // is asked, and Argon2id run, once per process and repository.
+    static UNLOCKED: std::sync::Mutex<Vec<(String, String, Arc<Protection>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut unlocked = UNLOCKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, p)) = unlocked
+        .iter()
+        .find(|(id, check, _)| *id == config.repository_id && *check == enc.key_check)
+    {
+        return Ok(p.clone());
+    }
     let slots = decode_slots(slots()?, config)?;
     let (master, _) = unlock(config, &slots, how)?;
     let keys = enc.keys(&master, &config.repository_id)?;
-    Ok(Arc::new(Protection::new(enc, keys)))
+    let protection = Arc::new(Protection::new(enc, keys));
+    unlocked.push((
+        config.repository_id.clone(),
+        enc.key_check.clone(),
+        protection.clone(),
+    ));
+    Ok(protection)
 }
 
 /// A repository read through its protection (directly when it has none).

@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bkimg_capture::live::{LiveOptions, Log, Session, SnapshotControl};
 use bkimg_capture::{CaptureOptions, Silent};
+use bkimg_format::keys::Mode;
+use bkimg_format::protect::Protection;
 use bkimg_format::repo::Repository;
-use bkimg_format::store::LocalDir;
+use bkimg_format::store::{LocalDir, Protected};
 
 use super::{Capture, CaptureSummary, Point};
 
@@ -31,15 +33,30 @@ pub struct LocalCapture {
     /// Set to interrupt a live capture under way: its snapshot is released and nothing is
     /// committed. (A stop of the loop lets the capture under way finish.)
     pub abort: Arc<AtomicBool>,
+    /// The repository's protection, unlocked once before the first cycle (none for an
+    /// unprotected repository).
+    pub protection: Arc<Protection>,
 }
 
 impl Capture for LocalCapture {
     fn capture(&mut self, has_parent: bool) -> Result<CaptureSummary> {
         let started = Instant::now();
         let (id, created) = bkimg_capture::new_point_id()?;
-        let store =
-            LocalDir::open_or_create(&self.repo, &uuid::Uuid::new_v4().to_string(), &created)?;
-        let reader = Repository::new(Box::new(LocalDir::open(&self.repo)?));
+        let (store, config) =
+            LocalDir::open_or_create_any(&self.repo, &uuid::Uuid::new_v4().to_string(), &created)?;
+        let mode = config.encryption.as_ref().map_or(Mode::None, |e| e.mode);
+        if mode != self.protection.mode() {
+            bail!(
+                "{} changed its protection since replication started (now {mode:?}): restart \
+                 the replication",
+                self.repo.display()
+            );
+        }
+        let store = Protected::new(store, self.protection.clone());
+        let reader = Repository::new(Box::new(Protected::new(
+            LocalDir::open_any(&self.repo)?.0,
+            self.protection.clone(),
+        )));
         let parent = match has_parent {
             true => Some(
                 reader

@@ -83,6 +83,7 @@ fn setup() -> (tempfile::TempDir, LocalCapture, PathBuf) {
         tool: "test".into(),
         log: Arc::new(|_: &str| {}),
         abort: Arc::new(AtomicBool::new(false)),
+        protection: Arc::new(bkimg_format::protect::Protection::none()),
     };
     (dir, capture, repo)
 }
