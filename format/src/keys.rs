@@ -196,6 +196,7 @@ pub struct Wrapped {
 }
 
 /// What unlocks a slot.
+#[derive(Clone, Copy)]
 pub enum Secret<'a> {
     Passphrase(&'a [u8]),
     KeyFile(&'a Key),

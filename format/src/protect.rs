@@ -12,8 +12,9 @@ use std::sync::Arc;
 use crate::crypto::{fill_random, Aead, Key, ObjectKind, RepoKeys, NONCE_LEN, TAG_LEN};
 use crate::digest::Digest;
 use crate::error::{FormatError, Result};
-use crate::keys::{Encryption, Mode};
+use crate::keys::{Encryption, Mode, Secret, Slot};
 use crate::magic;
+use crate::store::local::RepoConfig;
 
 /// How chunk ids are computed: SHA-256 of the plaintext, or HMAC-SHA256 with the
 /// repository's chunk-id key (§18.3). All-zero chunks are holes either way.
@@ -81,6 +82,54 @@ impl Protection {
             aead: encryption.aead,
             keys: (encryption.mode != Mode::None).then(|| Arc::new(keys)),
         }
+    }
+
+    /// Unlocks a repository from its config and stored key slots (id and bytes) with one
+    /// secret: the first slot of the secret's kind that it opens. A secret that opens
+    /// none is [`FormatError::Denied`]; a slot of another repository is corrupt.
+    pub fn unlock(
+        config: &RepoConfig,
+        slots: &[(String, Vec<u8>)],
+        secret: Secret,
+    ) -> Result<Protection> {
+        let Some(enc) = &config.encryption else {
+            return Ok(Protection::none());
+        };
+        let kind = match secret {
+            Secret::Passphrase(_) => "passphrase",
+            Secret::KeyFile(_) => "key-file",
+        };
+        let mut tried = 0;
+        for (id, bytes) in slots {
+            let slot = Slot::decode(bytes)?;
+            if slot.slot_id != *id || slot.repository_id != config.repository_id {
+                return Err(FormatError::corrupt(
+                    format!("key slot {id}"),
+                    "it names another slot or repository (copied from elsewhere?)",
+                ));
+            }
+            if slot.kind() != kind {
+                continue;
+            }
+            tried += 1;
+            match slot.unlock(secret) {
+                Ok(master) => {
+                    let keys = enc.keys(&master, &config.repository_id)?;
+                    return Ok(Protection::new(enc, keys));
+                }
+                Err(FormatError::Denied(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FormatError::Denied(format!(
+            "the {} unlocks none of the {tried} {kind} slot(s) of repository {}",
+            if kind == "key-file" {
+                "key file"
+            } else {
+                "passphrase"
+            },
+            config.repository_id
+        )))
     }
 
     pub fn mode(&self) -> Mode {

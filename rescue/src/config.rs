@@ -66,6 +66,12 @@ pub struct RescueConfig {
     pub aws_access_key_id: Option<String>,
     #[serde(default)]
     pub aws_secret_access_key: Option<String>,
+    /// The key file of an encrypted or signed repository: "LABEL=NAME:/path" or
+    /// "UUID=...:/path" on another disk (a second stick), or a path on the media (also
+    /// `bkimg.key-file=`). A file `bkimg.key` on the BKIMG-CONF partition is used too;
+    /// without either, a person at the console is asked for the passphrase.
+    #[serde(default)]
+    pub key_file: Option<String>,
     /// A standby host as the repository (`repository = "bkimg://HOST:PORT"`): its pinned
     /// fingerprint and this stick's reader key.
     #[serde(default)]
@@ -207,6 +213,7 @@ impl RescueConfig {
                 "interface" => self.network.interface = Some(value.to_string()),
                 "s3-access-key" => self.aws_access_key_id = Some(value.to_string()),
                 "s3-secret-key" => self.aws_secret_access_key = Some(value.to_string()),
+                "key-file" => self.key_file = Some(value.to_string()),
                 "target" => {
                     // bkimg.target=disk0=/dev/nvme0n1
                     let (source, target) = value.split_once('=').ok_or_else(|| {

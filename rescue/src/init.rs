@@ -5,12 +5,16 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bkimg_format::keys::Secret;
 use bkimg_format::progress::Progress;
+use bkimg_format::protect::Protection;
 use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::local::RepoConfig;
+use bkimg_format::store::{LocalDir, Protected};
 use bkimg_restore::RestoreRequest;
 
 use crate::config::{After, RescueConfig, SiteConfig};
@@ -277,10 +281,22 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
     console.line(&format!("repository: {}", repo_path.display()));
     let url = repo_path.to_str().unwrap_or_default();
     let remote = url.starts_with("s3://") || url.starts_with("bkimg://");
+    let site_key = site_partition.as_ref().and_then(|p| p.key.as_deref());
     let repo = if url.starts_with("s3://") {
-        open_s3(console, &config, &site, url)?
+        open_s3(console, &config, &site, url, site_key)?
     } else if url.starts_with("bkimg://") {
         open_standby(console, &config, url)?
+    } else if repo_path.is_dir() {
+        let (store, repo_config) = LocalDir::open_any(&repo_path)
+            .with_context(|| format!("opening the repository {}", repo_path.display()))?;
+        let protection = unlock(
+            console,
+            &config,
+            &repo_config,
+            &store.key_slots()?,
+            site_key,
+        )?;
+        Repository::new(Box::new(Protected::new(store, protection)))
     } else {
         Repository::open(&repo_path)
             .with_context(|| format!("opening the repository {}", repo_path.display()))?
@@ -504,6 +520,7 @@ fn open_s3(
     config: &RescueConfig,
     site: &SiteConfig,
     url: &str,
+    site_key: Option<&[u8]>,
 ) -> Result<Repository> {
     let how = crate::net::bring_up(&config.network, Duration::from_secs(60))?;
     console.line(&format!("network: {how}"));
@@ -537,10 +554,102 @@ fn open_s3(
         fallback_region: site.s3.region.clone(),
     };
     let store = bkimg_replicate::s3::S3Store::open(url, &settings)?;
-    store
-        .check_config()
+    let repo_config = store
+        .config(true)
         .with_context(|| format!("reaching the repository {url}"))?;
-    Ok(Repository::new(Box::new(store)))
+    let slots = if repo_config.encryption.is_some() {
+        store.key_slots()?
+    } else {
+        Vec::new()
+    };
+    let protection = unlock(console, config, &repo_config, &slots, site_key)?;
+    Ok(Repository::new(Box::new(Protected::new(store, protection))))
+}
+
+/// The protection of an encrypted or signed repository, unlocked with its key file
+/// (`key-file`, else `bkimg.key` on the BKIMG-CONF partition), else with a passphrase a
+/// person types at the console (not echoed). Nothing to unlock with, unattended: refused.
+fn unlock(
+    console: &Console,
+    config: &RescueConfig,
+    repo_config: &RepoConfig,
+    slots: &[(String, Vec<u8>)],
+    site_key: Option<&[u8]>,
+) -> Result<Arc<Protection>> {
+    let Some(enc) = &repo_config.encryption else {
+        return Ok(Arc::new(Protection::none()));
+    };
+    let mode = match enc.mode {
+        bkimg_format::keys::Mode::Signed => "signed",
+        _ => "encrypted",
+    };
+    let key_bytes = match &config.key_file {
+        Some(spec) => Some(read_key_file(spec)?),
+        None => site_key.map(<[u8]>::to_vec),
+    };
+    if let Some(bytes) = key_bytes {
+        let key = bkimg_format::keys::parse_key_file(&bytes)
+            .context("the key file is not a bkimg key file (32 bytes, or 64 hex digits)")?;
+        let p = Protection::unlock(repo_config, slots, Secret::KeyFile(&key))?;
+        console.line(&format!(
+            "the repository is {mode}: unlocked with its key file"
+        ));
+        return Ok(Arc::new(p));
+    }
+    if config.unattended {
+        bail!(
+            "the repository is {mode} and no key file was given: set key-file in [rescue] \
+             (LABEL=NAME:/path on a second stick, or a path on the media), put it on the \
+             BKIMG-CONF partition as bkimg.key, or boot with bkimg.auto=0 to type the \
+             passphrase"
+        );
+    }
+    let passphrase = console.ask_secret(&format!(
+        "the repository is {mode}: passphrase (not shown):"
+    ))?;
+    let p = Protection::unlock(
+        repo_config,
+        slots,
+        Secret::Passphrase(passphrase.as_bytes()),
+    )
+    .map_err(|e| match e {
+        bkimg_format::FormatError::Denied(m) => {
+            anyhow!("{m}: check the passphrase and try again (exit)")
+        }
+        other => other.into(),
+    })?;
+    console.line("unlocked");
+    Ok(Arc::new(p))
+}
+
+/// The bytes of a key file: "LABEL=NAME:/path" or "UUID=...:/path" on another disk
+/// (mounted read-only for the read), else a path on the media, else as given.
+fn read_key_file(spec: &str) -> Result<Vec<u8>> {
+    if spec.starts_with("LABEL=") || spec.starts_with("UUID=") {
+        let (fs_spec, path) = spec
+            .split_once(':')
+            .ok_or_else(|| anyhow!("key-file {spec:?}: write LABEL=NAME:/path/in/it"))?;
+        let dev = findfs(fs_spec)
+            .ok_or_else(|| anyhow!("no filesystem with {fs_spec} for the key file"))?;
+        let fs = fs_type(&dev).ok_or_else(|| {
+            anyhow!(
+                "{} ({fs_spec}) holds no filesystem the rescue reads",
+                dev.display()
+            )
+        })?;
+        mount_ro(&dev, KEY_MOUNT, fs)
+            .with_context(|| format!("mounting {} ({fs_spec}) read-only", dev.display()))?;
+        let bytes = std::fs::read(Path::new(KEY_MOUNT).join(path.trim_start_matches('/')));
+        let _ = nix::mount::umount(KEY_MOUNT);
+        return bytes.with_context(|| format!("reading the key file {path} on {fs_spec}"));
+    }
+    let on_media = Path::new(MEDIA_MOUNT).join(spec.trim_start_matches('/'));
+    let path = if on_media.exists() {
+        on_media
+    } else {
+        PathBuf::from(spec)
+    };
+    std::fs::read(&path).with_context(|| format!("reading the key file {}", path.display()))
 }
 
 /// Settings kept apart from the image (credentials, the site's repository): a small
@@ -551,11 +660,15 @@ struct SitePartition {
     /// Whole disk (kernel name): never a restore target.
     disk: String,
     text: String,
+    /// `bkimg.key` on it: the key file of an encrypted repository.
+    key: Option<Vec<u8>>,
 }
 
 const SITE_LABEL: &str = "BKIMG-CONF";
 const SITE_FILE: &str = "bkimg-rescue.toml";
 const SITE_MOUNT: &str = "/run/site-config";
+const SITE_KEY: &str = "bkimg.key";
+const KEY_MOUNT: &str = "/run/key-file";
 
 fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<SitePartition>> {
     let Some(dev) = findfs(&format!("LABEL={SITE_LABEL}")) else {
@@ -576,8 +689,10 @@ fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<Sit
     }
     let mounted = mount_ro(&dev, SITE_MOUNT, fs)
         .with_context(|| format!("mounting {} ({SITE_LABEL}) read-only", dev.display()));
+    let mut key = None;
     let text = mounted.map(|()| {
         let text = std::fs::read_to_string(Path::new(SITE_MOUNT).join(SITE_FILE));
+        key = std::fs::read(Path::new(SITE_MOUNT).join(SITE_KEY)).ok();
         let _ = nix::mount::umount(SITE_MOUNT);
         text
     });
@@ -596,7 +711,15 @@ fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<Sit
         dev.display(),
         crate::config::settings_in(&text).join(", ")
     ));
-    Ok(Some(SitePartition { dev, disk, text }))
+    if key.is_some() {
+        console.line(&format!("key file {SITE_KEY} on {}", dev.display()));
+    }
+    Ok(Some(SitePartition {
+        dev,
+        disk,
+        text,
+        key,
+    }))
 }
 
 /// A standby host's repository, read over the standby protocol with this stick's reader

@@ -172,7 +172,20 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        // Busy for a moment when another test thread forks while this one has a file of
+        // the mount open: the child holds a copy of the descriptor until its exec closes
+        // it. On a loaded machine that moment can be long; a mount left behind would hold
+        // its loop device and make the next capture of the image refuse it as in use.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !Command::new("umount")
+            .arg(self.dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 }
 

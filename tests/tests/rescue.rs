@@ -1466,7 +1466,7 @@ impl Drop for Site {
 /// partition after the image, vfat labelled BKIMG-CONF, holding bkimg-rescue.toml. Here on
 /// the image file (the host scans no loop partitions: offsets instead). Run again, it
 /// replaces the file.
-fn settings_partition(stick: &Path, settings: &str) {
+fn settings_partition(stick: &Path, settings: &str) -> u64 {
     let info = sh_status("sgdisk", &["-i", "4", p(stick)]).1;
     let first = |info: &str| -> Option<u64> {
         info.lines()
@@ -1525,6 +1525,7 @@ fn settings_partition(stick: &Path, settings: &str) {
             "::/bkimg-rescue.toml",
         ],
     );
+    start
 }
 
 /// The data centre is gone, the bucket survived: a stick that carries neither an export
@@ -1988,5 +1989,121 @@ fn pxe_boot_restores_from_a_disk_found_by_label() {
         sha_prefix(&target, size),
         sha_prefix(&f.source, size),
         "the disk restored after a network boot differs; console:\n{console}"
+    );
+}
+
+/// An encrypted repository on a second disk of the machine (`LABEL=BKBACKUP:/repo`):
+/// unattended and with no key anywhere, the rescue refuses with what to do and writes
+/// nothing; with the repository's key file on the stick's BKIMG-CONF partition
+/// (`bkimg.key`) it unlocks the repository and restores the disk byte for byte.
+#[test]
+fn an_encrypted_repository_restores_with_the_key_file_from_the_stick() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = fresh_dir(f.dir.path().join("encrypted"));
+    let root = dir.join("backup-root");
+    let repo = root.join("repo");
+    std::fs::create_dir_all(&root).unwrap();
+    let (pw, key) = (dir.join("pw"), dir.join("repo.key"));
+    std::fs::write(&pw, "rescue passphrase\n").unwrap();
+    bkimg_ok(&[
+        "key",
+        "init",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "--key-file-out",
+        p(&key),
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    bkimg_ok(&[
+        "capture",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "-q",
+        p(&f.source),
+    ]);
+    let backup = dir.join("backup.img");
+    blank(&backup, 256 << 20);
+    sh(
+        "mkfs.ext4",
+        &["-q", "-F", "-L", "BKBACKUP", "-d", p(&root), p(&backup)],
+    );
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        "[rescue]\nunattended = true\nafter = \"poweroff\"\nrepository = \"LABEL=BKBACKUP:/repo\"\n",
+    )
+    .unwrap();
+    let image = dir.join("rescue.img");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&image),
+        "-q",
+    ]);
+    let size = std::fs::metadata(&f.source).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+
+    let mut vm = Vm::start_in(
+        &dir,
+        "enc-nokey",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target, &backup],
+    );
+    let console = vm.wait_for("bkimg-rescue: starting a shell");
+    drop(vm);
+    assert!(
+        console.contains("RESTORE FAILED: the repository is encrypted and no key file was given"),
+        "{console}"
+    );
+    assert!(all_zero(&target), "the target was written to");
+
+    let start = settings_partition(&image, "[rescue]\nunattended = true\n");
+    sh(
+        "mcopy",
+        &[
+            "-o",
+            "-i",
+            &format!("{}@@{}", p(&image), start * 512),
+            p(&key),
+            "::/bkimg.key",
+        ],
+    );
+    let mut vm = Vm::start_in(
+        &dir,
+        "enc-key",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target, &backup],
+    );
+    let console = vm.wait_poweroff();
+    drop(vm);
+    assert!(
+        console.contains("bkimg-rescue: key file bkimg.key on"),
+        "{console}"
+    );
+    assert!(
+        console.contains("the repository is encrypted: unlocked with its key file"),
+        "{console}"
+    );
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&f.source, size),
+        "the restored disk differs from the captured one; console:\n{console}"
     );
 }
