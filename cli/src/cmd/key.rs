@@ -144,10 +144,21 @@ pub fn protection_with(
     {
         return Ok(p.clone());
     }
-    let slots = decode_slots(slots()?, config)?;
-    let (master, _) = unlock(config, &slots, how)?;
-    let keys = enc.keys(&master, &config.repository_id)?;
-    let protection = Arc::new(Protection::new(enc, keys));
+    let slots = slots()?;
+    let protection = Arc::new(match &how.key_file {
+        Some(path) => {
+            let bytes = Zeroizing::new(
+                std::fs::read(path)
+                    .with_context(|| format!("reading key file {}", path.display()))?,
+            );
+            let key = keys::parse_key_file(&bytes)?;
+            Protection::unlock(config, &slots, Secret::KeyFile(&key))?
+        }
+        None => {
+            let passphrase = read_passphrase(how.password_file.as_deref(), "Passphrase: ")?;
+            Protection::unlock(config, &slots, Secret::Passphrase(passphrase.as_bytes()))?
+        }
+    });
     unlocked.push((
         config.repository_id.clone(),
         enc.key_check.clone(),
