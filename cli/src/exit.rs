@@ -42,7 +42,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(f) = cause.downcast_ref::<FormatError>() {
             return match f {
                 FormatError::Corrupt { .. } => DAMAGED,
-                FormatError::Unsupported { .. } => UNSUPPORTED,
+                FormatError::Unsupported { .. } | FormatError::Unavailable { .. } => UNSUPPORTED,
                 FormatError::Missing { .. } | FormatError::NotRepository(_) => NOT_FOUND,
                 FormatError::Busy(_) => BUSY,
                 FormatError::Denied(_) => DENIED,

@@ -44,9 +44,14 @@ pub struct Manifest {
     /// "snapshot", "offline" or "inconsistent"; absent in manifests of older writers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<String>,
-    /// Position in the repository's history (§7.8): one more than the largest sequence
-    /// of the restore points the writer saw; absent in manifests of older writers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Position in the repository's history (§7.8): one more than the largest of the
+    /// restore points the writer saw; absent in manifests of older writers. Named
+    /// `point_sequence` in the document, apart from a disk's tracking `sequence`.
+    #[serde(
+        default,
+        rename = "point_sequence",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sequence: Option<u64>,
 }
 

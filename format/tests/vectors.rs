@@ -47,7 +47,7 @@ fn list(v: &Value) -> &Vec<Value> {
 fn class(e: &FormatError) -> &'static str {
     match e {
         FormatError::Corrupt { .. } => "corrupt",
-        FormatError::Unsupported { .. } => "unsupported",
+        FormatError::Unsupported { .. } | FormatError::Unavailable { .. } => "unsupported",
         FormatError::Missing { .. } => "missing",
         FormatError::NotRepository(_) => "not-repository",
         FormatError::Busy(_) => "busy",

@@ -473,7 +473,7 @@ fn a_rolled_back_or_unprotected_repository_is_refused_by_a_client_that_saw_it() 
         .unwrap()
         .to_string();
     let info = env.ok(&env.with_pw("info", &[&b, "--json"])).json();
-    assert_eq!(info["manifest"]["sequence"], 2, "{info}");
+    assert_eq!(info["manifest"]["point_sequence"], 2, "{info}");
 
     // The newest point removed (as someone with write access but no key can): refused,
     // until accepted once.

@@ -41,7 +41,7 @@ pub fn run(args: ExportArgs, config: &Config) -> Result<i32> {
     let repo = open_repository(repo.path(), &standby, &unlock, 1, config)?;
     if repo.protection() != bkimg_format::keys::Mode::None {
         // An export file has no place for a key yet: it would carry the disk in plaintext.
-        return Err(bkimg_format::FormatError::unsupported(
+        return Err(bkimg_format::FormatError::unavailable(
             format!("repository {}", repo.location()),
             "encryption: an export file cannot carry an encrypted or signed restore point \
              yet (it would be written unprotected); replicate it to S3 instead, which keeps \

@@ -116,7 +116,7 @@ pub fn parse_config(
             other => other,
         })?;
     if features.incompat & FEATURE_ENCRYPTION != 0 && !protected {
-        return Err(FormatError::unsupported(
+        return Err(FormatError::unavailable(
             what,
             "encryption (config feature bit 0x1): this command cannot read an encrypted or \
              signed repository yet (capture, list, info, verify, restore, prune and \
@@ -876,8 +876,12 @@ mod tests {
         drop(LocalDir::open_or_create(&root, "r", "2026-01-01T00:00:00Z").unwrap());
         encrypt(&root, Mode::Encrypted, true);
         let e = LocalDir::open(&root).err().expect("refused");
-        assert!(matches!(e, FormatError::Unsupported { .. }), "{e}");
-        assert!(e.to_string().contains("bkimg key"), "{e}");
+        assert!(matches!(e, FormatError::Unavailable { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cannot read an encrypted or signed repository yet"),
+            "{e}"
+        );
         assert!(LocalDir::open_or_create(&root, "x", "y").is_err());
         let (store, config) = LocalDir::open_for_keys(&root).unwrap();
         assert_eq!(config.encryption.unwrap().mode, Mode::Encrypted);

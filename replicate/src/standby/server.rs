@@ -283,7 +283,7 @@ fn error_code(e: &anyhow::Error) -> &'static str {
         if let Some(f) = c.downcast_ref::<FormatError>() {
             return match f {
                 FormatError::Corrupt { .. } => "damaged",
-                FormatError::Unsupported { .. } => "unsupported",
+                FormatError::Unsupported { .. } | FormatError::Unavailable { .. } => "unsupported",
                 FormatError::Missing { .. } => "incomplete",
                 _ => "internal",
             };
