@@ -31,9 +31,12 @@ use bkimg_capture::fs::{self as capfs, FsInfo, FsKind};
 use bkimg_capture::region::Region;
 use bkimg_format::changemap::ChangeMap;
 use bkimg_format::chunk::{self, ChunkHeader};
+use bkimg_format::crypto::{Aead, Key, ObjectKind, RepoKeys};
 use bkimg_format::digest::Digest;
 use bkimg_format::index::{self, EntryReader, IndexHeader};
+use bkimg_format::keys::{Secret, Slot};
 use bkimg_format::manifest::{Content, Manifest};
+use bkimg_format::protect::{mac_open, mac_seal, StreamOpener};
 use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::store::export::ExportFile;
@@ -59,6 +62,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("partition_table", partition_table),
     ("ext4", ext4),
     ("xfs", xfs),
+    ("envelopes", envelopes),
 ];
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -254,6 +258,82 @@ pub fn repo_config(data: &[u8]) {
         );
         assert_eq!(f2, features);
     });
+}
+
+// ---- protected repositories --------------------------------------------------------
+
+/// The keys every protected-object input is opened with (spec/format.md §18): a fixed
+/// master key, so corpus seeds sealed with it open and the fuzzer mutates from there.
+fn fuzz_keys() -> &'static Arc<RepoKeys> {
+    static KEYS: std::sync::OnceLock<Arc<RepoKeys>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| Arc::new(RepoKeys::derive(&Key::from_bytes([0x5a; 32]), "fuzz")))
+}
+
+/// What an attacker who can write a repository's store hands a reader with the key
+/// (format/src/crypto.rs, protect.rs, keys.rs): the first byte picks the parser, the rest
+/// is the stored object. Single envelopes, segmented envelopes (indexes) and MAC
+/// envelopes must refuse anything they did not seal, without panicking or allocating
+/// beyond the input; what opens must seal again to an object that opens to the same
+/// bytes. Key slots are decoded and checked (the KDF is run only for costs a fuzzer can
+/// afford: a slot's cost is bounded by its checks, not by this harness).
+pub fn envelopes(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    let keys = fuzz_keys();
+    let kinds = [
+        ObjectKind::Chunk,
+        ObjectKind::Index,
+        ObjectKind::Manifest,
+        ObjectKind::PruneRecord,
+    ];
+    let kind = kinds[usize::from(which >> 4) % kinds.len()];
+    match which & 3 {
+        0 => {
+            if let Ok(plain) = keys.open(kind, "object", rest) {
+                let again = keys.seal(Aead::preferred(), kind, "object", &plain);
+                assert_eq!(keys.open(kind, "object", &again).expect("re-seals"), plain);
+                assert!(
+                    keys.open(kind, "another", rest).is_err(),
+                    "opened under two names"
+                );
+            }
+        }
+        1 => {
+            let opened = StreamOpener::new(keys, ObjectKind::Index, "index".into(), rest).and_then(
+                |mut r| {
+                    let mut out = Vec::new();
+                    r.read_to_end(&mut out)
+                        .map(|_| out)
+                        .map_err(|e| bkimg_format::FormatError::corrupt("index", e.to_string()))
+                },
+            );
+            if let Ok(plain) = opened {
+                assert!(
+                    plain.len() <= rest.len(),
+                    "a stream opened to more than it holds"
+                );
+            }
+        }
+        2 => {
+            if let Ok(content) = mac_open(keys, kind, "point", rest) {
+                assert_eq!(mac_seal(keys, kind, "point", &content), rest);
+            }
+        }
+        _ => {
+            let Ok(slot) = Slot::decode(rest) else {
+                return;
+            };
+            assert_eq!(Slot::decode(&slot.encode()).expect("re-encodes"), slot);
+            let cheap = slot
+                .kdf
+                .params()
+                .is_none_or(|p| p.memory_kib <= 1024 && p.iterations <= 2);
+            if cheap {
+                let _ = slot.unlock(Secret::Passphrase(b"fuzz"));
+            }
+        }
+    }
 }
 
 // ---- export files ---------------------------------------------------------------------
