@@ -32,7 +32,7 @@ fn main() {
         .expect("usage: gen_crypto_vectors DIR");
     let master = Key::from_bytes(seq(0, 32).try_into().unwrap());
     let keys = RepoKeys::derive(&master, REPO_ID);
-    let enc = Encryption::new(Mode::Encrypted, &keys);
+    let enc = Encryption::with_aead(Mode::Encrypted, &keys, REPO_ID, Aead::Aes256Gcm);
 
     let text = b"bkimg test vector: the quick brown fox jumps over the lazy dog.\n".to_vec();
     let chunk_ids: Vec<Value> = [
@@ -370,6 +370,8 @@ fn main() {
             "data_key": hex::encode(keys.data_key().as_bytes()),
             "mac_key": hex::encode(keys.mac_key().as_bytes()),
             "key_check": enc.key_check,
+            "config_mac_content": String::from_utf8(enc.mac_content()).unwrap(),
+            "config_mac": enc.mac,
         },
         "chunk_ids": chunk_ids,
         "valid": envelopes,

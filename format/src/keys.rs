@@ -12,7 +12,7 @@ use chacha20poly1305::ChaCha20Poly1305;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::crypto::{self, Aead, Key, RepoKeys, KEY_LEN, NONCE_LEN};
+use crate::crypto::{self, Aead, Key, ObjectKind, RepoKeys, KEY_LEN, NONCE_LEN};
 use crate::error::{FormatError, Result};
 use crate::magic;
 use crate::sealed::{self, Features, Kind};
@@ -57,20 +57,49 @@ pub struct Encryption {
     pub aead: Aead,
     /// HMAC-SHA256(MAC key, "bkimg key check v1"), hex.
     pub key_check: String,
+    /// The MAC of the settings above and the repository id (spec/format.md §18.6), hex:
+    /// nobody without the key can change the mode (encrypted to signed would make
+    /// writers store plaintext) or the algorithms.
+    pub mac: String,
 }
 
 impl Encryption {
-    pub fn new(mode: Mode, keys: &RepoKeys) -> Encryption {
-        Encryption {
+    pub fn new(mode: Mode, keys: &RepoKeys, repository_id: &str) -> Encryption {
+        Self::with_aead(mode, keys, repository_id, Aead::preferred())
+    }
+
+    /// As [`new`](Self::new) with the writers' algorithm given (test vectors).
+    pub fn with_aead(mode: Mode, keys: &RepoKeys, repository_id: &str, aead: Aead) -> Encryption {
+        let mut e = Encryption {
             mode,
             key_derivation: "hkdf-sha256".into(),
             chunk_id: match mode {
                 Mode::Encrypted => "hmac-sha256".into(),
                 _ => "sha256".into(),
             },
-            aead: Aead::preferred(),
+            aead,
             key_check: hex::encode(keys.key_check()),
-        }
+            mac: String::new(),
+        };
+        e.mac = hex::encode(keys.mac(ObjectKind::Config, repository_id, &e.mac_content()));
+        e
+    }
+
+    /// What the config's MAC covers: each setting on a line of its own.
+    pub fn mac_content(&self) -> Vec<u8> {
+        let mode = match self.mode {
+            Mode::None => "none",
+            Mode::Encrypted => "encrypted",
+            Mode::Signed => "signed",
+        };
+        format!(
+            "mode={mode}\nkey_derivation={}\nchunk_id={}\naead={}\nkey_check={}\n",
+            self.key_derivation,
+            self.chunk_id,
+            self.aead.name(),
+            self.key_check
+        )
+        .into_bytes()
     }
 
     /// Derives the repository's keys from a master key and checks them against
@@ -83,6 +112,15 @@ impl Encryption {
                  (a key slot or key file of another repository?)"
             )));
         }
+        let mac = hex::decode(&self.mac).unwrap_or_default();
+        keys.verify_mac(ObjectKind::Config, repository_id, &self.mac_content(), &mac)
+            .map_err(|_| {
+                FormatError::corrupt(
+                    format!("repository config of {repository_id}"),
+                    "its encryption settings do not match their MAC: someone without the key \
+                 changed the mode or the algorithms (restore the config from a copy)",
+                )
+            })?;
         Ok(keys)
     }
 }
@@ -547,8 +585,15 @@ mod tests {
     fn the_key_check_refuses_another_repositorys_key() {
         let master = Key::random();
         let keys = RepoKeys::derive(&master, "r1");
-        let enc = Encryption::new(Mode::Encrypted, &keys);
+        let enc = Encryption::new(Mode::Encrypted, &keys, "r1");
         assert!(enc.keys(&master, "r1").is_ok());
+        let mut signed = enc.clone();
+        signed.mode = Mode::Signed;
+        signed.chunk_id = "sha256".into();
+        assert!(matches!(
+            signed.keys(&master, "r1"),
+            Err(FormatError::Corrupt { .. })
+        ));
         assert!(matches!(
             enc.keys(&Key::random(), "r1"),
             Err(FormatError::Denied(_))

@@ -50,9 +50,20 @@ fn derived_keys() {
     assert_eq!(keys.data_key(), &key(&d["data_key"]));
     assert_eq!(keys.mac_key(), &key(&d["mac_key"]));
     assert_eq!(
-        Encryption::new(Mode::Encrypted, &keys).key_check,
+        Encryption::new(Mode::Encrypted, &keys, v["repository_id"].as_str().unwrap()).key_check,
         d["key_check"].as_str().unwrap()
     );
+    let enc = Encryption::with_aead(
+        Mode::Encrypted,
+        &keys,
+        v["repository_id"].as_str().unwrap(),
+        Aead::Aes256Gcm,
+    );
+    assert_eq!(
+        String::from_utf8(enc.mac_content()).unwrap(),
+        d["config_mac_content"].as_str().unwrap()
+    );
+    assert_eq!(enc.mac, d["config_mac"].as_str().unwrap());
 }
 
 #[test]

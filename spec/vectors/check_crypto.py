@@ -159,6 +159,10 @@ def main():
         assert key.hex() == v["derived"][name], name
     check = hmac.new(keys["mac_key"], b"bkimg key check v1", hashlib.sha256).hexdigest()
     assert check == v["derived"]["key_check"]
+    content = v["derived"]["config_mac_content"].encode()
+    rid = v["repository_id"].encode()
+    msg = b"bkimg object mac v1" + bytes([5]) + struct.pack("<I", len(rid)) + rid + content
+    assert hmac.new(keys["mac_key"], msg, hashlib.sha256).hexdigest() == v["derived"]["config_mac"]
     for c in v["chunk_ids"]:
         assert chunk_id(keys, bytes.fromhex(c["plaintext_hex"])).hex() == c["id"], c["name"]
     for e in v["valid"]:

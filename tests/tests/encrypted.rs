@@ -352,6 +352,32 @@ fn tampering_with_an_encrypted_repository_is_refused_naming_the_object() {
     );
     fs::write(points.join(&second), &m2).unwrap();
     env.ok(&env.with_pw("verify", &[]));
+
+    // The config rewritten from encrypted to signed (so that a capture would store the
+    // next disk in plaintext): its settings no longer match their MAC.
+    use bkimg_format::store::local::{RepoConfig, CONFIG_KIND, CONFIG_KIND_KEYS};
+    let config_path = env.repo.join("config");
+    let original = fs::read(&config_path).unwrap();
+    let (mut config, _): (RepoConfig, _) =
+        bkimg_format::sealed::open(&CONFIG_KIND_KEYS, &original).unwrap();
+    let enc = config.encryption.as_mut().unwrap();
+    enc.mode = bkimg_format::keys::Mode::Signed;
+    enc.chunk_id = "sha256".into();
+    fs::write(
+        &config_path,
+        bkimg_format::sealed::seal(&CONFIG_KIND, config.features(), &config),
+    )
+    .unwrap();
+    disk_image(&img, 9);
+    env.fails(
+        &env.with_pw("capture", &["--quiet", p(&img)]),
+        3,
+        "do not match their MAC",
+    );
+    let n = env.chunk_files().len();
+    assert_eq!(n, chunks.len(), "nothing was stored");
+    fs::write(&config_path, &original).unwrap();
+    env.ok(&env.with_pw("verify", &[]));
 }
 
 #[test]

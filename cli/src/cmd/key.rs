@@ -378,7 +378,7 @@ fn init(args: InitArgs) -> Result<i32> {
             args.kdf.params(),
         )?);
     }
-    config.encryption = Some(Encryption::new(mode, &keys));
+    config.encryption = Some(Encryption::new(mode, &keys, &config.repository_id));
     store.replace_config(&config)?;
     report(
         &args.common,

@@ -859,7 +859,7 @@ mod tests {
         let config = RepoConfig {
             repository_id: "r".into(),
             created: "2026-01-01T00:00:00Z".into(),
-            encryption: Some(Encryption::new(mode, &keys)),
+            encryption: Some(Encryption::new(mode, &keys, "r")),
         };
         let mut features = config.features();
         if !bit {
