@@ -464,6 +464,18 @@ impl Slot {
         Ok(Key::from_bytes(key))
     }
 
+    /// Refuses a slot stored under another id or made for another repository (a slot
+    /// file copied from elsewhere).
+    pub fn check_stored_as(&self, id: &str, repository_id: &str) -> Result<()> {
+        if self.slot_id != id || self.repository_id != repository_id {
+            return Err(FormatError::corrupt(
+                format!("key slot {id}"),
+                "it names another slot or repository (copied from elsewhere?)",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         sealed::seal(&SLOT_KIND, Features::default(), self)
     }

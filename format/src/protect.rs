@@ -102,12 +102,7 @@ impl Protection {
         let mut tried = 0;
         for (id, bytes) in slots {
             let slot = Slot::decode(bytes)?;
-            if slot.slot_id != *id || slot.repository_id != config.repository_id {
-                return Err(FormatError::corrupt(
-                    format!("key slot {id}"),
-                    "it names another slot or repository (copied from elsewhere?)",
-                ));
-            }
+            slot.check_stored_as(id, &config.repository_id)?;
             if slot.kind() != kind {
                 continue;
             }

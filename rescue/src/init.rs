@@ -622,26 +622,33 @@ fn unlock(
     Ok(Arc::new(p))
 }
 
+/// Mounts read-only, at `dir`, the filesystem "LABEL=NAME:/path" or "UUID=...:/path"
+/// names, and returns where the path is in it. `setting` names the setting in messages.
+fn mount_labelled(setting: &str, spec: &str, dir: &str) -> Result<PathBuf> {
+    let (fs_spec, path) = spec
+        .split_once(':')
+        .ok_or_else(|| anyhow!("{setting} {spec:?}: write LABEL=NAME:/path/in/it"))?;
+    let dev =
+        findfs(fs_spec).ok_or_else(|| anyhow!("no filesystem with {fs_spec} on this machine"))?;
+    let fs = fs_type(&dev).ok_or_else(|| {
+        anyhow!(
+            "{} ({fs_spec}) holds no filesystem the rescue reads",
+            dev.display()
+        )
+    })?;
+    mount_ro(&dev, dir, fs)
+        .with_context(|| format!("mounting {} ({fs_spec}) read-only", dev.display()))?;
+    Ok(Path::new(dir).join(path.trim_start_matches('/')))
+}
+
 /// The bytes of a key file: "LABEL=NAME:/path" or "UUID=...:/path" on another disk
 /// (mounted read-only for the read), else a path on the media, else as given.
 fn read_key_file(spec: &str) -> Result<Vec<u8>> {
     if spec.starts_with("LABEL=") || spec.starts_with("UUID=") {
-        let (fs_spec, path) = spec
-            .split_once(':')
-            .ok_or_else(|| anyhow!("key-file {spec:?}: write LABEL=NAME:/path/in/it"))?;
-        let dev = findfs(fs_spec)
-            .ok_or_else(|| anyhow!("no filesystem with {fs_spec} for the key file"))?;
-        let fs = fs_type(&dev).ok_or_else(|| {
-            anyhow!(
-                "{} ({fs_spec}) holds no filesystem the rescue reads",
-                dev.display()
-            )
-        })?;
-        mount_ro(&dev, KEY_MOUNT, fs)
-            .with_context(|| format!("mounting {} ({fs_spec}) read-only", dev.display()))?;
-        let bytes = std::fs::read(Path::new(KEY_MOUNT).join(path.trim_start_matches('/')));
+        let path = mount_labelled("key-file", spec, KEY_MOUNT)?;
+        let bytes = std::fs::read(&path);
         let _ = nix::mount::umount(KEY_MOUNT);
-        return bytes.with_context(|| format!("reading the key file {path} on {fs_spec}"));
+        return bytes.with_context(|| format!("reading the key file {spec}"));
     }
     let on_media = Path::new(MEDIA_MOUNT).join(spec.trim_start_matches('/'));
     let path = if on_media.exists() {
@@ -1052,20 +1059,7 @@ fn repository_path(
             return Ok(PathBuf::from(r));
         }
         if r.starts_with("LABEL=") || r.starts_with("UUID=") {
-            let (spec, path) = r
-                .split_once(':')
-                .ok_or_else(|| anyhow!("repository {r:?}: write LABEL=NAME:/path/in/it"))?;
-            let dev =
-                findfs(spec).ok_or_else(|| anyhow!("no filesystem with {spec} on this machine"))?;
-            let fs = fs_type(&dev).ok_or_else(|| {
-                anyhow!(
-                    "{} ({spec}) holds no filesystem the rescue reads",
-                    dev.display()
-                )
-            })?;
-            mount_ro(&dev, REPO_MOUNT, fs)
-                .with_context(|| format!("mounting {} ({spec}) read-only", dev.display()))?;
-            return Ok(Path::new(REPO_MOUNT).join(path.trim_start_matches('/')));
+            return mount_labelled("repository", r, REPO_MOUNT);
         }
         let on_media = Path::new(MEDIA_MOUNT).join(r.trim_start_matches('/'));
         return Ok(if media.is_some() && on_media.exists() {

@@ -552,13 +552,7 @@ fn decode_slots(
     let mut slots = Vec::new();
     for (id, bytes) in raw {
         let slot = Slot::decode(&bytes).with_context(|| format!("reading key slot {id}"))?;
-        if slot.slot_id != id || slot.repository_id != config.repository_id {
-            return Err(FormatError::corrupt(
-                format!("key slot {id}"),
-                "it names another slot or repository (copied from elsewhere?)",
-            )
-            .into());
-        }
+        slot.check_stored_as(&id, &config.repository_id)?;
         slots.push(slot);
     }
     Ok(slots)

@@ -296,19 +296,7 @@ impl LocalDir {
     /// Opens a repository, encrypted or not, for changing its keys: no other process may
     /// use it meanwhile ([`FormatError::Busy`] at once otherwise).
     pub fn open_for_keys(root: &Path) -> Result<(LocalDir, RepoConfig)> {
-        read_config(root, true)?;
-        let lock = take_lock(root, Lock::Exclusive { wait: false })?;
-        let config = read_config(root, true)?;
-        Ok((
-            LocalDir {
-                root: root.to_path_buf(),
-                sealed_chunks: seals_chunks(&config),
-                scratch: OnceLock::new(),
-                scratch_seq: AtomicU64::new(0),
-                _lock: lock,
-            },
-            config,
-        ))
+        Self::open_exclusive_any(root, false)
     }
 
     /// Whether any restore point (or prune record) exists.
