@@ -24,14 +24,6 @@ impl<S> Protected<S> {
     pub fn new(inner: S, protection: Arc<Protection>) -> Protected<S> {
         Protected { inner, protection }
     }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
-    pub fn protection_of(&self) -> &Arc<Protection> {
-        &self.protection
-    }
 }
 
 impl<S: StoreRead> StoreRead for Protected<S> {
