@@ -118,6 +118,8 @@ pub fn run(args: &ReplicateArgs, c: &ContinuousArgs) -> Result<i32> {
     }
     // Unlocked once, before the first cycle (every later unlock reuses it).
     let repo = args.repo.path();
+    args.unlock
+        .refuse_unauthenticated("replicate --continuous")?;
     args.unlock.refuse_new_repository(repo)?;
     let protection = if bkimg_format::store::LocalDir::is_repository(repo) {
         let (store, config) = bkimg_format::store::LocalDir::open_any(repo)?;

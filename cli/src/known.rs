@@ -17,6 +17,8 @@ use bkimg_format::store::local::RepoConfig;
 use bkimg_format::FormatError;
 use serde::{Deserialize, Serialize};
 
+use crate::cmd::key::Unlock;
+
 #[derive(Serialize, Deserialize, Debug)]
 struct Seen {
     repository_id: String,
@@ -88,14 +90,19 @@ fn name(mode: Mode) -> &'static str {
 }
 
 /// Checks an opened local repository against what this client saw of it before, then
-/// records what it shows now. `accept_rollback` takes an older newest point (or a
-/// repository no longer protected) as the new truth instead of refusing it.
+/// records what it shows now. `--accept-rollback` takes an older newest point (or a
+/// repository no longer protected) as the new truth instead of refusing it. A repository
+/// read `--unauthenticated` is neither checked nor recorded: its sequences could be forged.
 pub fn check(
     location: &std::path::Path,
     config: &RepoConfig,
     repo: &Repository,
-    accept_rollback: bool,
+    unlock: &Unlock,
 ) -> Result<()> {
+    if unlock.unauthenticated {
+        return Ok(());
+    }
+    let accept_rollback = unlock.accept_rollback;
     let seen = load(&config.repository_id)?;
     let Some(enc) = &config.encryption else {
         if let (Some(seen), false) = (&seen, accept_rollback) {

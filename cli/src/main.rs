@@ -197,11 +197,43 @@ fn open_repository(
             let (store, repo_config) = LocalDir::open_any(location)?;
             let protection = cmd::key::protection(&store, &repo_config, unlock)?;
             let repo = cmd::key::protected_repository(store, protection);
-            known::check(location, &repo_config, &repo, unlock.accept_rollback)?;
+            known::check(location, &repo_config, &repo, unlock)?;
             Ok(repo)
         }
+        _ if location.is_file() && bkimg_format::store::ExportFile::looks_like_export(location) => {
+            let export = bkimg_format::store::ExportFile::open(location)?;
+            if !export.is_protected() {
+                unlock.refuse_for_unprotected(&location.display().to_string())?;
+                return Ok(Repository::new(Box::new(export)));
+            }
+            let what = format!("export file {}", location.display());
+            let config = bkimg_format::store::local::parse_config(
+                &export.config_bytes()?,
+                &what,
+                &format!("the repository config in {what}"),
+                true,
+            )?;
+            if config.encryption.is_none() {
+                return Err(bkimg_format::FormatError::corrupt(
+                    what,
+                    "it is marked protected but its repository config is not",
+                )
+                .into());
+            }
+            let protection = cmd::key::protection_with(
+                &location.display().to_string(),
+                &config,
+                || Ok(export.key_slots()?),
+                unlock,
+            )?;
+            // Not checked against what this client saw of the repository: an export holds
+            // one restore point, often not the newest, and that is no rollback.
+            Ok(Repository::new(Box::new(
+                bkimg_format::store::Protected::new(export, protection),
+            )))
+        }
         _ => {
-            unlock.refuse_for("an export file")?;
+            unlock.refuse_for("this location")?;
             Ok(Repository::open(location)?)
         }
     }

@@ -153,6 +153,7 @@ pub fn prune_location(
     dry_run: bool,
     wait: bool,
 ) -> Result<(Vec<Decision>, PruneReport)> {
+    unlock.refuse_unauthenticated("prune")?;
     match location.to_str() {
         Some(url) if url.starts_with("s3://") => {
             let store = Arc::new(S3Store::open(url, s3)?);
@@ -166,7 +167,7 @@ pub fn prune_location(
                 location,
                 &config,
                 &Repository::new(Box::new(protected.clone())),
-                unlock.accept_rollback,
+                unlock,
             )?;
             apply(protected, policy, &[], dry_run)
         }
@@ -178,7 +179,7 @@ pub fn prune_location(
                 location,
                 &config,
                 &Repository::new(Box::new(store.clone())),
-                unlock.accept_rollback,
+                unlock,
             )?;
             // On a standby: the points its replicas hold (or an interrupted apply names)
             // stay, so the next apply writes only changed chunks instead of whole disks.

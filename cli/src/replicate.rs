@@ -93,6 +93,7 @@ impl ReplicateArgs {
 
 /// Ships once to the target `--to` names; `quiet`: no progress bar.
 pub fn ship(args: &ReplicateArgs, quiet: bool) -> Result<Shipped> {
+    args.unlock.refuse_unauthenticated("replicate")?;
     let bar = Bar::new(quiet);
     let shipped = args.target().and_then(|t| {
         t.ship(

@@ -36,11 +36,6 @@ pub fn open(url: &str, settings: &S3Settings, unlock: &Unlock) -> Result<Reposit
     } else {
         Repository::new(Box::new(Protected::new(store, protection)))
     };
-    crate::known::check(
-        std::path::Path::new(url),
-        &config,
-        &repo,
-        unlock.accept_rollback,
-    )?;
+    crate::known::check(std::path::Path::new(url), &config, &repo, unlock)?;
     Ok(repo)
 }

@@ -1847,7 +1847,7 @@ fn exports(p: &TinyPoint) -> Res<Value> {
     let repo = Repository::new(Box::new(LocalDir::open(dir.path())?));
     let point = repo.point(CHILD_ID)?;
     let mut bytes = Vec::new();
-    repo.export(&point, &mut bytes, &mut |_| {})?;
+    repo.export(&point, None, &mut bytes, &mut |_| {})?;
     assert_eq!(
         rebuild(&bytes, &|_| false),
         bytes,
@@ -1914,8 +1914,14 @@ fn exports(p: &TinyPoint) -> Res<Value> {
         ),
         invalid_doc(
             "header-flags",
-            "header flags 0x1",
+            "header flags 0x2 (0x1 is a protected export, section 10.3)",
             "unsupported",
+            &edit(&|b| b[12] = 2),
+        ),
+        invalid_doc(
+            "flags-differ",
+            "header flags 0x1 (protected), trailer flags 0",
+            "corrupt",
             &edit(&|b| b[12] = 1),
         ),
         invalid_doc(
@@ -1926,9 +1932,9 @@ fn exports(p: &TinyPoint) -> Res<Value> {
         ),
         invalid_doc(
             "trailer-flags",
-            "trailer flags 0x1",
+            "trailer flags 0x2",
             "unsupported",
-            &edit(&|b| b[n - 52] = 1),
+            &edit(&|b| b[n - 52] = 2),
         ),
         invalid_doc(
             "directory-offset-wrong",

@@ -127,6 +127,31 @@ impl Protection {
         )))
     }
 
+    /// A signed repository read without its key (`--unauthenticated`): manifests and prune
+    /// records are taken out of their MAC envelopes unchecked, so anyone who could write to
+    /// the repository could have forged them. An encrypted repository cannot be read so.
+    /// Nothing can be written through it.
+    pub fn unauthenticated(encryption: &Encryption) -> Result<Protection> {
+        if encryption.mode == Mode::Encrypted {
+            return Err(FormatError::Denied(
+                "the repository is encrypted: it cannot be read without its key (only a \
+                 signed repository can be read unauthenticated)"
+                    .into(),
+            ));
+        }
+        Ok(Protection {
+            mode: encryption.mode,
+            aead: encryption.aead,
+            keys: None,
+        })
+    }
+
+    /// Whether what is read is checked against the repository's keys (false only for
+    /// [`unauthenticated`](Self::unauthenticated)).
+    pub fn authenticated(&self) -> bool {
+        self.mode == Mode::None || self.keys.is_some()
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }
@@ -164,12 +189,18 @@ impl Protection {
     }
 
     /// The stored form of a manifest or prune record (`name` is the restore point's id).
-    pub fn seal_document(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Vec<u8> {
-        match self.mode {
+    pub fn seal_document(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        if !self.authenticated() {
+            return Err(FormatError::Denied(format!(
+                "{} {name} cannot be signed: the repository was opened without its key",
+                kind.describe()
+            )));
+        }
+        Ok(match self.mode {
             Mode::None => bytes.to_vec(),
             Mode::Encrypted => self.keys().seal(self.aead, kind, name, bytes),
             Mode::Signed => mac_seal(self.keys(), kind, name, bytes),
-        }
+        })
     }
 
     /// Checks a stored manifest or prune record and returns its plain bytes.
@@ -177,7 +208,10 @@ impl Protection {
         match self.mode {
             Mode::None => Ok(stored),
             Mode::Encrypted => self.keys().open(kind, name, &stored),
-            Mode::Signed => mac_open(self.keys(), kind, name, &stored),
+            Mode::Signed => match &self.keys {
+                Some(keys) => mac_open(keys, kind, name, &stored),
+                None => mac_strip(kind, name, &stored).map(<[u8]>::to_vec),
+            },
         }
     }
 
@@ -223,6 +257,15 @@ pub fn mac_seal(keys: &RepoKeys, kind: ObjectKind, name: &str, content: &[u8]) -
 
 /// Checks a MAC envelope made by [`mac_seal`] for `kind` and `name`; returns the content.
 pub fn mac_open(keys: &RepoKeys, kind: ObjectKind, name: &str, stored: &[u8]) -> Result<Vec<u8>> {
+    let content = mac_strip(kind, name, stored)?;
+    let tag = &stored[stored.len() - MAC_LEN..];
+    keys.verify_mac(kind, name, content, tag)?;
+    Ok(content.to_vec())
+}
+
+/// The content of a MAC envelope whose form is checked but not its MAC (a signed
+/// repository read without its key).
+pub fn mac_strip<'a>(kind: ObjectKind, name: &str, stored: &'a [u8]) -> Result<&'a [u8]> {
     let what = || format!("{} {name}", kind.describe());
     if stored.len() < MAC_HEADER_LEN + MAC_LEN {
         return Err(FormatError::corrupt(
@@ -258,9 +301,7 @@ pub fn mac_open(keys: &RepoKeys, kind: ObjectKind, name: &str, stored: &[u8]) ->
             "reserved envelope bytes are not zero",
         ));
     }
-    let (content, tag) = stored[MAC_HEADER_LEN..].split_at(stored.len() - MAC_HEADER_LEN - MAC_LEN);
-    keys.verify_mac(kind, name, content, tag)?;
-    Ok(content.to_vec())
+    Ok(&stored[MAC_HEADER_LEN..stored.len() - MAC_LEN])
 }
 
 // ---------------------------------------------------------------------------------------

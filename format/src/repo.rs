@@ -36,6 +36,15 @@ pub struct Point {
     pub manifest_sha256: Digest,
 }
 
+/// A protected repository's objects as stored, for [`Repository::export`]: `raw` is the
+/// store under the repository's protection; `config` and `slots` its config and key slots
+/// as stored.
+pub struct StoredForm<'a> {
+    pub raw: &'a dyn StoreRead,
+    pub config: &'a [u8],
+    pub slots: &'a [(String, Vec<u8>)],
+}
+
 impl Repository {
     pub fn new(store: Box<dyn StoreRead>) -> Repository {
         Repository { store }
@@ -53,7 +62,16 @@ impl Repository {
                     location.display()
                 )));
             }
-            return Ok(Repository::new(Box::new(ExportFile::open(location)?)));
+            let export = ExportFile::open(location)?;
+            if export.is_protected() {
+                return Err(FormatError::unavailable(
+                    format!("export file {}", location.display()),
+                    "encryption: it holds an encrypted or signed restore point, which this \
+                     command cannot read (list, info, verify, restore and export can, with its \
+                     key)",
+                ));
+            }
+            return Ok(Repository::new(Box::new(export)));
         }
         Err(FormatError::NotRepository(format!(
             "{} does not exist: name a repository directory or an export file",
@@ -283,12 +301,21 @@ impl Repository {
     pub fn export(
         &self,
         point: &Point,
+        stored: Option<StoredForm<'_>>,
         out: impl Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let io = |e| FormatError::io("writing the export file", e);
-        let mut w = ExportWriter::new(out).map_err(io)?;
-        let (mut blob, mut plain, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+        let flags = if stored.is_some() {
+            crate::store::export::FLAG_PROTECTED
+        } else {
+            0
+        };
+        let mut w = ExportWriter::with_flags(out, flags).map_err(io)?;
+        // Objects are copied as stored (sealed) and checked through this repository.
+        let raw: &dyn StoreRead = stored.as_ref().map_or(self.store.as_ref(), |s| s.raw);
+        let (mut blob, mut opened, mut plain, mut batch) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let ids = self.store.chunk_ids();
         for (_, _, index) in point.manifest.indexes() {
             let Some(index) = index else { continue };
@@ -301,29 +328,50 @@ impl Repository {
                     if w.contains(ObjectKind::Chunk, d) {
                         continue;
                     }
-                    self.store.read_chunk(d, &mut blob)?;
+                    raw.read_chunk(d, &mut blob)?;
                     // Check before copying: an export must not carry damage silently.
-                    chunk::decode_into(&blob, d, &ids, &mut plain)?;
+                    let check = if stored.is_some() {
+                        opened.clone_from(&blob);
+                        self.store.open_stored_chunk(d, &mut opened)?;
+                        &opened
+                    } else {
+                        &blob
+                    };
+                    chunk::decode_into(check, d, &ids, &mut plain)?;
                     w.add(ObjectKind::Chunk, *d, &blob).map_err(io)?;
                     progress(plain.len() as u64);
                 }
             }
-            w.add_from(ObjectKind::Index, index, self.store.open_index(&index)?)
+            // Read whole above through this repository, so checked; copied as stored.
+            w.add_from(ObjectKind::Index, index, raw.open_index(&index)?)
                 .map_err(io)?;
         }
+        // The chain is checked (authenticated, when protected) before its stored forms are
+        // copied.
         let (ancestors, pruned) = self.chain(point)?;
         for ancestor in ancestors {
-            let bytes = self.store.read_manifest(&ancestor.manifest.id)?;
+            let bytes = raw.read_manifest(&ancestor.manifest.id)?;
             w.add_manifest(ObjectKind::AncestorManifest, &ancestor.manifest.id, &bytes)
                 .map_err(io)?;
         }
         if let Some(end) = pruned {
-            w.add_manifest(ObjectKind::PruneRecord, &end.record.id, &end.bytes)
+            let bytes = match &stored {
+                Some(s) => s.raw.read_prune_record(&end.record.id)?.ok_or_else(|| {
+                    FormatError::missing(format!("prune record of {}", end.record.id))
+                })?,
+                None => end.bytes,
+            };
+            w.add_manifest(ObjectKind::PruneRecord, &end.record.id, &bytes)
                 .map_err(io)?;
         }
-        let bytes = self.store.read_manifest(&point.manifest.id)?;
+        self.point(&point.manifest.id)?;
+        let bytes = raw.read_manifest(&point.manifest.id)?;
         w.add_manifest(ObjectKind::Manifest, &point.manifest.id, &bytes)
             .map_err(io)?;
+        if let Some(s) = &stored {
+            w.add_protection(s.config, s.slots, &point.manifest.id)
+                .map_err(io)?;
+        }
         w.finish().map_err(io)?;
         Ok(())
     }

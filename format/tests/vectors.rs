@@ -576,8 +576,12 @@ fn export_vectors() {
                                 == key
                     }));
                 }
-                // The vectors hold no pruned chains.
-                ObjectKind::Chunk | ObjectKind::PruneRecord => {}
+                // The vectors hold no pruned chains and no protected export.
+                ObjectKind::Chunk
+                | ObjectKind::PruneRecord
+                | ObjectKind::Config
+                | ObjectKind::KeySlot
+                | ObjectKind::PointId => {}
             }
             w.add(kind, digest(&o["key"]), obj).unwrap();
         }

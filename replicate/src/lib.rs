@@ -33,6 +33,9 @@ pub struct ShipReport {
     /// Chunk blobs sent, and chunk blobs skipped because the target had them.
     pub chunks_sent: u64,
     pub chunks_present: u64,
+    /// Chunks the target listed with another size than the one stored locally (cut short
+    /// or replaced there): sent again, and counted in `chunks_sent` too.
+    pub chunks_resent: u64,
     /// Bytes of object payload sent (compressed chunk blobs, indexes, manifests).
     pub bytes_sent: u64,
     pub seconds: f64,

@@ -6,7 +6,7 @@
 //! holds its own tokio runtime and every call blocks on it, from as many threads at once
 //! as the caller likes; requests of different threads overlap.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ mod maintain;
 mod ship;
 
 pub use maintain::{LockKind, S3Lock};
-pub use ship::replicate;
+pub use ship::{replicate, resend_chunks};
 
 /// Objects at least this large are uploaded in parts of this size (indexes of big
 /// volumes); smaller ones in one PUT. Chunk blobs are always one PUT.
@@ -76,18 +76,24 @@ impl Failure {
     /// carry the remote error as their source.
     fn into_format(self, what: impl Into<String>) -> FormatError {
         let what = what.into();
+        self.into_format_doing("reading", what)
+    }
+
+    /// [`into_format`](Self::into_format) for what was being done to `what` (e.g.
+    /// "deleting").
+    fn into_format_doing(self, doing: &str, what: String) -> FormatError {
         match self {
             Failure::NotFound => FormatError::missing(what),
             Failure::NoBucket(m) => FormatError::NotRepository(m),
             Failure::Denied(m) => FormatError::io(
-                format!("reading {what}"),
+                format!("{doing} {what}"),
                 io::Error::other(RemoteError::Denied(m)),
             ),
             Failure::Unreachable(m) => FormatError::io(
-                format!("reading {what}"),
+                format!("{doing} {what}"),
                 io::Error::other(RemoteError::Unreachable(m)),
             ),
-            Failure::Other(m) => FormatError::io(format!("reading {what}"), io::Error::other(m)),
+            Failure::Other(m) => FormatError::io(format!("{doing} {what}"), io::Error::other(m)),
         }
     }
 }
@@ -153,7 +159,8 @@ pub struct S3Store {
     part_size: usize,
     /// Chunks the bucket holds: listed once on first need, then kept up to date with what
     /// this process stores.
-    chunks: Mutex<Option<HashSet<Digest>>>,
+    /// The chunks listed in the bucket, with their sizes (loaded once).
+    chunks: Mutex<Option<HashMap<Digest, u64>>>,
     scratch_seq: AtomicU64,
     /// Requests made, for measurements (`requests()`).
     requests: AtomicU64,
@@ -635,7 +642,7 @@ impl S3Store {
     pub fn load_chunk_listing(&self) -> Res<()> {
         let mut set = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         if set.is_none() {
-            let mut found = HashSet::new();
+            let mut found = HashMap::new();
             for (k, size) in self.list(&format!("{}/", names::CHUNKS))? {
                 // chunks/ab/<64 hex>; an object shorter than a header is not a chunk.
                 let Some((fan, hex)) = k.split_once('/') else {
@@ -645,7 +652,7 @@ impl S3Store {
                     continue;
                 }
                 if let Some(d) = Digest::from_hex(hex) {
-                    found.insert(d);
+                    found.insert(d, size);
                 }
             }
             *set = Some(found);
@@ -653,17 +660,19 @@ impl S3Store {
         Ok(())
     }
 
-    pub(crate) fn chunk_listed(&self, d: &Digest) -> Res<bool> {
+    /// The size of chunk `d` in the bucket's listing, if it is listed.
+    pub(crate) fn chunk_listed(&self, d: &Digest) -> Res<Option<u64>> {
         self.load_chunk_listing()?;
         let set = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(set.as_ref().is_some_and(|s| s.contains(d)))
+        Ok(set.as_ref().and_then(|s| s.get(d).copied()))
     }
 
     pub(crate) fn put_chunk_blob(&self, d: &Digest, blob: Vec<u8>) -> Res<()> {
+        let len = blob.len() as u64;
         self.put(&self.key_chunk(d), blob)?;
         let mut set = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = set.as_mut() {
-            s.insert(*d);
+            s.insert(*d, len);
         }
         Ok(())
     }
@@ -1036,6 +1045,7 @@ impl StoreRead for S3Store {
     fn has_chunk(&self, digest: &Digest) -> bkimg_format::Result<bool> {
         // A PUT is atomic: a listed key is a complete object.
         self.chunk_listed(digest)
+            .map(|size| size.is_some())
             .map_err(|f| f.into_format(format!("the chunk list of {}", self.url())))
     }
 

@@ -236,14 +236,59 @@ fn an_encrypted_repository_captures_restores_verifies_and_prunes_through_its_key
     ]);
     assert_eq!(fs::read(&t2).unwrap(), changed);
 
-    // Not written anywhere unprotected: an export and a standby refuse it.
+    // An export carries the point sealed, with the config and key slots: it opens with
+    // the key file alone and with nothing less, and holds no byte of the disk's text.
     let export = env.path("point.bkimg");
-    env.fails(
-        &env.with_pw("export", &["latest", "--output", p(&export)]),
-        6,
-        "export file cannot carry",
-    );
-    assert!(!export.exists());
+    env.ok(&env.with_pw("export", &["latest", "--output", p(&export), "--quiet"]));
+    let bytes = fs::read(&export).unwrap();
+    assert!(!contains(&bytes, b"SECRET-PASSWORD-HASH"));
+    let (ex, kf) = (p(&export), p(&env.key_file));
+    let listed = env
+        .ok(&["list", "--json", "--repo", ex, "--key-file", kf])
+        .json();
+    assert_eq!(listed[0]["id"], second_id.as_str());
+    assert_eq!(listed[0]["protection"], "encrypted");
+    env.ok(&["verify", "--repo", ex, "--key-file", kf]);
+    let t4 = env.path("t4.img");
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        p(&t4),
+        "--quiet",
+        "--repo",
+        ex,
+        "--key-file",
+        kf,
+    ]);
+    assert_eq!(fs::read(&t4).unwrap(), changed);
+    let r = env.run(&["list", "--repo", p(&export)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("passphrase"), "{}", r.stderr);
+    let stranger = Env::new("encrypted");
+    let r = env.run(&[
+        "list",
+        "--repo",
+        p(&export),
+        "--key-file",
+        p(&stranger.key_file),
+    ]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    // A byte changed in a sealed chunk of the export is found.
+    let mut flipped = bytes.clone();
+    flipped[64 + 1000] ^= 0x10;
+    let damaged = env.path("damaged.bkimg");
+    fs::write(&damaged, &flipped).unwrap();
+    let r = env.run(&[
+        "verify",
+        "--repo",
+        p(&damaged),
+        "--key-file",
+        p(&env.key_file),
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+
+    // Not written anywhere unprotected: a standby refuses it.
     env.fails(
         &[
             "replicate",
@@ -486,6 +531,97 @@ fn a_signed_repository_keeps_plain_chunks_and_refuses_forged_manifests() {
     env.fails(&env.with_pw("verify", &[]), 3, "MAC does not match");
     fs::write(&manifest, &signed).unwrap();
     env.ok(&env.with_pw("verify", &[]));
+}
+
+/// Sign-only is for data that must stay readable without the key: `--unauthenticated`
+/// lists, verifies and restores a signed repository with no key at all, says so, and
+/// writes nothing; without it the key is asked for, with the flag named. An encrypted
+/// repository still needs its key.
+#[test]
+fn a_signed_repository_is_readable_without_its_key_when_asked() {
+    let env = Env::new("signed");
+    let img = env.path("disk.img");
+    disk_image(&img, 7);
+    let id = env.capture(&img, None)["id"].as_str().unwrap().to_string();
+    let repo = p(&env.repo);
+
+    // No key and no terminal: the message names both ways on.
+    env.fails(&["list", "--repo", repo], 2, "--unauthenticated");
+
+    let r = env.ok(&["list", "--repo", repo, "--unauthenticated", "--json"]);
+    assert!(r.stderr.contains("NOT authenticated"), "{}", r.stderr);
+    let list = r.json();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["protection"], "signed");
+    assert_eq!(list[0]["authenticated"], false);
+    let with_key = env.ok(&env.with_pw("list", &["--json"])).json();
+    assert_eq!(with_key[0]["authenticated"], true);
+    let info = env
+        .ok(&["info", "--repo", repo, "--unauthenticated", "--json", &id])
+        .json();
+    assert_eq!(info["authenticated"], false);
+    env.ok(&["verify", "--repo", repo, "--unauthenticated"]);
+    let t = env.path("t.img");
+    env.ok(&[
+        "restore",
+        "--repo",
+        repo,
+        "--unauthenticated",
+        &id,
+        "--target",
+        p(&t),
+        "--quiet",
+    ]);
+    assert_eq!(fs::read(&t).unwrap(), fs::read(&img).unwrap());
+
+    // Nothing that writes runs unauthenticated, and nothing was written.
+    let before = env.stored_files();
+    env.fails(
+        &[
+            "capture",
+            "--repo",
+            repo,
+            "--unauthenticated",
+            "--quiet",
+            p(&img),
+        ],
+        2,
+        "must be signed",
+    );
+    env.fails(
+        &[
+            "prune",
+            "--repo",
+            repo,
+            "--unauthenticated",
+            "--keep-last",
+            "1",
+        ],
+        2,
+        "must be signed",
+    );
+    assert_eq!(env.stored_files(), before);
+    // A key and --unauthenticated contradict each other.
+    let r = env.run(&env.with_pw("list", &["--unauthenticated"]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // A forged manifest still fails to parse as one: the envelope's form is checked.
+    let manifest = env.repo.join("points").join(&id);
+    let signed = fs::read(&manifest).unwrap();
+    fs::write(&manifest, &signed[12..signed.len() - 32]).unwrap();
+    let r = env.run(&["list", "--repo", repo, "--unauthenticated"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("carries no MAC"), "{}", r.stderr);
+    fs::write(&manifest, &signed).unwrap();
+
+    // An encrypted repository cannot be read so.
+    let enc = Env::new("encrypted");
+    enc.capture(&img, None);
+    enc.fails(
+        &["list", "--repo", p(&enc.repo), "--unauthenticated"],
+        8,
+        "cannot be read without its key",
+    );
 }
 
 #[test]

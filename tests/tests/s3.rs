@@ -585,6 +585,83 @@ fn damaged_and_missing_objects_are_reported() {
     assert!(r.code == 3 || r.code == 4, "{} {}", r.code, r.stderr);
 }
 
+/// `verify --repair-from` sends what was damaged or lost in the bucket again from the
+/// local repository it was replicated from; and a chunk cut short in the bucket is sent
+/// again by the next replicate that needs it, since present means present with the size
+/// stored locally.
+#[test]
+fn damaged_objects_are_repaired_from_the_local_repository() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    let s = Server::start();
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    let repo = t.path().join("repo");
+    let url = format!("s3://{BUCKET}/fix");
+    noise_image(&img, 8 * MIB, 9);
+    let id = capture(&["--repo", p(&repo), "--raw", p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.replicate(&repo, &url, &[]);
+
+    let chunks = objects(&s.dir("fix/chunks"));
+    assert_eq!(chunks.len(), 32);
+    let mut bytes = fs::read(&chunks[3]).unwrap();
+    bytes[1000] ^= 0x40;
+    fs::write(&chunks[3], &bytes).unwrap();
+    fs::remove_file(&chunks[17]).unwrap();
+
+    // Only s3:// can be repaired, and only from the repository that was replicated there.
+    let other = t.path().join("other");
+    capture(&["--repo", p(&other), "--raw", p(&img)]);
+    let r = s.bkimg(&["verify", "--repo", &url, "--repair-from", p(&other)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is repository"), "{}", r.stderr);
+    let r = s.bkimg(&["verify", "--repo", p(&repo), "--repair-from", p(&other)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    let r = s.bkimg(&[
+        "verify",
+        "--repo",
+        &url,
+        "--repair-from",
+        p(&repo),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let v = r.json();
+    assert_eq!(u(&v["repaired"]["chunks_sent"]), 2, "{v:#}");
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v:#}");
+    assert!(chunks[17].exists());
+    s.ok(&["verify", "--repo", &url]);
+    let out = t.path().join("r.img");
+    s.ok(&[
+        "restore",
+        "--repo",
+        &url,
+        &id,
+        "--target",
+        p(&out),
+        "--quiet",
+    ]);
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+
+    // A chunk cut short in the bucket, then a new restore point that shares it: the
+    // replicate sends it again rather than counting it present.
+    let cut = &chunks[5];
+    let whole = fs::read(cut).unwrap();
+    fs::write(cut, &whole[..whole.len() / 2]).unwrap();
+    capture(&["--repo", p(&repo), "--raw", p(&img)]);
+    let r = s.replicate(&repo, &url, &[]);
+    assert_eq!(r["points_sent"].as_array().unwrap().len(), 1, "{r:#}");
+    assert_eq!(u(&r["chunks_resent"]), 1, "{r:#}");
+    assert_eq!(u(&r["chunks_sent"]), 1, "{r:#}");
+    assert_eq!(fs::read(cut).unwrap(), whole);
+    s.ok(&["verify", "--repo", &url]);
+}
+
 /// `replicate --continuous` under a steady writer: a capture and a ship every 2 s while a
 /// thread keeps overwriting the source image. The lag (age of the newest point in the
 /// bucket) stays bounded; a server outage is survived (captures go on, the ship is

@@ -100,6 +100,19 @@ elif cmd == "versions":
                         "marker": False, "etag": v["ETag"], "size": v["Size"],
                         "mode": h.get("ObjectLockMode"),
                         "until": until.timestamp() if until else None})
+elif cmd == "policy":
+    s3.put_bucket_policy(Bucket=bucket, Policy=args[0])
+    out = None
+elif cmd == "delete":
+    key = args[0]
+    def batch():
+        r = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key}]})
+        errors = r.get("Errors", [])
+        if errors:
+            raise botocore.exceptions.ClientError({"Error": {"Code": errors[0]["Code"]}}, "DeleteObjects")
+    out = {"DeleteObject": code(lambda: s3.delete_object(Bucket=bucket, Key=key)),
+           "DeleteObjects": code(batch),
+           "still_there": code(lambda: s3.head_object(Bucket=bucket, Key=key)) is None}
 elif cmd == "delete-version":
     key, version = args
     one = lambda: s3.delete_object(Bucket=bucket, Key=key, VersionId=version)
@@ -796,4 +809,104 @@ fn iso8601(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// The statements of docs/replication-s3.md's append-only policy that deny: no delete of
+/// anything under PREFIX but the client's own lock objects, no version deleted, no
+/// retention or bucket configuration changed.
+fn append_only_denials(bucket: &str, prefix: &str) -> Value {
+    let under = |dir: &str| format!("arn:aws:s3:::{bucket}/{prefix}/{dir}");
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "NoDeletesButLocks",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
+                "Resource": [
+                    under("config"), under("keys/*"), under("points/*"), under("indexes/*"),
+                    under("chunks/*"), under("pruned/*"),
+                ],
+            },
+            {
+                "Sid": "NoVersionDeletes",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": ["s3:DeleteObjectVersion", "s3:BypassGovernanceRetention"],
+                "Resource": format!("arn:aws:s3:::{bucket}/*"),
+            },
+        ],
+    })
+}
+
+/// An append-only client (issue 13): under the documented policy's denials, replicate adds
+/// restore points (its lock objects come and go), but its prune fails with exit 8, saying
+/// what was refused, and loses nothing: both points stay listed, verify and restore. A
+/// direct delete of a point is refused too.
+///
+/// moto applies a bucket policy's Deny to every caller (it ignores `Principal`), which is
+/// what an IAM policy on the client's user does on AWS; moto's IAM enforcement cannot be
+/// used (it miscomputes the signature of a listing whose prefix holds a `/`).
+#[test]
+fn an_append_only_client_adds_points_and_cannot_delete_them() {
+    if !bkimg_tests::require_root() {
+        return;
+    }
+    const BUCKET: &str = "appendonly";
+    let s = Moto::start();
+    s.create_bucket(BUCKET, "locked");
+    let policy = append_only_denials(BUCKET, "p").to_string();
+    s.tool(&["policy", BUCKET, &policy]);
+    let t = TempDir::new().unwrap();
+    let img = t.path().join("disk.img");
+    let repo = t.path().join("repo");
+    let url = format!("s3://{BUCKET}/p");
+    noise_image(&img, 8 * MIB, 31);
+    let sha1 = sha256_file(&img);
+    let id1 = capture(&["--repo", p(&repo), "--raw", p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    replicate_locked(&s, &repo, &url);
+    write_at(&img, 2 * MIB, &noise(MIB as usize, 32));
+    let id2 = capture(&["--repo", p(&repo), "--parent", "latest", "--raw", p(&img)])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = replicate_locked(&s, &repo, &url);
+    assert_eq!(r["points_sent"], serde_json::json!([id2]), "{r:#}");
+    // The client's lock objects were removed as it finished.
+    let versions = s.versions(BUCKET, "p/locks/");
+    assert!(current(&versions, "p/locks/").is_empty(), "{versions:#?}");
+
+    let r = s.bkimg(&["prune", "--repo", &url, "--keep-last", "1"]);
+    assert_eq!(r.code, 8, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("deleting"), "{}", r.stderr);
+    assert!(r.stderr.contains("may not delete"), "{}", r.stderr);
+    let listed = s.list(&url);
+    assert_eq!(listed.len(), 2, "{listed:#?}");
+    let v = s.ok(&["verify", "--repo", &url, "--json"]).json();
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
+    let out = t.path().join("first.img");
+    s.ok(&[
+        "restore",
+        "--repo",
+        &url,
+        &id1,
+        "--target",
+        p(&out),
+        "--quiet",
+    ]);
+    assert_eq!(sha256_file(&out), sha1);
+
+    let point = format!("p/points/{id1}");
+    let d = s.tool(&["delete", BUCKET, &point]);
+    // moto answers a single delete its bucket policy denies with a bare 403, no body.
+    assert!(
+        d["DeleteObject"] == "AccessDenied" || d["DeleteObject"] == "403",
+        "{d:#}"
+    );
+    assert_eq!(d["DeleteObjects"], "AccessDenied", "{d:#}");
+    assert_eq!(d["still_there"], true, "{d:#}");
 }

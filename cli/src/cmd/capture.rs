@@ -123,13 +123,14 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
         Consistency::Offline
     };
     let (id, created) = bkimg_capture::new_point_id()?;
+    unlock.refuse_unauthenticated("capture")?;
     unlock.refuse_new_repository(repo)?;
     let (store, repo_config) =
         LocalDir::open_or_create_any(repo, &uuid::Uuid::new_v4().to_string(), &created)?;
     let protection = crate::cmd::key::protection(&store, &repo_config, &unlock)?;
     let store = Protected::new(store, protection.clone());
     let reader = crate::cmd::key::protected_repository(LocalDir::open_any(repo)?.0, protection);
-    crate::known::check(repo, &repo_config, &reader, unlock.accept_rollback)?;
+    crate::known::check(repo, &repo_config, &reader, &unlock)?;
     let parent_point = match &parent {
         Some(p) => Some(reader.resolve(p).context("the --parent restore point")?),
         None => None,

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bkimg_format::repo::{Point, Repository};
+use bkimg_format::repo::{Point, Repository, StoredForm};
+use bkimg_format::store::{ExportFile, LocalDir, StoreRead};
 use clap::Args;
 use serde_json::json;
 
@@ -38,19 +39,22 @@ pub fn run(args: ExportArgs, config: &Config) -> Result<i32> {
         unlock,
         common,
     } = args;
-    let repo = open_repository(repo.path(), &standby, &unlock, 1, config)?;
-    if repo.protection() != bkimg_format::keys::Mode::None {
-        // An export file has no place for a key yet: it would carry the disk in plaintext.
-        return Err(bkimg_format::FormatError::unavailable(
-            format!("repository {}", repo.location()),
-            "encryption: an export file cannot carry an encrypted or signed restore point \
-             yet (it would be written unprotected); replicate it to S3 instead, which keeps \
-             it sealed",
-        )
-        .into());
-    }
+    unlock.refuse_unauthenticated("export")?;
+    let location = repo.path();
+    let repo = open_repository(location, &standby, &unlock, 1, config)?;
     let point = repo.resolve(&id)?;
-    export(&repo, &point, &output, common.quiet || common.json)?;
+    // A protected restore point is exported as stored (sealed), with what opens it.
+    let stored = if repo.protection() == bkimg_format::keys::Mode::None {
+        None
+    } else {
+        Some(stored_objects(location, config)?)
+    };
+    let form = stored.as_ref().map(|(raw, config, slots)| StoredForm {
+        raw: raw.as_ref(),
+        config,
+        slots,
+    });
+    export(&repo, &point, form, &output, common.quiet || common.json)?;
     if common.json {
         out_json(&json!({ "id": point.manifest.id, "output": output }));
     } else {
@@ -59,7 +63,46 @@ pub fn run(args: ExportArgs, config: &Config) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Result<()> {
+/// A protected repository's store as it holds its objects, its config and its key slots.
+type Stored = (Box<dyn StoreRead>, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+fn stored_objects(location: &Path, config: &Config) -> Result<Stored> {
+    match location.to_str() {
+        Some(url) if url.starts_with("s3://") => {
+            let store = bkimg_replicate::s3::S3Store::open(
+                url,
+                &crate::prune::s3_settings(None, &config.s3),
+            )?;
+            let bytes = store
+                .read_config()
+                .map_err(|f| f.into_anyhow("the repository config"))?
+                .context("the bucket's repository config went away")?;
+            let slots = store.key_slots()?;
+            Ok((Box::new(store), bytes, slots))
+        }
+        _ if location.is_dir() => {
+            let (store, _) = LocalDir::open_any(location)?;
+            let path = location.join("config");
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let slots = store.key_slots()?;
+            Ok((Box::new(store), bytes, slots))
+        }
+        _ => {
+            let file = ExportFile::open(location)?;
+            let (bytes, slots) = (file.config_bytes()?, file.key_slots()?);
+            Ok((Box::new(file), bytes, slots))
+        }
+    }
+}
+
+fn export(
+    repo: &Repository,
+    point: &Point,
+    stored: Option<StoredForm<'_>>,
+    output: &Path,
+    quiet: bool,
+) -> Result<()> {
     if output.exists() {
         bail!(
             "{} already exists: choose another --output",
@@ -82,7 +125,7 @@ fn export(repo: &Repository, point: &Point, output: &Path, quiet: bool) -> Resul
         // Tests stop an export here, its partial file made, to signal it.
         bkimg_format::testhook::pause("export-writing");
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-        repo.export(point, &mut w, &mut |n| {
+        repo.export(point, stored, &mut w, &mut |n| {
             bkimg_format::progress::Progress::advance(&bar, n)
         })?;
         w.flush()?;

@@ -38,6 +38,7 @@ pub fn run(args: InfoArgs, config: &Config) -> Result<i32> {
     if common.json {
         let mut v = point_summary(&point);
         v["protection"] = protection_name(repo.protection()).into();
+        v["authenticated"] = authenticated(repo.protection(), &unlock).into();
         v["manifest"] = serde_json::to_value(&point.manifest)?;
         out_json(&v);
     } else {
@@ -47,11 +48,18 @@ pub fn run(args: InfoArgs, config: &Config) -> Result<i32> {
             match repo.protection() {
                 Mode::None => "none (plaintext, unauthenticated)",
                 Mode::Encrypted => "encrypted and authenticated",
+                Mode::Signed if unlock.unauthenticated =>
+                    "signed, read WITHOUT its key (plaintext, NOT authenticated)",
                 Mode::Signed => "signed (plaintext, authenticated)",
             }
         ));
     }
     Ok(exit::OK)
+}
+
+/// Whether what was read was checked against the repository's key.
+pub fn authenticated(mode: Mode, unlock: &crate::cmd::key::Unlock) -> bool {
+    mode != Mode::None && !unlock.unauthenticated
 }
 
 /// The JSON name of a repository's protection (spec/format.md §18.1).

@@ -54,6 +54,11 @@ pub struct Unlock {
     /// remember it as it is now.
     #[arg(long)]
     pub accept_rollback: bool,
+    /// Read a signed repository without its key: restore points are read but not
+    /// authenticated (anyone who could write to the repository could have forged them).
+    /// Read commands only; an encrypted repository always needs its key.
+    #[arg(long, conflicts_with_all = ["password_file", "key_file", "accept_rollback"])]
+    pub unauthenticated: bool,
 }
 
 impl Unlock {
@@ -77,6 +82,34 @@ impl Unlock {
             ))
             .into()),
             _ => Ok(()),
+        }
+    }
+
+    /// Refuses `--unauthenticated` for a command that writes: what it writes must be signed.
+    pub fn refuse_unauthenticated(&self, command: &str) -> Result<()> {
+        if self.unauthenticated {
+            return Err(Usage(format!(
+                "--unauthenticated is for reading a signed repository without its key; \
+                 {command} writes, and what it writes must be signed: give the key \
+                 (--key-file or --password-file)"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a key given for a repository that is neither encrypted nor signed: if it
+    /// should be protected, it may have been replaced by one holding someone else's
+    /// restore points.
+    pub fn refuse_for_unprotected(&self, location: &str) -> Result<()> {
+        match self.given() {
+            Some(key) => Err(FormatError::Denied(format!(
+                "{location} is neither encrypted nor signed, but a key was given ({key}, or \
+                 BKIMG_KEY_FILE / BKIMG_PASSWORD_FILE): if it should be protected it may have \
+                 been replaced; otherwise unset the key to read it as it is"
+            ))
+            .into()),
+            None => Ok(()),
         }
     }
 
@@ -122,17 +155,17 @@ pub fn protection_with(
     how: &Unlock,
 ) -> Result<Arc<Protection>> {
     let Some(enc) = &config.encryption else {
-        if let Some(key) = how.given() {
-            return Err(FormatError::Denied(format!(
-                "{} is neither encrypted nor signed, but a key was given ({key}, or \
-                 BKIMG_KEY_FILE / BKIMG_PASSWORD_FILE): if it should be protected it may have \
-                 been replaced; otherwise unset the key to read it as it is",
-                location
-            ))
-            .into());
-        }
+        how.refuse_for_unprotected(location)?;
         return Ok(Arc::new(Protection::none()));
     };
+    if how.unauthenticated {
+        let protection = Protection::unauthenticated(enc)?;
+        eprintln!(
+            "warning: {location} is read without its key: its restore points are NOT \
+             authenticated (anyone who could write to it could have forged them)"
+        );
+        return Ok(Arc::new(protection));
+    }
     // A long-running command (replicate --continuous) unlocks each cycle: the passphrase
     // is asked, and Argon2id run, once per process and repository.
     static UNLOCKED: std::sync::Mutex<Vec<(String, String, Arc<Protection>)>> =
@@ -155,7 +188,16 @@ pub fn protection_with(
             Protection::unlock(config, &slots, Secret::KeyFile(&key))?
         }
         None => {
-            let passphrase = read_passphrase(how.password_file.as_deref(), "Passphrase: ")?;
+            let passphrase = read_passphrase(how.password_file.as_deref(), "Passphrase: ")
+                .map_err(|e| match (enc.mode, e.downcast::<Usage>()) {
+                    (keys::Mode::Signed, Ok(Usage(m))) => Usage(format!(
+                        "{m}; or add --unauthenticated to read this signed repository \
+                         without checking its signatures"
+                    ))
+                    .into(),
+                    (_, Ok(u)) => u.into(),
+                    (_, Err(e)) => e,
+                })?;
             Protection::unlock(config, &slots, Secret::Passphrase(passphrase.as_bytes()))?
         }
     });
@@ -174,6 +216,14 @@ pub fn protected_repository(store: LocalDir, protection: Arc<Protection>) -> Rep
     } else {
         Repository::new(Box::new(Protected::new(store, protection)))
     }
+}
+
+/// [`protected_repository`] over a store shared with other users of it.
+pub fn protected_repository_shared(
+    store: Arc<LocalDir>,
+    protection: Arc<Protection>,
+) -> Repository {
+    Repository::new(Box::new(Protected::new(store, protection)))
 }
 
 /// Cost of the Argon2id derivation of new passphrase slots.
@@ -467,7 +517,7 @@ fn passwd(args: PasswdArgs) -> Result<i32> {
     let unlock_args = Unlock {
         password_file: args.password_file.clone(),
         key_file: None,
-        accept_rollback: false,
+        ..Unlock::default()
     };
     let (master, by) = unlock(&config, &slots, &unlock_args)?;
     let p = new_passphrase(args.new_password_file.as_deref())?;
@@ -564,6 +614,7 @@ fn unlock(
     slots: &[Slot],
     how: &Unlock,
 ) -> Result<(Key, String)> {
+    how.refuse_unauthenticated("bkimg key")?;
     let enc = config
         .encryption
         .as_ref()

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::HumanBytes;
 
-use super::info::{point_summary, protection_name};
+use super::info::{authenticated, point_summary, protection_name};
 use crate::config::{Config, RepoArgs};
 use crate::{exit, open_repository, out, out_json, Common};
 
@@ -50,6 +50,7 @@ pub fn run(args: ListArgs, config: &Config) -> Result<i32> {
                 let mut v = point_summary(p);
                 v["parent_pruned"] = serde_json::Value::Bool(parent_gone(&p.manifest));
                 v["protection"] = protection_name(repo.protection()).into();
+                v["authenticated"] = authenticated(repo.protection(), &unlock).into();
                 v
             })
             .collect();

@@ -27,6 +27,9 @@ pub const HEADER_LEN: u64 = 64;
 pub const TRAILER_LEN: u64 = 64;
 pub const ENTRY_LEN: u64 = 56;
 pub const VERSION: u32 = 1;
+/// Header and trailer flag: the export holds a protected (encrypted or signed) restore
+/// point as stored, with the repository's config and key slots (spec/format.md §10.3).
+pub const FLAG_PROTECTED: u32 = 1;
 
 /// Object kinds in an export's directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,6 +42,13 @@ pub enum ObjectKind {
     AncestorManifest = 4,
     /// The prune record that ends the digest chain, when the oldest ancestor was pruned.
     PruneRecord = 5,
+    /// The repository config (protected exports; key: 32 zero bytes).
+    Config = 6,
+    /// A key slot (protected exports; key: SHA-256 of the slot id).
+    KeySlot = 7,
+    /// The id of a kind-3 restore point, whose sealed manifest cannot be read without the
+    /// key (protected exports; key: SHA-256 of the id, as kind 3).
+    PointId = 8,
 }
 
 impl ObjectKind {
@@ -49,6 +59,9 @@ impl ObjectKind {
             3 => ObjectKind::Manifest,
             4 => ObjectKind::AncestorManifest,
             5 => ObjectKind::PruneRecord,
+            6 => ObjectKind::Config,
+            7 => ObjectKind::KeySlot,
+            8 => ObjectKind::PointId,
             _ => return None,
         })
     }
@@ -71,6 +84,7 @@ pub struct ExportFile {
     file: File,
     dir_offset: u64,
     dir_count: u64,
+    protected: bool,
 }
 
 impl ExportFile {
@@ -106,7 +120,7 @@ impl ExportFile {
         if head[..8] != magic::EXPORT_HEAD {
             return Err(bad("wrong magic number".into()));
         }
-        check_version(&head[8..16], &what)?;
+        let flags = check_version(&head[8..16], &what)?;
         if head[16..].iter().any(|&b| b != 0) {
             return Err(bad("reserved header bytes are not zero".into()));
         }
@@ -118,7 +132,9 @@ impl ExportFile {
                 "no trailer at the end (truncated or still being written?)".into(),
             ));
         }
-        check_version(&tail[8..16], &what)?;
+        if check_version(&tail[8..16], &what)? != flags {
+            return Err(bad("the header's and the trailer's flags differ".into()));
+        }
         let dir_offset = u64_at(&tail, 16);
         let dir_count = u64_at(&tail, 24);
         let dir_end = dir_count
@@ -163,7 +179,56 @@ impl ExportFile {
             file,
             dir_offset,
             dir_count,
+            protected: flags & FLAG_PROTECTED != 0,
         })
+    }
+
+    /// Whether the export holds a protected restore point (read it through its key).
+    pub fn is_protected(&self) -> bool {
+        self.protected
+    }
+
+    /// The repository config of a protected export.
+    pub fn config_bytes(&self) -> Result<Vec<u8>> {
+        let e = self
+            .find(ObjectKind::Config, &Digest([0; 32]))?
+            .ok_or_else(|| {
+                FormatError::missing(format!("the repository config in {}", self.path.display()))
+            })?;
+        if e.len > crate::sealed::MAX_BODY_LEN + 64 {
+            return Err(FormatError::corrupt(
+                format!("export file {}", self.path.display()),
+                "its repository config is larger than any config may be",
+            ));
+        }
+        let mut buf = Vec::new();
+        self.read_entry(&e, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The key slots of a protected export: (slot id, stored bytes).
+    pub fn key_slots(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for e in self.entries_of(ObjectKind::KeySlot)? {
+            if e.len > crate::sealed::MAX_BODY_LEN + 64 {
+                return Err(FormatError::corrupt(
+                    format!("export file {}", self.path.display()),
+                    "a key slot is larger than any key slot may be",
+                ));
+            }
+            let mut buf = Vec::new();
+            self.read_entry(&e, &mut buf)?;
+            let id = crate::keys::Slot::decode(&buf)?.slot_id;
+            if Digest::of_bytes(id.as_bytes()) != e.key {
+                return Err(FormatError::corrupt(
+                    format!("key slot {id}"),
+                    "it is filed under another slot's id in the export",
+                ));
+            }
+            out.push((id, buf));
+        }
+        out.sort();
+        Ok(out)
     }
 
     fn entry_at(&self, i: u64) -> Result<Entry> {
@@ -216,7 +281,8 @@ impl ExportFile {
     }
 }
 
-fn check_version(b: &[u8], what: &str) -> Result<()> {
+/// Checks a version and flags field; returns the flags.
+fn check_version(b: &[u8], what: &str) -> Result<u32> {
     let version = u32_at(b, 0);
     if version != VERSION {
         return Err(FormatError::unsupported(
@@ -224,13 +290,14 @@ fn check_version(b: &[u8], what: &str) -> Result<()> {
             format!("export format version {version}"),
         ));
     }
-    if u32_at(b, 4) != 0 {
+    let flags = u32_at(b, 4);
+    if flags & !FLAG_PROTECTED != 0 {
         return Err(FormatError::unsupported(
             what,
-            format!("unknown export flags {:#x}", u32_at(b, 4)),
+            format!("unknown export flags {:#x}", flags & !FLAG_PROTECTED),
         ));
     }
-    Ok(())
+    Ok(flags)
 }
 
 fn parse_entry(e: &[u8]) -> Option<Entry> {
@@ -254,6 +321,34 @@ impl StoreRead for ExportFile {
         let mut ids = Vec::new();
         let mut buf = Vec::new();
         for e in self.entries_of(ObjectKind::Manifest)? {
+            if self.protected {
+                // The manifest is sealed: its id is filed beside it (checked when the
+                // manifest is opened, which binds the id).
+                let id = self.find(ObjectKind::PointId, &e.key)?.ok_or_else(|| {
+                    FormatError::corrupt(
+                        format!("export file {}", self.path.display()),
+                        "a restore point of a protected export has no id entry",
+                    )
+                })?;
+                if id.len > 64 {
+                    return Err(FormatError::corrupt(
+                        format!("export file {}", self.path.display()),
+                        "a restore point id entry is longer than any id",
+                    ));
+                }
+                self.read_entry(&id, &mut buf)?;
+                let id = String::from_utf8(std::mem::take(&mut buf))
+                    .ok()
+                    .filter(|id| manifest_key(id) == e.key)
+                    .ok_or_else(|| {
+                        FormatError::corrupt(
+                            format!("export file {}", self.path.display()),
+                            "a restore point id entry does not match its manifest",
+                        )
+                    })?;
+                ids.push(id);
+                continue;
+            }
             if e.len > crate::sealed::MAX_BODY_LEN + 64 {
                 return Err(FormatError::corrupt(
                     format!("export file {}", self.path.display()),
@@ -306,7 +401,12 @@ impl StoreRead for ExportFile {
         let e = self
             .find(ObjectKind::Chunk, digest)?
             .ok_or_else(|| FormatError::missing(format!("chunk {digest}")))?;
-        if e.len > crate::chunk::HEADER_LEN as u64 + u64::from(crate::MAX_CHUNK_SIZE) {
+        let envelope = if self.protected {
+            crate::crypto::ENVELOPE_OVERHEAD as u64
+        } else {
+            0
+        };
+        if e.len > crate::chunk::HEADER_LEN as u64 + u64::from(crate::MAX_CHUNK_SIZE) + envelope {
             return Err(FormatError::corrupt(
                 format!("chunk {digest}"),
                 "larger than any chunk can be",
@@ -361,19 +461,27 @@ pub struct ExportWriter<W: Write> {
     pos: u64,
     entries: Vec<Entry>,
     seen: std::collections::HashSet<(u8, Digest)>,
+    flags: u32,
 }
 
 impl<W: Write> ExportWriter<W> {
-    pub fn new(mut out: W) -> io::Result<Self> {
+    pub fn new(out: W) -> io::Result<Self> {
+        Self::with_flags(out, 0)
+    }
+
+    /// A writer whose header and trailer carry `flags` ([`FLAG_PROTECTED`]).
+    pub fn with_flags(mut out: W, flags: u32) -> io::Result<Self> {
         let mut head = [0u8; HEADER_LEN as usize];
         head[..8].copy_from_slice(&magic::EXPORT_HEAD);
         head[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        head[12..16].copy_from_slice(&flags.to_le_bytes());
         out.write_all(&head)?;
         Ok(ExportWriter {
             out,
             pos: HEADER_LEN,
             entries: Vec::new(),
             seen: Default::default(),
+            flags,
         })
     }
 
@@ -422,6 +530,25 @@ impl<W: Write> ExportWriter<W> {
         self.add(kind, manifest_key(id), bytes)
     }
 
+    /// What a protected export adds: the repository config and key slots as stored, and
+    /// the id of its restore point (whose manifest is sealed).
+    pub fn add_protection(
+        &mut self,
+        config: &[u8],
+        slots: &[(String, Vec<u8>)],
+        point_id: &str,
+    ) -> io::Result<()> {
+        self.add(ObjectKind::Config, Digest([0; 32]), config)?;
+        for (id, bytes) in slots {
+            self.add(ObjectKind::KeySlot, Digest::of_bytes(id.as_bytes()), bytes)?;
+        }
+        self.add(
+            ObjectKind::PointId,
+            manifest_key(point_id),
+            point_id.as_bytes(),
+        )
+    }
+
     pub fn finish(mut self) -> io::Result<W> {
         self.entries.sort_by_key(|e| (e.kind, e.key));
         let dir_offset = self.pos;
@@ -438,6 +565,7 @@ impl<W: Write> ExportWriter<W> {
         let mut tail = [0u8; TRAILER_LEN as usize];
         tail[..8].copy_from_slice(&magic::EXPORT_TAIL);
         tail[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        tail[12..16].copy_from_slice(&self.flags.to_le_bytes());
         tail[16..24].copy_from_slice(&dir_offset.to_le_bytes());
         tail[24..32].copy_from_slice(&(self.entries.len() as u64).to_le_bytes());
         tail[32..64].copy_from_slice(&hasher.finish().0);

@@ -119,8 +119,8 @@ pub fn parse_config(
         return Err(FormatError::unavailable(
             what,
             "encryption (config feature bit 0x1): this command cannot read an encrypted or \
-             signed repository yet (capture, list, info, verify, restore, prune and \
-             replication to S3 can, with its key; export and the standby cannot)",
+             signed repository yet (capture, list, info, verify, restore, export, prune and \
+             replication to S3 can, with its key; the standby cannot)",
         ));
     }
     if (features.incompat & FEATURE_ENCRYPTION != 0) != value.encryption.is_some() {
@@ -562,6 +562,15 @@ impl StoreRead for LocalDir {
         file.read_to_end(out)
             .ctx(|| format!("reading {}", path.display()))?;
         Ok(())
+    }
+
+    fn stored_chunk_len(&self, digest: &Digest) -> Result<Option<u64>> {
+        let path = self.chunk_path(digest);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FormatError::io(format!("reading {}", path.display()), e)),
+        }
     }
 
     fn has_chunk(&self, digest: &Digest) -> Result<bool> {

@@ -38,6 +38,11 @@ pub trait StoreRead: Send + Sync {
     fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
         digests.iter().map(|d| self.has_chunk(d)).collect()
     }
+    /// The length of a chunk as stored (sealed, in an encrypted repository), when the store
+    /// can tell without reading it; `None` if it cannot or the chunk is not stored.
+    fn stored_chunk_len(&self, _digest: &Digest) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// The prune record of restore point `id` (spec/format.md §7.5), if the store has one.
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>>;
     /// How chunk ids are computed: keyed in an encrypted repository (spec/format.md §18.3).
@@ -112,6 +117,9 @@ impl<T: StoreRead + ?Sized> StoreRead for std::sync::Arc<T> {
     }
     fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
         (**self).has_chunks(digests)
+    }
+    fn stored_chunk_len(&self, digest: &Digest) -> Result<Option<u64>> {
+        (**self).stored_chunk_len(digest)
     }
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
         (**self).read_prune_record(id)

@@ -59,6 +59,10 @@ impl<S: StoreRead> StoreRead for Protected<S> {
         self.inner.has_chunks(digests)
     }
 
+    fn stored_chunk_len(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.inner.stored_chunk_len(digest)
+    }
+
     fn read_prune_record(&self, id: &str) -> Result<Option<Vec<u8>>> {
         match self.inner.read_prune_record(id)? {
             Some(stored) => Ok(Some(self.protection.open_document(
@@ -122,7 +126,7 @@ impl<S: StoreWrite> StoreWrite for Protected<S> {
     fn commit_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
         let sealed = self
             .protection
-            .seal_document(ObjectKind::Manifest, id, bytes);
+            .seal_document(ObjectKind::Manifest, id, bytes)?;
         self.inner.commit_manifest(id, &sealed)
     }
 }
@@ -143,7 +147,7 @@ impl<S: StoreMaintain> StoreMaintain for Protected<S> {
     fn put_prune_record(&self, id: &str, bytes: &[u8]) -> Result<()> {
         let sealed = self
             .protection
-            .seal_document(ObjectKind::PruneRecord, id, bytes);
+            .seal_document(ObjectKind::PruneRecord, id, bytes)?;
         self.inner.put_prune_record(id, &sealed)
     }
 

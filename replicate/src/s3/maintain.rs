@@ -244,7 +244,7 @@ impl S3Store {
             Ok(_) => Ok(()),
             Err(e) => match self.classify(e) {
                 super::Failure::NotFound => Ok(()),
-                other => Err(other),
+                other => Err(deletes_refused(other)),
             },
         }
     }
@@ -271,14 +271,19 @@ impl S3Store {
                     .delete(delete)
                     .send(),
             )
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| deletes_refused(self.classify(e)))?;
         if let Some(e) = out.errors().first() {
-            return Err(super::Failure::Other(format!(
+            let m = format!(
                 "deleting {}: {} ({})",
                 e.key().unwrap_or("?"),
                 e.message().unwrap_or("no message"),
                 e.code().unwrap_or("no code"),
-            )));
+            );
+            return Err(if e.code() == Some("AccessDenied") {
+                deletes_refused(super::Failure::Denied(m))
+            } else {
+                super::Failure::Other(m)
+            });
         }
         Ok(())
     }
@@ -395,19 +400,19 @@ impl StoreMaintain for S3Store {
     fn put_prune_record(&self, id: &str, bytes: &[u8]) -> bkimg_format::Result<()> {
         self.check_lease()?;
         self.put(&self.key_prune_record(id), bytes.to_vec())
-            .map_err(|f| f.into_format(format!("prune record of {id}")))
+            .map_err(|f| f.into_format_doing("writing", format!("prune record of {id}")))
     }
 
     fn delete_manifest(&self, id: &str) -> bkimg_format::Result<()> {
         self.check_lease()?;
         self.delete_key(&self.key_point(id))
-            .map_err(|f| f.into_format(format!("restore point {id}")))
+            .map_err(|f| f.into_format_doing("deleting", format!("restore point {id}")))
     }
 
     fn delete_index(&self, id: &Digest) -> bkimg_format::Result<()> {
         self.check_lease()?;
         self.delete_key(&self.key_index(id))
-            .map_err(|f| f.into_format(format!("volume index {id}")))
+            .map_err(|f| f.into_format_doing("deleting", format!("volume index {id}")))
     }
 
     fn delete_chunks(&self, digests: &[Digest]) -> bkimg_format::Result<()> {
@@ -415,7 +420,7 @@ impl StoreMaintain for S3Store {
         for group in digests.chunks(1000) {
             let keys: Vec<String> = group.iter().map(|d| self.key_chunk(d)).collect();
             self.delete_keys(&keys)
-                .map_err(|f| f.into_format(format!("{} chunks", keys.len())))?;
+                .map_err(|f| f.into_format_doing("deleting", format!("{} chunks", keys.len())))?;
         }
         let mut set = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = set.as_mut() {
@@ -429,6 +434,17 @@ impl StoreMaintain for S3Store {
     fn delete_prune_record(&self, id: &str) -> bkimg_format::Result<()> {
         self.check_lease()?;
         self.delete_key(&self.key_prune_record(id))
-            .map_err(|f| f.into_format(format!("prune record of {id}")))
+            .map_err(|f| f.into_format_doing("deleting", format!("prune record of {id}")))
+    }
+}
+
+/// A delete the bucket refused: say what that usually means.
+fn deletes_refused(f: super::Failure) -> super::Failure {
+    match f {
+        super::Failure::Denied(m) => super::Failure::Denied(format!(
+            "{m}; these credentials may not delete (an append-only client, \
+             docs/replication-s3.md): prune with an administrator's credentials"
+        )),
+        other => other,
     }
 }

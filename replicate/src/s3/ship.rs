@@ -27,7 +27,7 @@ struct Plan {
     point: Point,
     /// Chunks not in the bucket and not sent earlier in this run, with their plaintext
     /// length (from the index).
-    chunks: Vec<(Digest, u32)>,
+    chunks: Vec<(Digest, Option<u32>)>,
     indexes: Vec<Digest>,
 }
 
@@ -128,17 +128,30 @@ pub fn replicate(
                     if d.is_hole() || queued.contains(d) {
                         continue;
                     }
-                    if store
+                    // Present means listed with the size stored here: an object cut
+                    // short or replaced in the bucket is sent again.
+                    if let Some(listed) = store
                         .chunk_listed(d)
                         .map_err(remote("the chunks in the bucket"))?
                     {
-                        if counted_present.insert(*d) {
-                            report.chunks_present += 1;
+                        match raw.stored_chunk_len(d)? {
+                            Some(local) if local != listed => {
+                                progress.note(&format!(
+                                    "chunk {d} is {listed} bytes in the bucket where it is \
+                                     {local}: sending it again"
+                                ));
+                                report.chunks_resent += 1;
+                            }
+                            _ => {
+                                if counted_present.insert(*d) {
+                                    report.chunks_present += 1;
+                                }
+                                continue;
+                            }
                         }
-                        continue;
                     }
                     queued.insert(*d);
-                    plan.chunks.push((*d, len));
+                    plan.chunks.push((*d, Some(len)));
                     total += u64::from(len);
                 }
             }
@@ -213,14 +226,52 @@ pub fn replicate(
     Ok(report)
 }
 
+/// `bkimg verify --repair-from`: sends `chunks` again (damaged or missing in the bucket)
+/// from the local repository `src`, whose objects as stored `raw` holds; each is checked
+/// against its digest before it leaves. Returns how many were sent, and the chunks the
+/// local repository lacks too.
+pub fn resend_chunks(
+    src: &Repository,
+    raw: &dyn StoreRead,
+    store: &S3Store,
+    chunks: &[Digest],
+    parallel: usize,
+    progress: &dyn Progress,
+) -> Result<(u64, Vec<Digest>)> {
+    // Keeps a prune of the bucket from deleting what is being put back.
+    let _lock = store.lock(super::LockKind::Ship, false)?;
+    let mut have = Vec::new();
+    let mut lacking = Vec::new();
+    for (d, has) in chunks.iter().zip(raw.has_chunks(chunks)?) {
+        if has {
+            have.push((*d, None));
+        } else {
+            lacking.push(*d);
+        }
+    }
+    let bytes_sent = AtomicU64::new(0);
+    let sent = send_chunks(
+        src,
+        raw,
+        store,
+        &have,
+        parallel.clamp(1, 256),
+        &Throttle::new(None),
+        &bytes_sent,
+        progress,
+    )?;
+    Ok((sent, lacking))
+}
+
 /// Sends `chunks` with `parallel` requests in flight; each blob is read and checked
-/// against its digest first. Memory: two buffers per sender. Returns the count sent.
+/// against its digest (and its plaintext length, when known) first. Memory: two buffers
+/// per sender. Returns the count sent.
 #[allow(clippy::too_many_arguments)]
 fn send_chunks(
     src: &Repository,
     raw: &dyn StoreRead,
     store: &S3Store,
-    chunks: &[(Digest, u32)],
+    chunks: &[(Digest, Option<u32>)],
     parallel: usize,
     throttle: &Throttle,
     bytes_sent: &AtomicU64,
@@ -256,7 +307,7 @@ fn send_chunks(
                                  (run bkimg verify on the repository)",
                             )
                         })?;
-                        if plain.len() != len as usize {
+                        if let Some(len) = len.filter(|&len| plain.len() != len as usize) {
                             return Err(FormatError::corrupt(
                                 format!("chunk {d}"),
                                 format!("{} bytes where the index needs {len}", plain.len()),
@@ -270,7 +321,7 @@ fn send_chunks(
                             .map_err(|f| f.into_anyhow(&format!("chunk {d}")))?;
                         bytes_sent.fetch_add(n, Ordering::Relaxed);
                         sent.fetch_add(1, Ordering::Relaxed);
-                        progress.advance(u64::from(len));
+                        progress.advance(len.map_or(plain.len() as u64, u64::from));
                         Ok(())
                     })();
                     if let Err(e) = result {
