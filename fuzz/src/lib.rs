@@ -377,6 +377,12 @@ fn export_once(data: &[u8]) {
     let Ok(export) = ExportFile::from_file(Path::new("fuzz-input"), file) else {
         return;
     };
+    if export.is_protected() {
+        // What is read before the key: the config, the key slots, the point ids.
+        let _ = export.config_bytes();
+        let _ = export.key_slots();
+        let _ = bkimg_format::store::StoreRead::list_manifests(&export);
+    }
     let repo = Repository::new(Box::new(export));
     let Ok((points, _damaged)) = repo.points() else {
         return;

@@ -114,7 +114,8 @@ pub fn build(opts: &BuildOptions, log: &dyn Fn(&str)) -> Result<BuildReport> {
             .with_context(|| format!("--include-export {} names no file", e.display()))?
             .to_string_lossy()
             .into_owned();
-        bkimg_format::repo::Repository::open(e)
+        // Its structure only: a protected export is opened with its key at restore time.
+        bkimg_format::store::ExportFile::open(e)
             .with_context(|| format!("--include-export {}", e.display()))?;
         if export_names.contains(&name) {
             bail!("two exports are named {name}: rename one");

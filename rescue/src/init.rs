@@ -298,7 +298,7 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         )?;
         Repository::new(Box::new(Protected::new(store, protection)))
     } else {
-        Repository::open(&repo_path)
+        open_export(console, &config, &repo_path, site_key)
             .with_context(|| format!("opening the repository {}", repo_path.display()))?
     };
     let point = choose_point(console, &repo, &config, host.as_deref())?;
@@ -564,6 +564,39 @@ fn open_s3(
     };
     let protection = unlock(console, config, &repo_config, &slots, site_key)?;
     Ok(Repository::new(Box::new(Protected::new(store, protection))))
+}
+
+/// An export file; a protected one (spec/format.md §10.3) unlocked as a repository is.
+fn open_export(
+    console: &Console,
+    config: &RescueConfig,
+    path: &Path,
+    site_key: Option<&[u8]>,
+) -> Result<Repository> {
+    if !bkimg_format::store::ExportFile::looks_like_export(path) {
+        return Ok(Repository::open(path)?);
+    }
+    let export = bkimg_format::store::ExportFile::open(path)?;
+    if !export.is_protected() {
+        return Ok(Repository::new(Box::new(export)));
+    }
+    let what = format!("export file {}", path.display());
+    let repo_config = bkimg_format::store::local::parse_config(
+        &export.config_bytes()?,
+        &what,
+        &format!("the repository config in {what}"),
+        true,
+    )?;
+    let protection = unlock(
+        console,
+        config,
+        &repo_config,
+        &export.key_slots()?,
+        site_key,
+    )?;
+    Ok(Repository::new(Box::new(Protected::new(
+        export, protection,
+    ))))
 }
 
 /// The protection of an encrypted or signed repository, unlocked with its key file

@@ -2107,3 +2107,103 @@ fn an_encrypted_repository_restores_with_the_key_file_from_the_stick() {
         "the restored disk differs from the captured one; console:\n{console}"
     );
 }
+
+/// An export of an encrypted restore point on the stick (`--include-export`, spec/format.md
+/// §10.3): it carries the point sealed, so the rescue unlocks it with the key file on the
+/// stick's BKIMG-CONF partition (`bkimg.key`), and restores the disk byte for byte.
+#[test]
+fn an_encrypted_export_on_the_stick_restores_with_its_key_file() {
+    if !available() || !require_root() {
+        return;
+    }
+    let f = fixture();
+    let dir = fresh_dir(f.dir.path().join("encrypted-export"));
+    let repo = dir.join("repo");
+    let (pw, key) = (dir.join("pw"), dir.join("repo.key"));
+    std::fs::write(&pw, "rescue passphrase\n").unwrap();
+    bkimg_ok(&[
+        "key",
+        "init",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "--key-file-out",
+        p(&key),
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    bkimg_ok(&[
+        "capture",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "-q",
+        p(&f.source),
+    ]);
+    let export = dir.join("sealed.bkimg");
+    bkimg_ok(&[
+        "export",
+        "--repo",
+        p(&repo),
+        "--password-file",
+        p(&pw),
+        "-o",
+        p(&export),
+        "-q",
+    ]);
+    let config = dir.join("site.toml");
+    std::fs::write(
+        &config,
+        "[rescue]\nunattended = true\nafter = \"poweroff\"\n",
+    )
+    .unwrap();
+    let image = dir.join("rescue.img");
+    bkimg_ok(&[
+        "--config",
+        p(&config),
+        "rescue",
+        "build",
+        "-o",
+        p(&image),
+        "--include-export",
+        p(&export),
+        "-q",
+    ]);
+    let start = settings_partition(&image, "[rescue]\nunattended = true\n");
+    sh(
+        "mcopy",
+        &[
+            "-o",
+            "-i",
+            &format!("{}@@{}", p(&image), start * 512),
+            p(&key),
+            "::/bkimg.key",
+        ],
+    );
+    let size = std::fs::metadata(&f.source).unwrap().len();
+    let target = dir.join("target.img");
+    blank(&target, size);
+    let mut vm = Vm::start_in(
+        &dir,
+        "enc-export",
+        Firmware::Uefi,
+        Some((Boot::UsbStick, &image)),
+        &[&target],
+    );
+    let console = vm.wait_poweroff();
+    drop(vm);
+    assert!(
+        console.contains("the repository is encrypted: unlocked with its key file"),
+        "{console}"
+    );
+    assert!(console.contains("bkimg-rescue: restored "), "{console}");
+    assert_eq!(
+        sha_prefix(&target, size),
+        sha_prefix(&f.source, size),
+        "the restored disk differs from the captured one; console:\n{console}"
+    );
+}
