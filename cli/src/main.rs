@@ -206,20 +206,7 @@ fn open_repository(
                 unlock.refuse_for_unprotected(&location.display().to_string())?;
                 return Ok(Repository::new(Box::new(export)));
             }
-            let what = format!("export file {}", location.display());
-            let config = bkimg_format::store::local::parse_config(
-                &export.config_bytes()?,
-                &what,
-                &format!("the repository config in {what}"),
-                true,
-            )?;
-            if config.encryption.is_none() {
-                return Err(bkimg_format::FormatError::corrupt(
-                    what,
-                    "it is marked protected but its repository config is not",
-                )
-                .into());
-            }
+            let config = export.repo_config()?;
             let protection = cmd::key::protection_with(
                 &location.display().to_string(),
                 &config,

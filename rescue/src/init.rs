@@ -580,13 +580,7 @@ fn open_export(
     if !export.is_protected() {
         return Ok(Repository::new(Box::new(export)));
     }
-    let what = format!("export file {}", path.display());
-    let repo_config = bkimg_format::store::local::parse_config(
-        &export.config_bytes()?,
-        &what,
-        &format!("the repository config in {what}"),
-        true,
-    )?;
+    let repo_config = export.repo_config()?;
     let protection = unlock(
         console,
         config,

@@ -2006,31 +2006,7 @@ fn an_encrypted_repository_restores_with_the_key_file_from_the_stick() {
     let root = dir.join("backup-root");
     let repo = root.join("repo");
     std::fs::create_dir_all(&root).unwrap();
-    let (pw, key) = (dir.join("pw"), dir.join("repo.key"));
-    std::fs::write(&pw, "rescue passphrase\n").unwrap();
-    bkimg_ok(&[
-        "key",
-        "init",
-        "--repo",
-        p(&repo),
-        "--password-file",
-        p(&pw),
-        "--key-file-out",
-        p(&key),
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
-    bkimg_ok(&[
-        "capture",
-        "--repo",
-        p(&repo),
-        "--password-file",
-        p(&pw),
-        "-q",
-        p(&f.source),
-    ]);
+    let (_, key) = encrypted_capture(&dir, &repo, &f.source);
     let backup = dir.join("backup.img");
     blank(&backup, 256 << 20);
     sh(
@@ -2072,17 +2048,7 @@ fn an_encrypted_repository_restores_with_the_key_file_from_the_stick() {
     );
     assert!(all_zero(&target), "the target was written to");
 
-    let start = settings_partition(&image, "[rescue]\nunattended = true\n");
-    sh(
-        "mcopy",
-        &[
-            "-o",
-            "-i",
-            &format!("{}@@{}", p(&image), start * 512),
-            p(&key),
-            "::/bkimg.key",
-        ],
-    );
+    key_on_stick(&image, &key);
     let mut vm = Vm::start_in(
         &dir,
         "enc-key",
@@ -2119,31 +2085,7 @@ fn an_encrypted_export_on_the_stick_restores_with_its_key_file() {
     let f = fixture();
     let dir = fresh_dir(f.dir.path().join("encrypted-export"));
     let repo = dir.join("repo");
-    let (pw, key) = (dir.join("pw"), dir.join("repo.key"));
-    std::fs::write(&pw, "rescue passphrase\n").unwrap();
-    bkimg_ok(&[
-        "key",
-        "init",
-        "--repo",
-        p(&repo),
-        "--password-file",
-        p(&pw),
-        "--key-file-out",
-        p(&key),
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
-    bkimg_ok(&[
-        "capture",
-        "--repo",
-        p(&repo),
-        "--password-file",
-        p(&pw),
-        "-q",
-        p(&f.source),
-    ]);
+    let (pw, key) = encrypted_capture(&dir, &repo, &f.source);
     let export = dir.join("sealed.bkimg");
     bkimg_ok(&[
         "export",
@@ -2173,17 +2115,7 @@ fn an_encrypted_export_on_the_stick_restores_with_its_key_file() {
         p(&export),
         "-q",
     ]);
-    let start = settings_partition(&image, "[rescue]\nunattended = true\n");
-    sh(
-        "mcopy",
-        &[
-            "-o",
-            "-i",
-            &format!("{}@@{}", p(&image), start * 512),
-            p(&key),
-            "::/bkimg.key",
-        ],
-    );
+    key_on_stick(&image, &key);
     let size = std::fs::metadata(&f.source).unwrap().len();
     let target = dir.join("target.img");
     blank(&target, size);
@@ -2205,5 +2137,52 @@ fn an_encrypted_export_on_the_stick_restores_with_its_key_file() {
         sha_prefix(&target, size),
         sha_prefix(&f.source, size),
         "the restored disk differs from the captured one; console:\n{console}"
+    );
+}
+
+/// `source` captured into a new encrypted repository `repo`; returns its password file
+/// and key file (both in `dir`).
+fn encrypted_capture(dir: &Path, repo: &Path, source: &Path) -> (PathBuf, PathBuf) {
+    let (pw, key) = (dir.join("pw"), dir.join("repo.key"));
+    std::fs::write(&pw, "rescue passphrase\n").unwrap();
+    bkimg_ok(&[
+        "key",
+        "init",
+        "--repo",
+        p(repo),
+        "--password-file",
+        p(&pw),
+        "--key-file-out",
+        p(&key),
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    bkimg_ok(&[
+        "capture",
+        "--repo",
+        p(repo),
+        "--password-file",
+        p(&pw),
+        "-q",
+        p(source),
+    ]);
+    (pw, key)
+}
+
+/// The repository's key file as `bkimg.key` on the stick's BKIMG-CONF partition (with
+/// unattended settings).
+fn key_on_stick(image: &Path, key: &Path) {
+    let start = settings_partition(image, "[rescue]\nunattended = true\n");
+    sh(
+        "mcopy",
+        &[
+            "-o",
+            "-i",
+            &format!("{}@@{}", p(image), start * 512),
+            p(key),
+            "::/bkimg.key",
+        ],
     );
 }

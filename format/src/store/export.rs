@@ -206,6 +206,24 @@ impl ExportFile {
         Ok(buf)
     }
 
+    /// The repository config of a protected export, decoded; it must be protected too.
+    pub fn repo_config(&self) -> Result<super::local::RepoConfig> {
+        let what = format!("export file {}", self.path.display());
+        let config = super::local::parse_config(
+            &self.config_bytes()?,
+            &what,
+            &format!("the repository config in {what}"),
+            true,
+        )?;
+        if config.encryption.is_none() {
+            return Err(FormatError::corrupt(
+                what,
+                "it is marked protected but its repository config is not",
+            ));
+        }
+        Ok(config)
+    }
+
     /// The key slots of a protected export: (slot id, stored bytes).
     pub fn key_slots(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
