@@ -195,14 +195,19 @@ impl ExportFile {
             .ok_or_else(|| {
                 FormatError::missing(format!("the repository config in {}", self.path.display()))
             })?;
+        self.read_small(&e, "its repository config is larger than any config may be")
+    }
+
+    /// A document-sized object (config, key slot), or corrupt with `too_large`.
+    fn read_small(&self, e: &Entry, too_large: &str) -> Result<Vec<u8>> {
         if e.len > crate::sealed::MAX_BODY_LEN + 64 {
             return Err(FormatError::corrupt(
                 format!("export file {}", self.path.display()),
-                "its repository config is larger than any config may be",
+                too_large,
             ));
         }
         let mut buf = Vec::new();
-        self.read_entry(&e, &mut buf)?;
+        self.read_entry(e, &mut buf)?;
         Ok(buf)
     }
 
@@ -228,14 +233,7 @@ impl ExportFile {
     pub fn key_slots(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
         for e in self.entries_of(ObjectKind::KeySlot)? {
-            if e.len > crate::sealed::MAX_BODY_LEN + 64 {
-                return Err(FormatError::corrupt(
-                    format!("export file {}", self.path.display()),
-                    "a key slot is larger than any key slot may be",
-                ));
-            }
-            let mut buf = Vec::new();
-            self.read_entry(&e, &mut buf)?;
+            let buf = self.read_small(&e, "a key slot is larger than any key slot may be")?;
             let id = crate::keys::Slot::decode(&buf)?.slot_id;
             if Digest::of_bytes(id.as_bytes()) != e.key {
                 return Err(FormatError::corrupt(
