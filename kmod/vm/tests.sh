@@ -580,7 +580,14 @@ t_continuous() {
     bkimg standby serve --listen 127.0.0.1:7070 --repo /repo/sb --key /repo/k-sb \
         --allow "$fps" --replica /repo/sb.img >/tmp/sb.log 2>&1 &
     sbpid=$!
-    sleep 1
+    # Started means listening: under emulation on a busy host that takes seconds, and a ship
+    # that came first would be refused like those before the start.
+    waited=0
+    until grep -q 'listening on' /tmp/sb.log; do
+        kill -0 $sbpid 2>/dev/null || { cat /tmp/sb.log; die "the standby ended"; return 1; }
+        [ $waited -lt 120 ] || { cat /tmp/sb.log; die "the standby is not listening after 120 s"; return 1; }
+        sleep 1; waited=$((waited + 1))
+    done
     cont 4 >>/tmp/cont.log
     touch /tmp/stop
     wait $wpid
