@@ -1,14 +1,18 @@
 //! What this client has seen of each protected repository (spec/format.md §18.9): its
-//! protection and key check, and the newest restore point by sequence. A repository that
-//! later shows less (an older newest point: a rollback; no protection any more: a
-//! downgrade) is refused, so that someone who can write the backup target but has no key
-//! cannot roll it back or swap it for an unprotected one unnoticed.
+//! protection and key check, and the newest restore point by sequence at each location it
+//! was read or written at. A repository that later shows less (an older newest point
+//! where it was seen newer: a rollback; no protection any more: a downgrade) is refused,
+//! so that someone who can write the backup target but has no key cannot roll it back or
+//! swap it for an unprotected one unnoticed. The copies of one repository (the local one,
+//! S3, a standby) share its id but lag behind each other: each is compared only with what
+//! was seen at it.
 //!
 //! One small JSON file per repository id under `$BKIMG_STATE_DIR` (default
 //! `/var/lib/bkimg/repositories` for root, else `$XDG_STATE_HOME/bkimg/repositories` or
 //! `~/.local/state/bkimg/repositories`).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use bkimg_format::keys::Mode;
@@ -25,9 +29,33 @@ struct Seen {
     /// "encrypted" or "signed".
     protection: String,
     key_check: String,
-    /// The largest sequence of any restore point seen, and that point's id.
+    /// The largest sequence of any restore point seen anywhere, and that point's id.
     sequence: u64,
     point: String,
+    /// The same at each location (a local repository's path, s3://..., bkimg://...).
+    /// Absent from files written before copies were told apart: then every location is
+    /// new.
+    #[serde(default)]
+    locations: BTreeMap<String, Newest>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct Newest {
+    sequence: u64,
+    point: String,
+}
+
+/// The name a location is recorded under: a local path made absolute (so `./repo` and
+/// `/srv/repo` are one), a URL as given.
+fn location_key(location: &Path) -> String {
+    let text = location.to_string_lossy();
+    if text.contains("://") {
+        return text.trim_end_matches('/').to_string();
+    }
+    std::fs::canonicalize(location)
+        .unwrap_or_else(|_| location.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn dir() -> PathBuf {
@@ -104,7 +132,7 @@ pub fn check(
     }
     let accept_rollback = unlock.accept_rollback;
     let seen = load(&config.repository_id)?;
-    let Some(enc) = &config.encryption else {
+    if config.encryption.is_none() {
         if let (Some(seen), false) = (&seen, accept_rollback) {
             return Err(FormatError::Denied(format!(
                 "{} was {} when this client last used it and is now unprotected: its config \
@@ -119,7 +147,7 @@ pub fn check(
             forget(&config.repository_id)?;
         }
         return Ok(());
-    };
+    }
     let (points, bad) = repo.points()?;
     if !bad.is_empty() {
         // An unreadable manifest may be the newest point: the damage is what to report
@@ -131,7 +159,9 @@ pub fn check(
         .filter_map(|p| p.manifest.sequence.map(|s| (s, p.manifest.id.clone())))
         .max();
     let (sequence, point) = newest.unwrap_or((0, String::new()));
-    if let Some(seen) = &seen {
+    let here = location_key(location);
+    let at_here = seen.as_ref().and_then(|s| s.locations.get(&here)).cloned();
+    if let Some(seen) = &at_here {
         if sequence < seen.sequence && !accept_rollback {
             return Err(FormatError::Denied(format!(
                 "{} was rolled back: its newest restore point is {} (sequence {sequence}), \
@@ -145,34 +175,61 @@ pub fn check(
             ))
             .into());
         }
-        if sequence <= seen.sequence && !accept_rollback && seen.key_check == enc.key_check {
-            return Ok(());
-        }
     }
-    store(&Seen {
-        repository_id: config.repository_id.clone(),
-        protection: name(enc.mode).into(),
-        key_check: enc.key_check.clone(),
-        sequence,
-        point,
-    })
+    let newest = Newest { sequence, point };
+    record(config, &here, newest, accept_rollback, seen)
 }
 
-/// Records a restore point this client has just written.
-pub fn wrote(config: &RepoConfig, id: &str, sequence: Option<u64>) -> Result<()> {
-    let (Some(enc), Some(sequence)) = (&config.encryption, sequence) else {
-        return Ok(());
+/// Records `newest` as what was seen at `location` (and anywhere, when it is newer than
+/// that), unless nothing changes.
+fn record(
+    config: &RepoConfig,
+    location: &str,
+    newest: Newest,
+    replace: bool,
+    seen: Option<Seen>,
+) -> Result<()> {
+    let enc = config
+        .encryption
+        .as_ref()
+        .expect("only protected ones are recorded");
+    let mut seen = match seen {
+        Some(s) if s.key_check == enc.key_check && s.protection == name(enc.mode) => s,
+        _ => Seen {
+            repository_id: config.repository_id.clone(),
+            protection: name(enc.mode).into(),
+            key_check: enc.key_check.clone(),
+            sequence: 0,
+            point: String::new(),
+            locations: BTreeMap::new(),
+        },
     };
-    if load(&config.repository_id)?.is_some_and(|s| s.sequence >= sequence) {
+    let before = seen.locations.get(location);
+    if before.is_some_and(|b| b.sequence >= newest.sequence && !replace) {
         return Ok(());
     }
-    store(&Seen {
-        repository_id: config.repository_id.clone(),
-        protection: name(enc.mode).into(),
-        key_check: enc.key_check.clone(),
+    if before == Some(&newest) {
+        return Ok(());
+    }
+    if newest.sequence > seen.sequence {
+        seen.sequence = newest.sequence;
+        seen.point = newest.point.clone();
+    }
+    seen.locations.insert(location.to_string(), newest);
+    store(&seen)
+}
+
+/// Records a restore point this client has just written to the repository at `location`.
+pub fn wrote(location: &Path, config: &RepoConfig, id: &str, sequence: Option<u64>) -> Result<()> {
+    let (Some(_), Some(sequence)) = (&config.encryption, sequence) else {
+        return Ok(());
+    };
+    let newest = Newest {
         sequence,
         point: id.into(),
-    })
+    };
+    let seen = load(&config.repository_id)?;
+    record(config, &location_key(location), newest, false, seen)
 }
 
 fn forget(repository_id: &str) -> Result<()> {

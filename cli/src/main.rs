@@ -190,8 +190,7 @@ fn open_repository(
             s3cmd::open(url, &prune::s3_settings(None, &config.s3), unlock)
         }
         Some(url) if url.starts_with("bkimg://") => {
-            unlock.refuse_for("a standby host's repository")?;
-            standby::open_reader(url, standby, workers.clamp(1, STANDBY_CONNECTIONS))
+            standby::open_reader(url, standby, workers.clamp(1, STANDBY_CONNECTIONS), unlock)
         }
         _ if location.is_dir() => {
             let (store, repo_config) = LocalDir::open_any(location)?;

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bkimg_format::keys::Mode;
 use bkimg_format::repo::Repository;
+use bkimg_format::store::local::parse_config;
+use bkimg_format::store::Protected;
 use bkimg_replicate::standby::{self, replica, tls, ReaderConfig, ServeConfig, StandbyStore};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -50,7 +53,16 @@ impl StandbyArgs {
 
 /// The repository of the standby host `url` (bkimg://HOST:PORT), for the read commands;
 /// `connections`: requests in flight at most.
-pub fn open_reader(url: &str, args: &StandbyArgs, connections: usize) -> Result<Repository> {
+///
+/// A protected repository (encrypted or signed) is read through the key `unlock` gives,
+/// with the key slots the standby holds beside it, and checked against what this client
+/// saw of it before (rollback, downgrade), as an S3 copy is.
+pub fn open_reader(
+    url: &str,
+    args: &StandbyArgs,
+    connections: usize,
+    unlock: &crate::cmd::key::Unlock,
+) -> Result<Repository> {
     let key = args.key.as_ref().context(
         "--key DIR is needed to read a standby host, or `key` in the config file's [standby]: \
          a key directory made by `bkimg standby keygen --dir DIR`, whose fingerprint the \
@@ -65,7 +77,26 @@ pub fn open_reader(url: &str, args: &StandbyArgs, connections: usize) -> Result<
     cfg.timeout = args.timeout;
     cfg.connections = connections;
     cfg.notify = Some(std::sync::Arc::new(crate::progress::note));
-    Ok(Repository::new(Box::new(StandbyStore::connect(cfg)?)))
+    let store = StandbyStore::connect(cfg)?;
+    let Some((config, slots)) = store.repo_protection()? else {
+        // A standby older than protocol version 3 holds no protected repository.
+        unlock.refuse_for_unprotected(url)?;
+        return Ok(Repository::new(Box::new(store)));
+    };
+    let config = parse_config(
+        &config,
+        &format!("the repository on {url}"),
+        &format!("the repository config on {url}"),
+        true,
+    )?;
+    let protection = crate::cmd::key::protection_with(url, &config, || Ok(slots), unlock)?;
+    let repo = if protection.mode() == Mode::None {
+        Repository::new(Box::new(store))
+    } else {
+        Repository::new(Box::new(Protected::new(store, protection)))
+    };
+    crate::known::check(std::path::Path::new(url), &config, &repo, unlock)?;
+    Ok(repo)
 }
 
 #[derive(Subcommand)]

@@ -182,6 +182,51 @@ fn aes_hardware() -> bool {
     false
 }
 
+/// Checks the form of one envelope stored as `kind` named `name` (spec/format.md §18.4,
+/// opening steps 1 and 2) and returns its algorithm: what can be checked without the key.
+/// Only opening it ([`RepoKeys::open`]) authenticates it.
+pub fn check_envelope(kind: ObjectKind, name: &str, sealed: &[u8]) -> Result<Aead> {
+    let what = || format!("{} {name}", kind.describe());
+    if sealed.len() < ENVELOPE_OVERHEAD {
+        return Err(FormatError::corrupt(
+            what(),
+            format!(
+                "{} bytes, shorter than an encrypted object's {ENVELOPE_OVERHEAD}-byte envelope (truncated?)",
+                sealed.len()
+            ),
+        ));
+    }
+    if sealed[..8] != magic::ENVELOPE {
+        return Err(FormatError::corrupt(
+            what(),
+            "not an encrypted bkimg object (wrong magic number)",
+        ));
+    }
+    let Some(aead) = Aead::from_byte(sealed[8]) else {
+        return Err(FormatError::unsupported(
+            what(),
+            format!("encryption algorithm {}", sealed[8]),
+        ));
+    };
+    if sealed[9] != kind.byte() {
+        return Err(FormatError::corrupt(
+            what(),
+            format!(
+                "it is sealed as object kind {}, not as a {} (swapped?)",
+                sealed[9],
+                kind.describe()
+            ),
+        ));
+    }
+    if sealed[10..12] != [0, 0] {
+        return Err(FormatError::corrupt(
+            what(),
+            "reserved envelope bytes are not zero",
+        ));
+    }
+    Ok(aead)
+}
+
 /// Whether `bytes` start like an envelope of `kind`: a cheap check that an object is
 /// present and whole enough to try; only opening it authenticates it.
 pub fn is_envelope_of(bytes: &[u8], kind: ObjectKind) -> bool {
@@ -368,43 +413,7 @@ impl RepoKeys {
     /// object.
     pub fn open(&self, kind: ObjectKind, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
         let what = || format!("{} {name}", kind.describe());
-        if sealed.len() < ENVELOPE_OVERHEAD {
-            return Err(FormatError::corrupt(
-                what(),
-                format!(
-                    "{} bytes, shorter than an encrypted object's {ENVELOPE_OVERHEAD}-byte envelope (truncated?)",
-                    sealed.len()
-                ),
-            ));
-        }
-        if sealed[..8] != magic::ENVELOPE {
-            return Err(FormatError::corrupt(
-                what(),
-                "not an encrypted bkimg object (wrong magic number)",
-            ));
-        }
-        let Some(aead) = Aead::from_byte(sealed[8]) else {
-            return Err(FormatError::unsupported(
-                what(),
-                format!("encryption algorithm {}", sealed[8]),
-            ));
-        };
-        if sealed[9] != kind.byte() {
-            return Err(FormatError::corrupt(
-                what(),
-                format!(
-                    "it is sealed as object kind {}, not as a {} (swapped?)",
-                    sealed[9],
-                    kind.describe()
-                ),
-            ));
-        }
-        if sealed[10..12] != [0, 0] {
-            return Err(FormatError::corrupt(
-                what(),
-                "reserved envelope bytes are not zero",
-            ));
-        }
+        let aead = check_envelope(kind, name, sealed)?;
         let nonce: [u8; NONCE_LEN] = sealed[12..ENVELOPE_HEADER_LEN]
             .try_into()
             .expect("12 bytes");

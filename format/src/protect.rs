@@ -331,6 +331,52 @@ fn segment_aad(header: &[u8], index: u64, last: bool, name: &str) -> Vec<u8> {
     aad
 }
 
+/// Checks the header of a segmented envelope stored as `kind` named `name` (spec/format.md
+/// §18.4.1) and returns its algorithm: what can be checked without the key. Only opening
+/// its segments ([`StreamOpener`]) authenticates it.
+pub fn check_stream_header(
+    kind: ObjectKind,
+    name: &str,
+    header: &[u8; STREAM_HEADER_LEN],
+) -> Result<Aead> {
+    let what = || format!("{} {name}", kind.describe());
+    if header[..8] != magic::ENVELOPE_STREAM {
+        return Err(FormatError::corrupt(
+            what(),
+            "not an encrypted bkimg stream (wrong magic number; written without the key?)",
+        ));
+    }
+    let Some(aead) = Aead::from_byte(header[8]) else {
+        return Err(FormatError::unsupported(
+            what(),
+            format!("encryption algorithm {}", header[8]),
+        ));
+    };
+    if header[9] != kind.byte() {
+        return Err(FormatError::corrupt(
+            what(),
+            format!(
+                "it is sealed as object kind {}, not as a {} (swapped?)",
+                header[9],
+                kind.describe()
+            ),
+        ));
+    }
+    if header[10] != 0 {
+        return Err(FormatError::corrupt(
+            what(),
+            "reserved stream byte is not zero",
+        ));
+    }
+    if header[11] != SEGMENT_LOG2 {
+        return Err(FormatError::unsupported(
+            what(),
+            format!("segments of 2^{} bytes", header[11]),
+        ));
+    }
+    Ok(aead)
+}
+
 /// Seals a stream as it is written: 1 MiB segments, each with a fresh random nonce and
 /// its number and whether it is the last bound in the associated data, so segments cannot
 /// be reordered, dropped or cut off at a boundary. [`finish`](Self::finish) writes the
@@ -471,40 +517,7 @@ impl<R: Read> StreamOpener<R> {
                     Ok(())
                 }
             })?;
-        if header[..8] != magic::ENVELOPE_STREAM {
-            return Err(FormatError::corrupt(
-                what(),
-                "not an encrypted bkimg stream (wrong magic number; written without the key?)",
-            ));
-        }
-        let Some(aead) = Aead::from_byte(header[8]) else {
-            return Err(FormatError::unsupported(
-                what(),
-                format!("encryption algorithm {}", header[8]),
-            ));
-        };
-        if header[9] != kind.byte() {
-            return Err(FormatError::corrupt(
-                what(),
-                format!(
-                    "it is sealed as object kind {}, not as a {} (swapped?)",
-                    header[9],
-                    kind.describe()
-                ),
-            ));
-        }
-        if header[10] != 0 {
-            return Err(FormatError::corrupt(
-                what(),
-                "reserved stream byte is not zero",
-            ));
-        }
-        if header[11] != SEGMENT_LOG2 {
-            return Err(FormatError::unsupported(
-                what(),
-                format!("segments of 2^{} bytes", header[11]),
-            ));
-        }
+        let aead = check_stream_header(kind, &name, &header)?;
         let key = keys.object_key(aead, kind, &name);
         let mut opener = StreamOpener {
             key,

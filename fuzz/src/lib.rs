@@ -40,7 +40,7 @@ use bkimg_format::protect::{mac_open, mac_seal, StreamOpener};
 use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
 use bkimg_format::store::export::ExportFile;
-use bkimg_format::store::local::{RepoConfig, CONFIG_KIND};
+use bkimg_format::store::local::{parse_config, RepoConfig, CONFIG_KIND};
 use bkimg_format::{sealed, MAX_CHUNK_SIZE};
 use bkimg_kmod::SavedTracker;
 use bkimg_replicate::standby::protocol::{self as p, Kind};
@@ -561,12 +561,24 @@ async fn frames(data: &[u8]) {
                     index_offset += part.len() as u64;
                 }
             }
+            Kind::Protection | Kind::ConfigData => {
+                // Decoded, the config and slots are hex: encoding them again gives the body.
+                if let Ok(msg) = frame.json::<p::RepoProtection>() {
+                    if let Ok((config, slots)) = msg.decode() {
+                        let again = p::RepoProtection::new(&config, &slots);
+                        assert_eq!(again.config, msg.config.to_ascii_lowercase());
+                        let _ = parse_config(&config, "fuzz", "fuzz config", true);
+                    }
+                }
+            }
             Kind::Lacks
             | Kind::BatchEnd
             | Kind::IndexOk
             | Kind::Bye
             | Kind::List
-            | Kind::NotFound => {}
+            | Kind::NotFound
+            | Kind::ProtectionOk
+            | Kind::GetConfig => {}
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 /// Unlocks a protected local repository (the CLI asks for its passphrase or reads its key
 /// file); returns the protection to read it through (none for an unprotected one).
 pub type Unlocker<'a> = &'a dyn Fn(&LocalDir, &RepoConfig) -> Result<Arc<Protection>>;
+use crate::standby::client::StoredForm;
 use crate::standby::{self, tls, ClientConfig};
 use crate::{ReplicateOptions, ShipReport};
 
@@ -83,8 +84,8 @@ impl Target {
 
     /// Ships the restore points of the local repository `repo` that the target lacks.
     /// A protected repository is read through the key `unlock` gives (spec/format.md
-    /// §18): its objects go to S3 as they are stored, sealed, with its config and key
-    /// slots; the standby does not take protected repositories yet.
+    /// §18): its objects go to S3 or the standby as they are stored, sealed, with its
+    /// config and key slots.
     pub fn ship(
         &self,
         repo: &Path,
@@ -136,8 +137,6 @@ impl Target {
                 retries,
                 timeout,
             } => {
-                // A protected repository is refused before anything else is asked for.
-                let src = Repository::open(repo)?;
                 let key = key.as_ref().context(
                     "--key DIR is needed for a standby target, or `key` in the config file's \
                      [standby] (make one with `bkimg standby keygen --dir DIR`)",
@@ -147,6 +146,19 @@ impl Target {
                      `server-fingerprint` in the config file's [standby] (keygen on the \
                      standby prints it)",
                 )?;
+                let (local, repo_config) = LocalDir::open_any(repo)?;
+                let protection = unlock(&local, &repo_config)?;
+                let local = Arc::new(local);
+                let src = Repository::new(Box::new(Protected::new(local.clone(), protection)));
+                let stored = match repo_config.encryption {
+                    Some(_) => Some(StoredForm {
+                        config: std::fs::read(repo.join("config"))
+                            .with_context(|| format!("reading {}/config", repo.display()))?,
+                        key_slots: local.key_slots()?,
+                        local,
+                    }),
+                    None => None,
+                };
                 let cfg = ClientConfig {
                     address: ClientConfig::address_of(url)?,
                     identity: tls::Identity::load(key)?,
@@ -154,7 +166,7 @@ impl Target {
                     retries: *retries,
                     timeout: *timeout,
                 };
-                let report = standby::replicate(&src, &cfg, options, progress)?;
+                let report = standby::replicate(&src, stored.as_ref(), &cfg, options, progress)?;
                 Ok(Shipped {
                     report,
                     target: url.clone(),

@@ -288,25 +288,6 @@ fn an_encrypted_repository_captures_restores_verifies_and_prunes_through_its_key
     ]);
     assert_eq!(r.code, 3, "{}", r.stderr);
 
-    // Not written anywhere unprotected: a standby refuses it.
-    env.fails(
-        &[
-            "replicate",
-            "--repo",
-            p(&env.repo),
-            "--to",
-            "bkimg://127.0.0.1:9",
-            "--key",
-            p(&env.path("k")),
-            "--server-fingerprint",
-            &"0".repeat(64),
-            "--password-file",
-            p(&env.pw),
-        ],
-        6,
-        "cannot read an encrypted or signed repository yet",
-    );
-
     // Prune the first point: the second stays whole (its parent's record is sealed too).
     env.ok(&env.with_pw("prune", &["--keep-last", "1"]));
     env.ok(&env.with_pw("verify", &[]));

@@ -165,7 +165,12 @@ pub fn run(args: CaptureArgs, config: &Config) -> Result<i32> {
     bar.finish();
     let live_report = session.map(live::finish);
     let result = result?;
-    crate::known::wrote(&repo_config, &result.manifest.id, result.manifest.sequence)?;
+    crate::known::wrote(
+        repo,
+        &repo_config,
+        &result.manifest.id,
+        result.manifest.sequence,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     let m = &result.manifest;
     let read: u64 = result.reports.iter().map(|r| r.bytes_read).sum();

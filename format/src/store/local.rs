@@ -120,7 +120,7 @@ pub fn parse_config(
             what,
             "encryption (config feature bit 0x1): this command cannot read an encrypted or \
              signed repository yet (capture, list, info, verify, restore, export, prune and \
-             replication to S3 can, with its key; the standby cannot)",
+             replication to S3 and the standby can, with its key)",
         ));
     }
     if (features.incompat & FEATURE_ENCRYPTION != 0) != value.encryption.is_some() {

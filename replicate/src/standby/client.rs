@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use bkimg_format::progress::Progress;
 use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::{LocalDir, StoreRead};
 use bkimg_format::{Digest, FormatError};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,6 +35,15 @@ pub struct ClientConfig {
     pub timeout: Duration,
 }
 
+/// A protected (encrypted or signed) repository as it is stored, which a ship sends as it
+/// is (protocol version 3): the standby holds its points without the key.
+pub struct StoredForm {
+    pub local: Arc<LocalDir>,
+    /// The config file, byte for byte.
+    pub config: Vec<u8>,
+    pub key_slots: Vec<(String, Vec<u8>)>,
+}
+
 impl ClientConfig {
     /// "bkimg://HOST:PORT" → "HOST:PORT".
     pub fn address_of(url: &str) -> Result<String> {
@@ -50,8 +60,12 @@ impl ClientConfig {
 
 /// Ships the restore points of `src` the standby lacks (with `opts.ids`: those and their
 /// ancestors), parents first; retries broken connections `cfg.retries` times with backoff.
+///
+/// `src` is read through its key; a protected repository also gives its `stored` form,
+/// which is what is sent.
 pub fn replicate(
     src: &Repository,
+    stored: Option<&StoredForm>,
     cfg: &ClientConfig,
     opts: &ReplicateOptions,
     progress: &dyn Progress,
@@ -85,7 +99,9 @@ pub fn replicate(
             std::thread::sleep(wait);
         }
         let mut this = ShipReport::default();
-        let result = rt.block_on(session(src, &plan, cfg, &throttle, progress, &mut this));
+        let result = rt.block_on(session(
+            src, stored, &plan, cfg, &throttle, progress, &mut this,
+        ));
         report.points_sent.extend(this.points_sent.iter().cloned());
         report.chunks_sent += this.chunks_sent;
         report.bytes_sent += this.bytes_sent;
@@ -159,6 +175,7 @@ pub(crate) async fn connect_tls(
 
 async fn session(
     src: &Repository,
+    stored: Option<&StoredForm>,
     plan: &[Point],
     cfg: &ClientConfig,
     throttle: &Throttle,
@@ -189,6 +206,27 @@ async fn session(
         ))
         .into());
     }
+    if let Some(form) = stored {
+        if welcome.version < p::PROTECTED_VERSION {
+            return Err(FormatError::unsupported(
+                format!("standby {}", cfg.address),
+                format!(
+                    "encrypted and signed repositories: it runs {}, which speaks standby \
+                     protocol version {}; upgrade bkimg on the standby (nothing was sent)",
+                    welcome.software, welcome.version
+                ),
+            )
+            .into());
+        }
+        let msg = p::RepoProtection::new(&form.config, &form.key_slots);
+        p::write_json(&mut s, Kind::Protection, &msg, t).await?;
+        p::flush(&mut s, t).await?;
+        p::read_frame(&mut s, t).await?.expect(Kind::ProtectionOk)?;
+    }
+    let raw: &dyn StoreRead = match stored {
+        Some(form) => form.local.as_ref(),
+        None => src.store(),
+    };
     let there: HashMap<String, String> = welcome
         .points
         .into_iter()
@@ -196,7 +234,12 @@ async fn session(
         .collect();
     for point in plan {
         let id = &point.manifest.id;
-        let sha = point.manifest_sha256.to_hex();
+        // What both sides compare is the SHA-256 of the manifest file as stored: a
+        // protected point's is its envelope, which the standby can hash without the key.
+        let sha = match stored {
+            Some(_) => Digest::of_bytes(&raw.read_manifest(id)?).to_hex(),
+            None => point.manifest_sha256.to_hex(),
+        };
         match there.get(id) {
             Some(theirs) if *theirs == sha => {
                 report.points_present += 1;
@@ -215,7 +258,11 @@ async fn session(
             None => {}
         }
         progress.note(&format!("sending restore point {id}"));
-        send_point(&mut s, src, point, t, throttle, progress, report).await?;
+        let protected = stored.is_some();
+        send_point(
+            &mut s, src, raw, protected, point, &sha, t, throttle, progress, report,
+        )
+        .await?;
         report.points_sent.push(id.clone());
     }
     p::write_frame(&mut s, Kind::Bye, &[], t).await?;
@@ -225,10 +272,16 @@ async fn session(
     Ok(())
 }
 
+/// Sends one point: its chunks and indexes are enumerated through `src` (the key) and
+/// sent as `raw` stores them.
+#[allow(clippy::too_many_arguments)]
 async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     src: &Repository,
+    raw: &dyn StoreRead,
+    protected: bool,
     point: &Point,
+    stored_sha256: &str,
     t: Duration,
     throttle: &Throttle,
     progress: &dyn Progress,
@@ -261,14 +314,30 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
         v
     };
     let parent_pruned = match &m.parent {
-        Some(link) => src.pruned_link(link)?.map(|end| hex::encode(end.bytes)),
+        // Checked through the key, sent as stored.
+        Some(link) => match src.pruned_link(link)? {
+            Some(_) if protected => raw.read_prune_record(&link.id)?.map(hex::encode),
+            Some(end) => Some(hex::encode(end.bytes)),
+            None => None,
+        },
         None => None,
     };
     let begin = p::Begin {
         id: m.id.clone(),
-        manifest_sha256: point.manifest_sha256.to_hex(),
+        manifest_sha256: stored_sha256.to_string(),
         indexes: indexes.iter().map(|d| d.to_hex()).collect(),
         parent_pruned,
+        parent: match &m.parent {
+            Some(link) if protected => Some(p::ParentLink {
+                id: link.id.clone(),
+                stored_sha256: match raw.read_manifest(&link.id) {
+                    Ok(bytes) => Some(Digest::of_bytes(&bytes).to_hex()),
+                    Err(FormatError::Missing { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                },
+            }),
+            _ => None,
+        },
     };
     p::write_json(s, Kind::Begin, &begin, t).await?;
     p::flush(s, t).await?;
@@ -299,8 +368,11 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
                 if !d.is_hole() && offered.insert(*d) {
                     pending.push(*d);
                     if pending.len() == BATCH {
-                        send_batch(s, src, &pending, t, throttle, progress, report, &mut blob)
-                            .await?;
+                        send_batch(
+                            s, src, raw, protected, &pending, t, throttle, progress, report,
+                            &mut blob,
+                        )
+                        .await?;
                         pending.clear();
                     }
                 }
@@ -308,12 +380,15 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     if !pending.is_empty() {
-        send_batch(s, src, &pending, t, throttle, progress, report, &mut blob).await?;
+        send_batch(
+            s, src, raw, protected, &pending, t, throttle, progress, report, &mut blob,
+        )
+        .await?;
     }
 
     let mut buf = vec![0u8; p::INDEX_PART_MAX];
     for idx in &missing {
-        let mut input = src.store().open_index(idx)?;
+        let mut input = raw.open_index(idx)?;
         let mut offset = 0u64;
         loop {
             let n = read_full(&mut input, &mut buf)
@@ -337,7 +412,7 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
         p::read_frame(s, t).await?.expect(Kind::IndexOk)?;
     }
 
-    let bytes = src.store().read_manifest(&m.id)?;
+    let bytes = raw.read_manifest(&m.id)?;
     p::write_frame(s, Kind::Commit, &[&bytes], t).await?;
     p::flush(s, t).await?;
     report.bytes_sent += bytes.len() as u64;
@@ -352,6 +427,8 @@ async fn send_point<S: AsyncRead + AsyncWrite + Unpin>(
 async fn send_batch<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     src: &Repository,
+    raw: &dyn StoreRead,
+    protected: bool,
     digests: &[Digest],
     t: Duration,
     throttle: &Throttle,
@@ -370,7 +447,12 @@ async fn send_batch<S: AsyncRead + AsyncWrite + Unpin>(
             report.chunks_present += 1;
             continue;
         }
-        src.store().read_chunk(d, blob)?;
+        if protected {
+            // Sent as stored, which a standby without the key cannot check: opened
+            // through the key first, so that a damaged chunk is reported here.
+            src.store().read_chunk(d, blob)?;
+        }
+        raw.read_chunk(d, blob)?;
         throttle.take(blob.len() as u64).await;
         p::write_frame(s, Kind::Chunk, &[&d.0, blob], t).await?;
         report.chunks_sent += 1;

@@ -3,7 +3,9 @@
 //! limit of its frame type before anything is allocated.
 //!
 //! Version 1 has ship sessions only; version 2 adds read sessions (frames 17-27), which
-//! serve the objects of the standby's repository to a reader that checks them itself.
+//! serve the objects of the standby's repository to a reader that checks them itself;
+//! version 3 carries encrypted and signed repositories (frames 28-31): their config and key
+//! slots, and objects stored as they are sealed.
 
 use std::time::Duration;
 
@@ -13,27 +15,36 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Protocol versions this build speaks.
-pub const VERSIONS: &[u32] = &[1, 2];
+pub const VERSIONS: &[u32] = &[1, 2, 3];
 /// The first version with read sessions.
 pub const READ_VERSION: u32 = 2;
+/// The first version that carries protected (encrypted or signed) repositories.
+pub const PROTECTED_VERSION: u32 = 3;
 pub const PROTOCOL: &str = "bkimg-standby";
 
 /// Digests per chunk query.
 pub const QUERY_MAX: usize = 4096;
 /// Bytes of index data per frame.
 pub const INDEX_PART_MAX: usize = 1 << 20;
-/// Largest frame of any type: a chunk frame (digest + largest blob) with room to spare.
-pub const FRAME_MAX: u32 =
-    32 + bkimg_format::chunk::HEADER_LEN as u32 + bkimg_format::MAX_CHUNK_SIZE;
+/// Largest frame of any type: a chunk frame (digest + largest stored blob).
+pub const FRAME_MAX: u32 = 32 + BLOB_MAX;
 /// Largest JSON frame.
 pub const JSON_MAX: u32 = 4 << 20;
-/// Largest stored chunk blob (header and payload).
-pub const BLOB_MAX: u32 = bkimg_format::chunk::HEADER_LEN as u32 + bkimg_format::MAX_CHUNK_SIZE;
+/// Largest stored chunk blob: header and payload, in an envelope when the repository is
+/// encrypted (spec/format.md §18.4).
+pub const BLOB_MAX: u32 = bkimg_format::chunk::HEADER_LEN as u32
+    + bkimg_format::MAX_CHUNK_SIZE
+    + bkimg_format::crypto::ENVELOPE_OVERHEAD as u32;
 /// Largest manifest or prune record file (a sealed document).
 pub const SEALED_MAX: u32 = bkimg_format::sealed::MAX_BODY_LEN as u32 + 64;
 /// Largest volume index object: header and one entry per chunk of the largest volume in
-/// the smallest chunks.
-pub const INDEX_MAX: u64 = bkimg_format::index::HEADER_LEN as u64
+/// the smallest chunks, and, encrypted, the segmented envelope around them (a header and
+/// 28 bytes per 1 MiB segment, spec/format.md §18.4.1).
+pub const INDEX_MAX: u64 = INDEX_PLAIN_MAX
+    + bkimg_format::protect::STREAM_HEADER_LEN as u64
+    + (INDEX_PLAIN_MAX / bkimg_format::protect::SEGMENT_LEN as u64 + 1)
+        * (bkimg_format::crypto::NONCE_LEN + bkimg_format::crypto::TAG_LEN) as u64;
+const INDEX_PLAIN_MAX: u64 = bkimg_format::index::HEADER_LEN as u64
     + (bkimg_format::index::MAX_VOLUME_SIZE / bkimg_format::MIN_CHUNK_SIZE as u64)
         * bkimg_format::index::ENTRY_LEN as u64;
 
@@ -68,6 +79,11 @@ pub enum Kind {
     GetPruneRecord = 25,
     PruneRecordData = 26,
     NotFound = 27,
+    // Version 3: protected repositories.
+    Protection = 28,
+    ProtectionOk = 29,
+    GetConfig = 30,
+    ConfigData = 31,
 }
 
 impl Kind {
@@ -101,6 +117,10 @@ impl Kind {
             25 => GetPruneRecord,
             26 => PruneRecordData,
             27 => NotFound,
+            28 => Protection,
+            29 => ProtectionOk,
+            30 => GetConfig,
+            31 => ConfigData,
             _ => return None,
         })
     }
@@ -109,14 +129,15 @@ impl Kind {
     pub fn max_body(self) -> u32 {
         use Kind::*;
         match self {
-            Hello | Welcome | Error | Begin | Plan | BatchOk | Committed | Listing => JSON_MAX,
+            Hello | Welcome | Error | Begin | Plan | BatchOk | Committed | Listing | Protection
+            | ConfigData => JSON_MAX,
             Query => (QUERY_MAX * 32) as u32,
             Lacks => QUERY_MAX as u32,
             Chunk => FRAME_MAX,
             IndexPart => (32 + 8 + INDEX_PART_MAX) as u32,
             IndexEnd | GetChunk => 32,
             Commit | ManifestData | PruneRecordData => SEALED_MAX,
-            BatchEnd | IndexOk | Bye | List | NotFound => 0,
+            BatchEnd | IndexOk | Bye | List | NotFound | ProtectionOk | GetConfig => 0,
             GetManifest | GetPruneRecord => bkimg_format::manifest::MAX_ID_LEN as u32,
             GetIndex => 32 + 8,
             IndexData => (8 + INDEX_PART_MAX) as u32,
@@ -175,6 +196,71 @@ pub struct Begin {
     /// that parent: the standby stores it if it lacks the parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_pruned: Option<String>,
+    /// The point's parent (version 3, sent for a protected repository, whose manifest a
+    /// standby without the key cannot read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+}
+
+/// A protected point's parent, as the client holds it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ParentLink {
+    pub id: String,
+    /// SHA-256 of the parent's manifest file as stored (its envelope), when the client
+    /// still holds it (absent: pruned there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_sha256: Option<String>,
+}
+
+/// A repository's config file and its key slots (id and file), as they are stored.
+pub type ConfigAndSlots = (Vec<u8>, Vec<(String, Vec<u8>)>);
+
+/// A protected repository's config and key slots (version 3): what a Protection frame
+/// sends to the standby and a ConfigData frame sends to a reader.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RepoProtection {
+    /// The config file, byte for byte, in lowercase hex.
+    pub config: String,
+    pub key_slots: Vec<KeySlot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeySlot {
+    pub id: String,
+    /// The slot file, byte for byte, in lowercase hex.
+    pub bytes: String,
+}
+
+impl RepoProtection {
+    pub fn new(config: &[u8], slots: &[(String, Vec<u8>)]) -> RepoProtection {
+        RepoProtection {
+            config: hex::encode(config),
+            key_slots: slots
+                .iter()
+                .map(|(id, bytes)| KeySlot {
+                    id: id.clone(),
+                    bytes: hex::encode(bytes),
+                })
+                .collect(),
+        }
+    }
+
+    /// The config bytes and the key slots, checked to be hex and the slots' ids valid.
+    pub fn decode(&self) -> Result<ConfigAndSlots> {
+        let bad = |what: &str| anyhow!(PeerError::Violation(format!("{what} is not hex")));
+        let config = hex::decode(&self.config).map_err(|_| bad("the config"))?;
+        let mut slots = Vec::new();
+        for s in &self.key_slots {
+            if !bkimg_format::keys::valid_slot_id(&s.id) {
+                bail!(PeerError::Violation(format!("key slot id {:?}", s.id)));
+            }
+            slots.push((
+                s.id.clone(),
+                hex::decode(&s.bytes).map_err(|_| bad("a key slot"))?,
+            ));
+        }
+        Ok((config, slots))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -496,10 +582,10 @@ mod tests {
                 .await
                 .is_err());
         }
-        // The first type after version 2's.
-        let h = head(28, 0);
+        // The first type after version 3's.
+        let h = head(32, 0);
         let e = read_frame(&mut h.as_slice(), t).await.err().unwrap();
-        assert!(e.to_string().contains("unknown frame type 28"), "{e}");
+        assert!(e.to_string().contains("unknown frame type 32"), "{e}");
     }
 
     #[test]

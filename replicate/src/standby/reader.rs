@@ -14,7 +14,7 @@
 
 use std::io::{self, Read};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,7 @@ impl StandbyStore {
                 last_note: Mutex::new(None),
                 gate: Mutex::new(()),
                 chunks_read: AtomicU64::new(0),
+                version: AtomicU32::new(0),
             }),
         };
         let first = store.inner.with_retries("the repository", |inner| {
@@ -169,6 +170,30 @@ impl StandbyStore {
     pub fn url(&self) -> String {
         self.inner.url()
     }
+
+    /// The config file and key slots of the standby's repository (protocol version 3), so
+    /// that a protected one can be unlocked and read through its key; `None` from a
+    /// standby older than version 3, which holds no protected repository.
+    pub fn repo_protection(&self) -> Result<Option<p::ConfigAndSlots>> {
+        if self.inner.version.load(Ordering::Relaxed) < p::PROTECTED_VERSION {
+            return Ok(None);
+        }
+        let what = "the repository config";
+        let f = self
+            .inner
+            .request(what, Kind::GetConfig, &[], Kind::ConfigData)?
+            .ok_or_else(|| {
+                self.inner
+                    .violation(what, "GetConfig answered \"not found\"".into())
+            })?;
+        let msg: p::RepoProtection = f
+            .json()
+            .map_err(|e| self.inner.violation(what, format!("{e:#}")))?;
+        let decoded = msg
+            .decode()
+            .map_err(|e| self.inner.violation(what, format!("{e:#}")))?;
+        Ok(Some(decoded))
+    }
 }
 
 struct Inner {
@@ -183,6 +208,8 @@ struct Inner {
     hooked: bool,
     gate: Mutex<()>,
     chunks_read: AtomicU64,
+    /// The protocol version the last new connection agreed.
+    version: AtomicU32,
 }
 
 /// Connections not in use, with when each was last used, and how many are open.
@@ -371,7 +398,10 @@ impl Inner {
         match reused {
             Some(c) => Ok((c, true)),
             None => match self.rt.block_on(open_session(&self.cfg)) {
-                Ok(c) => Ok((c, false)),
+                Ok((c, version)) => {
+                    self.version.store(version, Ordering::Relaxed);
+                    Ok((c, false))
+                }
                 Err(e) => {
                     self.release();
                     Err(e)
@@ -467,7 +497,7 @@ impl Drop for Inner {
 }
 
 /// A new connection with its read session open.
-async fn open_session(cfg: &ReaderConfig) -> Result<Conn> {
+async fn open_session(cfg: &ReaderConfig) -> Result<(Conn, u32)> {
     let seen = Seen::default();
     let t = cfg.timeout;
     let result = async {
@@ -519,7 +549,7 @@ async fn open_session(cfg: &ReaderConfig) -> Result<Conn> {
             ))
             .into());
         }
-        Ok(s)
+        Ok((s, welcome.version))
     }
     .await;
     result.map_err(|e| attach_seen(e, &seen))

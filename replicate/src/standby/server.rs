@@ -21,11 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use bkimg_format::crypto::{check_envelope, ObjectKind, ENVELOPE_OVERHEAD, NONCE_LEN, TAG_LEN};
 use bkimg_format::index::{self, EntryReader, IndexHeader};
+use bkimg_format::keys::{Mode, Slot};
 use bkimg_format::manifest::Manifest;
+use bkimg_format::protect::{check_stream_header, mac_strip, Protection, STREAM_HEADER_LEN};
 use bkimg_format::record::PruneRecord;
 use bkimg_format::repo::Repository;
-use bkimg_format::store::{LocalDir, StoreMaintain, StoreRead, StoreWrite};
+use bkimg_format::store::local::{parse_config, RepoConfig};
+use bkimg_format::store::{LocalDir, Protected, StoreMaintain, StoreRead, StoreWrite};
 use bkimg_format::{chunk, Digest, FormatError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -68,8 +72,17 @@ struct Ctx {
 
 /// Runs until killed. With a replica, an apply interrupted earlier is finished first.
 pub fn serve(cfg: ServeConfig) -> Result<()> {
-    let repo = LocalDir::open_or_create(&cfg.repo, &new_id(), &now_rfc3339())?;
+    let (repo, config) = LocalDir::open_or_create_any(&cfg.repo, &new_id(), &now_rfc3339())?;
     drop(repo);
+    if config.encryption.is_some() && !cfg.replicas.is_empty() {
+        return Err(FormatError::unsupported(
+            format!("repository {}", cfg.repo.display()),
+            "a replica (--replica) of an encrypted or signed repository: applying its points \
+             needs the repository's key, and a standby cannot be given one yet; run the \
+             standby without --replica",
+        )
+        .into());
+    }
     let applier = if cfg.replicas.is_empty() {
         None
     } else {
@@ -383,8 +396,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let _writer = ctx.writer.lock().await;
     let root = ctx.cfg.repo.clone();
-    let (store, reader) =
-        blocking(|| -> Result<_> { Ok((LocalDir::open(&root)?, Repository::open(&root)?)) })?;
+    let (mut store, mut checks) = blocking(|| open_for_ship(&root))?;
     let points = blocking(|| -> Result<Vec<p::PointRef>> {
         let mut out = Vec::new();
         for id in store.list_manifests()? {
@@ -407,15 +419,53 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut begun: Option<p::Begin> = None;
     let mut incoming: HashMap<Digest, Incoming> = HashMap::new();
     let mut batch_stored = (0u64, 0u64);
-    let store = Arc::new(store);
+    // Whether the client sent its repository's protection (version 3): only then may it
+    // ship into a protected repository, and only first.
+    let mut protection_sent = false;
     let permits = Arc::new(tokio::sync::Semaphore::new(CHUNK_WORKERS));
     type Work = tokio::task::JoinHandle<std::result::Result<u64, FormatError>>;
     let mut pending: Vec<Work> = Vec::new();
     loop {
         let f = p::read_frame(s, t).await?;
         match f.kind {
+            Kind::Protection if version >= p::PROTECTED_VERSION && !protection_sent => {
+                if begun.is_some() {
+                    return Err(PeerError::Violation("Protection after Begin".into()).into());
+                }
+                if !ctx.cfg.replicas.is_empty() {
+                    return Err(FormatError::unsupported(
+                        "this standby",
+                        format!(
+                            "encrypted and signed repositories with a replica: it keeps {} \
+                             replica disk(s) up to date, which needs the repository's key, \
+                             and a standby cannot be given one yet; ship this repository to a \
+                             standby run without --replica (nothing was written)",
+                            ctx.cfg.replicas.len()
+                        ),
+                    )
+                    .into());
+                }
+                let msg: p::RepoProtection = f.json()?;
+                let (config, slots) = msg.decode()?;
+                drop(checks);
+                drop(store);
+                (store, checks) = blocking(|| adopt_protection(&root, &config, &slots))?;
+                protection_sent = true;
+                p::write_frame(s, Kind::ProtectionOk, &[], t).await?;
+                p::flush(s, t).await?;
+            }
             Kind::Begin => {
                 let b: p::Begin = f.json()?;
+                if checks.protected() && !protection_sent {
+                    return Err(Conflict(format!(
+                        "this standby's repository is a copy of the {} repository {}, and \
+                         the client's repository is not protected: use another --repo on the \
+                         standby for it",
+                        checks.describe(),
+                        checks.config().repository_id
+                    ))
+                    .into());
+                }
                 if !bkimg_format::manifest::valid_id(&b.id) {
                     return Err(PeerError::Violation(format!("invalid id {:?}", b.id)).into());
                 }
@@ -456,13 +506,20 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 // the permits bound the chunks held in memory.
                 let permit = permits.clone().acquire_owned().await.expect("never closed");
                 let store = store.clone();
+                let sealed = checks.sealed();
                 let body = f.body;
                 pending.push(tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     let blob = &body[32..];
-                    // Verified before it is stored: header, length, decompression, digest.
-                    let mut plain = Vec::new();
-                    chunk::decode_into(blob, &d, &store.chunk_ids(), &mut plain)?;
+                    if sealed {
+                        // Without the key: the envelope's form and size.
+                        check_sealed_chunk(&d, blob)?;
+                    } else {
+                        // Verified before it is stored: header, length, decompression,
+                        // digest.
+                        let mut plain = Vec::new();
+                        chunk::decode_into(blob, &d, &store.chunk_ids(), &mut plain)?;
+                    }
                     if !store.has_chunk(&d)? {
                         store.put_chunk(&d, blob)?;
                     }
@@ -525,10 +582,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     ))
                     .into());
                 }
-                let max = index::HEADER_LEN as u64
-                    + (index::MAX_VOLUME_SIZE / u64::from(bkimg_format::MIN_CHUNK_SIZE))
-                        * index::ENTRY_LEN as u64;
-                if inc.len + data.len() as u64 > max {
+                if inc.len + data.len() as u64 > p::INDEX_MAX {
                     return Err(PeerError::Violation(format!("index {id} too large")).into());
                 }
                 blocking(|| inc.file.write_all_at(data, inc.len))
@@ -540,7 +594,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let inc = incoming
                     .remove(&id)
                     .ok_or_else(|| PeerError::Violation(format!("index {id} ended unsent")))?;
-                blocking(|| store_index(&store, &id, inc))?;
+                let sealed = checks.sealed();
+                blocking(|| {
+                    if sealed {
+                        store_sealed_index(&store, &id, inc)
+                    } else {
+                        store_index(&store, &id, inc)
+                    }
+                })?;
                 p::write_frame(s, Kind::IndexOk, &[], t).await?;
                 p::flush(s, t).await?;
             }
@@ -548,7 +609,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let b = begun
                     .take()
                     .ok_or_else(|| PeerError::Violation("commit without begin".into()))?;
-                blocking(|| check_and_commit(&store, &reader, &b, &f.body))?;
+                blocking(|| match &checks {
+                    Checks::Whole { reader, .. } => {
+                        check_and_commit(&store, reader, checks.signed(), &b, &f.body)
+                    }
+                    Checks::Sealed { .. } => check_and_commit_sealed(&store, &b, &f.body),
+                })?;
                 stats.committed.push(b.id.clone());
                 if let Some(tx) = ctx
                     .applier
@@ -583,7 +649,8 @@ async fn read_session<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<()> {
     let t = ctx.cfg.timeout;
     let root = ctx.cfg.repo.clone();
-    let store = blocking(|| LocalDir::open(&root))?;
+    // Protected or not: what is served is what is stored, for a reader with the key.
+    let (store, _) = blocking(|| LocalDir::open_any(&root))?;
     let welcome = p::Welcome {
         version,
         software: format!("bkimg {}", env!("CARGO_PKG_VERSION")),
@@ -632,6 +699,15 @@ async fn read_session<S: AsyncRead + AsyncWrite + Unpin>(
             Kind::GetPruneRecord => {
                 let id = p::parse_id(&f.body)?;
                 blocking(|| store.read_prune_record(&id))?.map(|b| (Kind::PruneRecordData, b))
+            }
+            Kind::GetConfig if version >= p::PROTECTED_VERSION => {
+                let msg = blocking(|| -> Result<p::RepoProtection> {
+                    let config = std::fs::read(store.root().join("config"))
+                        .with_context(|| format!("reading {}/config", store.root().display()))?;
+                    Ok(p::RepoProtection::new(&config, &store.key_slots()?))
+                })?;
+                let body = serde_json::to_vec(&msg).expect("serializes");
+                Some((Kind::ConfigData, body))
             }
             Kind::Bye => return Ok(()),
             other => {
@@ -697,6 +773,265 @@ fn index_part(path: &Path, id: &Digest, offset: u64) -> Result<Option<Vec<u8>>> 
     Ok(Some(body))
 }
 
+/// What the standby can check of what it receives into its repository.
+enum Checks {
+    /// Everything (spec/standby-protocol.md §3.1): a repository without encryption, or a
+    /// signed one, read without its key (every check but the MACs, which need the key).
+    Whole {
+        reader: Repository,
+        config: RepoConfig,
+    },
+    /// An encrypted repository, whose key the standby does not hold: the form, size and
+    /// name of each sealed object, and the links between points (§6.2).
+    Sealed { config: RepoConfig },
+}
+
+impl Checks {
+    fn new(store: &Arc<LocalDir>, config: RepoConfig) -> Result<Checks> {
+        Ok(match &config.encryption {
+            None => Checks::Whole {
+                reader: Repository::new(Box::new(store.clone())),
+                config,
+            },
+            Some(enc) if enc.mode == Mode::Signed => {
+                let protection = Arc::new(Protection::unauthenticated(enc)?);
+                Checks::Whole {
+                    reader: Repository::new(Box::new(Protected::new(store.clone(), protection))),
+                    config,
+                }
+            }
+            Some(_) => Checks::Sealed { config },
+        })
+    }
+
+    fn config(&self) -> &RepoConfig {
+        match self {
+            Checks::Whole { config, .. } | Checks::Sealed { config } => config,
+        }
+    }
+
+    fn protected(&self) -> bool {
+        self.config().encryption.is_some()
+    }
+
+    /// Manifests and prune records are in MAC envelopes.
+    fn signed(&self) -> bool {
+        self.config()
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.mode == Mode::Signed)
+    }
+
+    fn sealed(&self) -> bool {
+        matches!(self, Checks::Sealed { .. })
+    }
+
+    fn describe(&self) -> &'static str {
+        match self.config().encryption.as_ref().map(|e| e.mode) {
+            None | Some(Mode::None) => "not protected",
+            Some(Mode::Encrypted) => "encrypted",
+            Some(Mode::Signed) => "signed",
+        }
+    }
+}
+
+/// Opens the standby's repository for a ship session, protected or not.
+fn open_for_ship(root: &Path) -> Result<(Arc<LocalDir>, Checks)> {
+    let (store, config) = LocalDir::open_any(root)?;
+    let store = Arc::new(store);
+    let checks = Checks::new(&store, config)?;
+    Ok((store, checks))
+}
+
+/// Takes a protected repository's config and key slots (a Protection frame). The standby's
+/// repository becomes a copy of that repository's config when it holds no restore point
+/// yet; one that already is gets the client's key slots (slots added, changed or removed
+/// there are here too, so a passphrase removed there stops opening this copy); any other
+/// is a conflict, and nothing is changed.
+fn adopt_protection(
+    root: &Path,
+    config: &[u8],
+    slots: &[(String, Vec<u8>)],
+) -> Result<(Arc<LocalDir>, Checks)> {
+    let theirs = parse_config(
+        config,
+        "the client's repository",
+        "the client's repository config",
+        true,
+    )?;
+    if theirs.encryption.is_none() {
+        return Err(PeerError::Violation(
+            "a Protection frame for a repository that is not protected".into(),
+        )
+        .into());
+    }
+    for (id, bytes) in slots {
+        Slot::decode(bytes)?.check_stored_as(id, &theirs.repository_id)?;
+    }
+    let (store, ours) = LocalDir::open_any(root)?;
+    let same = |ours: &RepoConfig| {
+        ours.repository_id == theirs.repository_id && ours.encryption == theirs.encryption
+    };
+    if !same(&ours) {
+        drop(store);
+        // Nobody may read the repository while its config changes under them.
+        let (store, ours) = LocalDir::open_exclusive_any(root, false)?;
+        if !same(&ours) {
+            if ours.encryption.is_some() || store.has_points()? {
+                return Err(Conflict(format!(
+                    "the standby's repository {} holds restore points of repository {} ({}), \
+                     and the client ships repository {}: a standby repository holds one \
+                     protected repository; use another --repo on the standby",
+                    root.display(),
+                    ours.repository_id,
+                    match ours.encryption.as_ref().map(|e| e.mode) {
+                        Some(Mode::Encrypted) => "encrypted",
+                        Some(Mode::Signed) => "signed",
+                        _ => "not protected",
+                    },
+                    theirs.repository_id
+                ))
+                .into());
+            }
+            store.replace_config(&theirs)?;
+            log(&format!(
+                "repository {} now holds the {} repository {} (its config and key slots \
+                 came from the client)",
+                root.display(),
+                if theirs
+                    .encryption
+                    .as_ref()
+                    .is_some_and(|e| e.mode == Mode::Signed)
+                {
+                    "signed"
+                } else {
+                    "encrypted"
+                },
+                theirs.repository_id
+            ));
+        }
+    }
+    let (store, checks) = open_for_ship(root)?;
+    let have = store.key_slots()?;
+    for (id, bytes) in slots {
+        if !have.iter().any(|(i, b)| i == id && b == bytes) {
+            store.put_key_slot(id, bytes)?;
+        }
+    }
+    for (id, _) in &have {
+        if !slots.iter().any(|(i, _)| i == id) {
+            store.delete_key_slot(id)?;
+        }
+    }
+    Ok((store, checks))
+}
+
+/// A chunk of an encrypted repository, checked without the key: an envelope of a chunk
+/// (spec/format.md §18.4 steps 1-2) no shorter than one around a chunk header.
+fn check_sealed_chunk(d: &Digest, blob: &[u8]) -> std::result::Result<(), FormatError> {
+    check_envelope(ObjectKind::Chunk, &d.to_hex(), blob)?;
+    if blob.len() < ENVELOPE_OVERHEAD + chunk::HEADER_LEN {
+        return Err(FormatError::corrupt(
+            format!("chunk {d}"),
+            format!(
+                "{} bytes, shorter than an envelope around a chunk header",
+                blob.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An index of an encrypted repository, checked without the key (the header of its
+/// segmented envelope and room for one segment), and moved into the repository. Whether
+/// it names only stored chunks is for a reader with the key to check.
+fn store_sealed_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()> {
+    inc.file.sync_all().ok();
+    let mut head = [0u8; STREAM_HEADER_LEN];
+    if inc.len < (STREAM_HEADER_LEN + NONCE_LEN + TAG_LEN) as u64
+        || inc.file.read_exact_at(&mut head, 0).is_err()
+    {
+        return Err(FormatError::corrupt(
+            format!("volume index {id}"),
+            format!("{} bytes, shorter than an encrypted index can be", inc.len),
+        )
+        .into());
+    }
+    check_stream_header(ObjectKind::Index, &id.to_hex(), &head)?;
+    store.put_index(id, &inc.path)?;
+    Ok(())
+}
+
+/// The commit point of an encrypted repository, whose manifests the standby cannot read:
+/// the manifest is an envelope of a manifest with the announced SHA-256; the parent link
+/// Begin states holds against what is stored (the parent's manifest with that SHA-256, or
+/// a prune record for it, held or sent); every index Begin names is stored. Then it is
+/// written, durably and last.
+fn check_and_commit_sealed(store: &LocalDir, b: &p::Begin, bytes: &[u8]) -> Result<()> {
+    let sha = Digest::of_bytes(bytes);
+    if sha.to_hex() != b.manifest_sha256 {
+        return Err(FormatError::corrupt(
+            format!("manifest of {}", b.id),
+            "its SHA-256 differs from the one announced",
+        )
+        .into());
+    }
+    check_envelope(ObjectKind::Manifest, &b.id, bytes)?;
+    if let Ok(existing) = store.read_manifest(&b.id) {
+        if existing == bytes {
+            return Ok(());
+        }
+        return Err(Conflict(format!(
+            "a different restore point {} is already stored",
+            b.id
+        ))
+        .into());
+    }
+    if let Some(parent) = &b.parent {
+        match store.read_manifest(&parent.id) {
+            Ok(theirs) => {
+                let sha = Digest::of_bytes(&theirs).to_hex();
+                if parent.stored_sha256.as_ref().is_some_and(|s| *s != sha) {
+                    return Err(FormatError::corrupt(
+                        format!("restore point {}", b.id),
+                        format!("its parent link does not match the standby's {}", parent.id),
+                    )
+                    .into());
+                }
+            }
+            Err(FormatError::Missing { .. }) => {
+                if store.read_prune_record(&parent.id)?.is_none() {
+                    let Some(hex_record) = &b.parent_pruned else {
+                        return Err(FormatError::missing(format!(
+                            "parent restore point {} of {} on the standby (send parents first)",
+                            parent.id, b.id
+                        ))
+                        .into());
+                    };
+                    let record = hex::decode(hex_record)
+                        .map_err(|_| PeerError::Violation("parent_pruned is not hex".into()))?;
+                    check_envelope(ObjectKind::PruneRecord, &parent.id, &record)?;
+                    store.put_prune_record(&parent.id, &record)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for h in &b.indexes {
+        let d = Digest::from_hex(h)
+            .ok_or_else(|| PeerError::Violation(format!("bad index id {h:?}")))?;
+        if !store.index_path(&d).exists() {
+            return Err(FormatError::missing(format!(
+                "volume index {d} of restore point {}",
+                b.id
+            ))
+            .into());
+        }
+    }
+    store.commit_manifest(&b.id, bytes)?;
+    Ok(())
+}
+
 /// Checks a received index (header names it, entries match their digest, every chunk it
 /// names is stored) and moves it into the repository.
 fn store_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()> {
@@ -738,6 +1073,7 @@ fn store_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()> {
 fn accept_pruned_parent(
     store: &LocalDir,
     reader: &Repository,
+    signed: bool,
     parent: &bkimg_format::manifest::ParentRef,
     b: &p::Begin,
 ) -> Result<()> {
@@ -755,7 +1091,10 @@ fn accept_pruned_parent(
     };
     let bytes = hex::decode(hex_record)
         .map_err(|_| PeerError::Violation("parent_pruned is not hex".into()))?;
-    let record = PruneRecord::decode(&bytes)?;
+    let record = PruneRecord::decode(match signed {
+        true => mac_strip(ObjectKind::PruneRecord, &parent.id, &bytes)?,
+        false => &bytes,
+    })?;
     if record.id != parent.id || record.manifest_sha256 != parent.manifest_sha256 {
         return Err(FormatError::corrupt(
             format!("prune record of {}", parent.id),
@@ -772,6 +1111,7 @@ fn accept_pruned_parent(
 fn check_and_commit(
     store: &LocalDir,
     reader: &Repository,
+    signed: bool,
     b: &p::Begin,
     bytes: &[u8],
 ) -> Result<()> {
@@ -783,7 +1123,11 @@ fn check_and_commit(
         )
         .into());
     }
-    let m = Manifest::decode(bytes)?;
+    // Signed: the MAC envelope's form (its MAC needs the key).
+    let m = Manifest::decode(match signed {
+        true => mac_strip(ObjectKind::Manifest, &b.id, bytes)?,
+        false => bytes,
+    })?;
     if m.id != b.id {
         return Err(PeerError::Violation(format!(
             "manifest names itself {:?}, not {:?}",
@@ -805,7 +1149,7 @@ fn check_and_commit(
         let theirs = match reader.point(&parent.id) {
             Ok(p) => Some(p),
             Err(FormatError::Missing { .. }) => {
-                accept_pruned_parent(store, reader, parent, b)?;
+                accept_pruned_parent(store, reader, signed, parent, b)?;
                 None
             }
             Err(e) => return Err(e.into()),
@@ -1051,6 +1395,7 @@ mod tests {
             manifest_sha256: Digest::of_bytes(&s.manifest).to_hex(),
             indexes: vec![s.index_id.to_hex()],
             parent_pruned: None,
+            parent: None,
         };
         p::write_json(c, Kind::Begin, &b, T).await.unwrap();
         p::read_frame(c, T)
