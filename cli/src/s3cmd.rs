@@ -2,9 +2,7 @@
 //! `restore`, `export` on `s3://BUCKET/PREFIX`). Set-up: docs/replication-s3.md.
 
 use anyhow::Result;
-use bkimg_format::keys::Mode;
 use bkimg_format::repo::Repository;
-use bkimg_format::store::Protected;
 use bkimg_replicate::s3::{S3Settings, S3Store};
 use clap::Args;
 
@@ -30,12 +28,9 @@ pub fn open(url: &str, settings: &S3Settings, unlock: &Unlock) -> Result<Reposit
     // Wrong credentials, a missing repository or an endpoint that is down show here,
     // with their exit codes, rather than halfway through a command.
     let config = store.config(true)?;
-    let protection = crate::cmd::key::protection_with(url, &config, || store.key_slots(), unlock)?;
-    let repo = if protection.mode() == Mode::None {
-        Repository::new(Box::new(store))
-    } else {
-        Repository::new(Box::new(Protected::new(store, protection)))
+    let slots = match config.encryption {
+        Some(_) => store.key_slots()?,
+        None => Vec::new(),
     };
-    crate::known::check(std::path::Path::new(url), &config, &repo, unlock)?;
-    Ok(repo)
+    crate::cmd::key::open_copy(url, store, &config, || Ok(slots), unlock)
 }

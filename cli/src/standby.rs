@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bkimg_format::keys::Mode;
 use bkimg_format::repo::Repository;
 use bkimg_format::store::local::parse_config;
-use bkimg_format::store::Protected;
 use bkimg_replicate::standby::{self, replica, tls, ReaderConfig, ServeConfig, StandbyStore};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -89,14 +87,7 @@ pub fn open_reader(
         &format!("the repository config on {url}"),
         true,
     )?;
-    let protection = crate::cmd::key::protection_with(url, &config, || Ok(slots), unlock)?;
-    let repo = if protection.mode() == Mode::None {
-        Repository::new(Box::new(store))
-    } else {
-        Repository::new(Box::new(Protected::new(store, protection)))
-    };
-    crate::known::check(std::path::Path::new(url), &config, &repo, unlock)?;
-    Ok(repo)
+    crate::cmd::key::open_copy(url, store, &config, || Ok(slots), unlock)
 }
 
 #[derive(Subcommand)]

@@ -1959,6 +1959,12 @@ fn bkimg_state(state: &Path, args: &[&str]) -> Run {
     }
 }
 
+fn bkimg_state_ok(state: &Path, args: &[&str]) -> Run {
+    let r = bkimg_state(state, args);
+    assert_eq!(r.code, 0, "bkimg {args:?}:\n{}\n{}", r.stdout, r.stderr);
+    r
+}
+
 /// Every file under `dir`.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -1994,11 +2000,7 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
     let k = keys(d);
     let state = d.join("client-state");
     let run = |args: &[&str]| bkimg_state(&state, args);
-    let ok = |args: &[&str]| {
-        let r = run(args);
-        assert_eq!(r.code, 0, "bkimg {args:?}:\n{}\n{}", r.stdout, r.stderr);
-        r
-    };
+    let ok = |args: &[&str]| bkimg_state_ok(&state, args);
     let (src, pw, kf) = (d.join("src"), d.join("pw"), d.join("repo.key"));
     fs::write(&pw, "standby test passphrase\n").unwrap();
     let fast = ["--kdf-memory-mib", "1", "--kdf-iterations", "1"];
@@ -2214,11 +2216,7 @@ fn a_signed_repository_ships_to_a_standby() {
     let k = keys(d);
     let state = d.join("client-state");
     let run = |args: &[&str]| bkimg_state(&state, args);
-    let ok = |args: &[&str]| {
-        let r = run(args);
-        assert_eq!(r.code, 0, "bkimg {args:?}:\n{}\n{}", r.stdout, r.stderr);
-        r
-    };
+    let ok = |args: &[&str]| bkimg_state_ok(&state, args);
     let (src, pw) = (d.join("src"), d.join("pw"));
     fs::write(&pw, "signing passphrase\n").unwrap();
     let mut init = vec!["key", "init", "--repo", p(&src), "--mode", "signed"];

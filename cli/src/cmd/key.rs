@@ -10,7 +10,7 @@ use bkimg_format::crypto::{Key, RepoKeys};
 use bkimg_format::keys::{self, Argon2Params, Encryption, Mode, Secret, Slot};
 use bkimg_format::protect::Protection;
 use bkimg_format::repo::Repository;
-use bkimg_format::store::{LocalDir, Protected};
+use bkimg_format::store::{LocalDir, Protected, StoreRead};
 use bkimg_format::FormatError;
 use clap::{Args, Subcommand, ValueEnum};
 use std::sync::Arc;
@@ -210,12 +210,31 @@ pub fn protection_with(
 }
 
 /// A repository read through its protection (directly when it has none).
-pub fn protected_repository(store: LocalDir, protection: Arc<Protection>) -> Repository {
+pub fn protected_repository<S: StoreRead + 'static>(
+    store: S,
+    protection: Arc<Protection>,
+) -> Repository {
     if protection.mode() == Mode::None {
         Repository::new(Box::new(store))
     } else {
         Repository::new(Box::new(Protected::new(store, protection)))
     }
+}
+
+/// A copy of a repository elsewhere (`url`: an S3 bucket, a standby host), unlocked with
+/// `how` when its `config` says it is protected, with the key `slots` stored beside it,
+/// and checked against what this client saw of it before (rollback, downgrade).
+pub fn open_copy<S: StoreRead + 'static>(
+    url: &str,
+    store: S,
+    config: &bkimg_format::store::local::RepoConfig,
+    slots: impl FnOnce() -> Result<Vec<(String, Vec<u8>)>>,
+    how: &Unlock,
+) -> Result<Repository> {
+    let protection = protection_with(url, config, slots, how)?;
+    let repo = protected_repository(store, protection);
+    crate::known::check(std::path::Path::new(url), config, &repo, how)?;
+    Ok(repo)
 }
 
 /// [`protected_repository`] over a store shared with other users of it.
