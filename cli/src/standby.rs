@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bkimg_format::repo::Repository;
 use bkimg_format::store::local::parse_config;
+use bkimg_format::store::LocalDir;
 use bkimg_replicate::standby::{self, replica, tls, ReaderConfig, ServeConfig, StandbyStore};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use crate::cmd::key::Unlock;
 use crate::config::{Config, RepoArgs, StandbyConfig};
 use crate::exit;
 use crate::Common;
@@ -139,6 +141,8 @@ pub enum StandbyCommand {
         /// Silence after which a client is dropped (e.g. 60s, 5m).
         #[arg(long, value_name = "DURATION", value_parser = crate::units::duration, default_value = "60s")]
         timeout: Duration,
+        #[command(flatten)]
+        repo_key: RepoKey,
     },
     /// What the standby holds: restore points, the replica, an interrupted apply.
     Status {
@@ -153,6 +157,8 @@ pub enum StandbyCommand {
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
+        repo_key: RepoKey,
+        #[command(flatten)]
         common: Common,
     },
     /// Stop applying restore points to the replicas, leaving them consistent and ready
@@ -160,6 +166,8 @@ pub enum StandbyCommand {
     Promote {
         #[command(flatten)]
         repo: RepoArgs,
+        #[command(flatten)]
+        repo_key: RepoKey,
         #[command(flatten)]
         common: Common,
     },
@@ -219,6 +227,52 @@ impl StandbyCommand {
     }
 }
 
+/// The key of an encrypted or signed repository the standby holds, which its replicas are
+/// applied from (not needed to receive and keep the restore points).
+#[derive(Args)]
+pub struct RepoKey {
+    /// Unlock the repository with this key file, to keep replicas of an encrypted or
+    /// signed repository.
+    #[arg(long, env = "BKIMG_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Unlock it with the passphrase in FILE (its first line) instead.
+    #[arg(
+        long,
+        env = "BKIMG_PASSWORD_FILE",
+        value_name = "FILE",
+        conflicts_with = "key_file"
+    )]
+    password_file: Option<PathBuf>,
+}
+
+impl RepoKey {
+    /// How replicas read the repository: through the key, when one was given and the
+    /// repository is protected.
+    fn opener(self) -> Option<replica::Opener> {
+        if self.key_file.is_none() && self.password_file.is_none() {
+            return None;
+        }
+        let unlock = Unlock {
+            key_file: self.key_file,
+            password_file: self.password_file,
+            ..Unlock::default()
+        };
+        Some(std::sync::Arc::new(move |dir: &std::path::Path| {
+            let (store, config) = LocalDir::open_any(dir)?;
+            if config.encryption.is_none() {
+                // Not (yet) protected: the key is for the repository it will hold.
+                return Ok(Repository::new(Box::new(store)));
+            }
+            let protection = crate::cmd::key::protection(&store, &config, &unlock)?;
+            Ok(crate::cmd::key::protected_repository(store, protection))
+        }))
+    }
+
+    fn opener_or_plain(self) -> replica::Opener {
+        self.opener().unwrap_or_else(replica::plain_opener)
+    }
+}
+
 pub fn run(cmd: StandbyCommand) -> Result<i32> {
     match cmd {
         StandbyCommand::Keygen { dir, common } => {
@@ -255,6 +309,7 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             allow,
             allow_reader,
             timeout,
+            repo_key,
         } => {
             let key = key.context(
                 "--key DIR is needed (or `key` in the config file's [standby]): the standby's \
@@ -268,7 +323,14 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
                 allowed: tls::allowed_list(&allow)?,
                 readers: tls::fingerprints(&allow_reader, "--allow-reader")?,
                 timeout,
+                open: repo_key.opener(),
             };
+            if let Some(open) = &cfg.open {
+                // A wrong key is told now, not at the first apply.
+                if LocalDir::is_repository(&cfg.repo) {
+                    open(&cfg.repo)?;
+                }
+            }
             standby::serve(cfg)?;
             Ok(exit::OK)
         }
@@ -277,8 +339,12 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             print_status(&s, common.json, "status");
             Ok(exit::OK)
         }
-        StandbyCommand::Verify { repo, common } => {
-            let checks = replica::verify_replicas(repo.path())?;
+        StandbyCommand::Verify {
+            repo,
+            repo_key,
+            common,
+        } => {
+            let checks = replica::verify_replicas(repo.path(), &repo_key.opener_or_plain())?;
             let differ = checks.iter().any(|c| c.differing_chunks > 0);
             if common.json {
                 crate::out_json(&serde_json::json!({ "replicas": checks, "equal": !differ }));
@@ -322,8 +388,12 @@ pub fn run(cmd: StandbyCommand) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        StandbyCommand::Promote { repo, common } => {
-            let s = replica::promote(repo.path())?;
+        StandbyCommand::Promote {
+            repo,
+            repo_key,
+            common,
+        } => {
+            let s = replica::promote(repo.path(), &repo_key.opener_or_plain())?;
             print_status(&s, common.json, "promote");
             Ok(exit::OK)
         }

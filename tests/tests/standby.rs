@@ -2028,20 +2028,59 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
     };
     let first = capture(false);
 
-    // A standby keeping a replica cannot apply sealed points: refused before anything is
-    // written.
+    // A standby keeping a replica applies sealed points only through the key: without it
+    // the ship is refused before anything is written (exit 8); with it the replica
+    // becomes the disk.
     let rd = d.join("with-replica");
     fs::create_dir(&rd).unwrap();
-    bkimg_tests::sparse_file(&rd.join("replica.img"), 8 * MIB);
-    let with_replica = LocalStandby::start(&rd, &k, &["--replica", p(&rd.join("replica.img"))]);
+    let replica = rd.join("replica.img");
+    bkimg_tests::sparse_file(&replica, 8 * MIB);
+    let mut with_replica = LocalStandby::start(&rd, &k, &["--replica", p(&replica)]);
     let replica_url = with_replica.url();
     let mut a = replicate_args(p(&src), &replica_url, &k, &[]);
     a.extend(["--password-file", p(&pw)]);
     let r = run(&a);
-    assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("without --replica"), "{}", r.stderr);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--key-file or --password-file"),
+        "{}",
+        r.stderr
+    );
     assert!(with_replica.ids().is_empty());
-    drop(with_replica);
+    with_replica.kill();
+    with_replica
+        .args
+        .extend(["--key-file".into(), p(&kf).into()]);
+    with_replica.restart();
+    let r = run(&a);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let applied = |id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let a = [
+                "standby",
+                "status",
+                "--json",
+                "--repo",
+                p(&with_replica.repo),
+            ];
+            let s = ok(&a).json();
+            if s["applied"] == id && s["apply_state"] == "idle" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica never got {id}: {s}\n{}",
+                with_replica.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_same(&replica, &disk, "the replica of the encrypted point");
+        let mut a = vec!["standby", "verify", "--repo", p(&with_replica.repo)];
+        a.extend(["--key-file", p(&kf)]);
+        ok(&a);
+    };
+    applied(&first);
 
     let sb = LocalStandby::start(d, &k, &[]);
     let url = sb.url();
@@ -2081,6 +2120,19 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
     let v = r.json();
     assert_eq!(v["points_sent"], serde_json::json!([second]));
     assert_eq!(v["chunks_sent"], 1, "{v}");
+    // The replica takes it as changed chunks, read through the key.
+    let mut a = replicate_args(p(&src), &replica_url, &k, &[]);
+    a.extend(["--password-file", p(&pw)]);
+    ok(&a);
+    applied(&second);
+    let log = with_replica.log_text();
+    assert!(
+        log.contains(&format!(
+            "applied {second} over {first}: 1 changed chunks written"
+        )),
+        "{log}"
+    );
+    drop(with_replica);
 
     // Over a read session, with the key file: byte for byte.
     let out = d.join("restored.img");

@@ -30,9 +30,11 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use bkimg_format::manifest::{Content, Disk, PartitionTable};
 use bkimg_format::repo::{Point, Repository};
+use bkimg_format::store::{LocalDir, StoreRead};
 use bkimg_format::Digest;
 use bkimg_restore::{gpt, RestoreRequest};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use bkimg_format::time::now_rfc3339;
 
@@ -281,6 +283,25 @@ pub enum Outcome {
 pub struct Replica {
     repo: PathBuf,
     specs: Vec<ReplicaSpec>,
+    open: Opener,
+}
+
+/// How the standby's repository is opened to read the points applied: a protected one
+/// (encrypted or signed) through its key, which the standby was given.
+pub type Opener = Arc<dyn Fn(&Path) -> Result<Repository> + Send + Sync>;
+
+/// Opens an unprotected repository (a protected one is refused, naming what it needs).
+pub fn plain_opener() -> Opener {
+    Arc::new(|dir: &Path| Ok(Repository::open(dir)?))
+}
+
+/// The ids of the restore points in `repo_dir`, oldest first, read from their names: what
+/// the status shows, without the key a protected repository's manifests need.
+fn point_ids(repo_dir: &Path) -> Result<Vec<String>> {
+    let (store, _) = LocalDir::open_any(repo_dir)?;
+    let mut ids = store.list_manifests()?;
+    ids.sort();
+    Ok(ids)
 }
 
 pub fn state_dir(repo: &Path) -> PathBuf {
@@ -507,7 +528,14 @@ impl Replica {
         Ok(Replica {
             repo: repo.to_path_buf(),
             specs,
+            open: plain_opener(),
         })
+    }
+
+    /// Reads the standby's repository with `open` (a protected one through its key).
+    pub fn with_opener(mut self, open: Opener) -> Replica {
+        self.open = open;
+        self
     }
 
     /// The targets, as the user named them ("/dev/sdb" or "disk0=/dev/sdb, disk1=...").
@@ -535,7 +563,7 @@ impl Replica {
         if configure(&mut state, &self.specs) {
             save_state(&self.repo, &state)?;
         }
-        finish(&self.repo, &mut state)
+        finish(&self.repo, &mut state, &self.open)
     }
 
     /// Brings every replica to the latest restore point, or none of them if its disks do
@@ -550,7 +578,7 @@ impl Replica {
         }
         let mut state = load_state(&self.repo)?;
         let mut dirty = configure(&mut state, &self.specs);
-        let repo = Repository::open(&self.repo)?;
+        let repo = (self.open)(&self.repo)?;
         let (points, _) = repo.points()?;
         let Some(latest) = points.last() else {
             if dirty {
@@ -602,24 +630,24 @@ impl Replica {
         });
         // Durable before the first byte goes to a target.
         save_state(&self.repo, &state)?;
-        run(&self.repo, &mut state).map(Outcome::Applied)
+        run(&self.repo, &mut state, &self.open).map(Outcome::Applied)
     }
 }
 
 /// Runs the apply the journal records, if any, to its end (the caller holds the lock).
-fn finish(repo_dir: &Path, state: &mut State) -> Result<Option<ApplyReport>> {
+fn finish(repo_dir: &Path, state: &mut State, open: &Opener) -> Result<Option<ApplyReport>> {
     if state.applying.is_none() {
         return Ok(None);
     }
-    run(repo_dir, state).map(Some)
+    run(repo_dir, state, open).map(Some)
 }
 
 /// Applies `state.applying` (already durable) to each of its targets not done yet,
 /// recording each target as done once it is flushed.
-fn run(repo_dir: &Path, state: &mut State) -> Result<ApplyReport> {
+fn run(repo_dir: &Path, state: &mut State, open: &Opener) -> Result<ApplyReport> {
     let start = Instant::now();
     let a = state.applying.clone().expect("an apply is recorded");
-    let repo = Repository::open(repo_dir)?;
+    let repo = open(repo_dir)?;
     let new = repo.point(&a.id)?;
     let mut report = ApplyReport {
         id: a.id.clone(),
@@ -908,11 +936,12 @@ pub struct ReplicaCheck {
 /// (holes must read as zeros), holding the apply lock. Swap volumes are skipped (restore
 /// writes a fresh header), and so are gaps when the replica is larger than the disk (the
 /// partition table there is rewritten for the larger size).
-pub fn verify_replicas(repo_dir: &Path) -> Result<Vec<ReplicaCheck>> {
+pub fn verify_replicas(repo_dir: &Path, open: &Opener) -> Result<Vec<ReplicaCheck>> {
     // No apply runs meanwhile (it would show as differences).
     let _l = lock(repo_dir, true)?;
     let state = load_state(repo_dir)?;
-    let repo = Repository::open(repo_dir)?;
+    let repo = open(repo_dir)?;
+    let ids = repo.chunk_ids();
     let mut out = Vec::new();
     for r in &state.replicas {
         let mut check = ReplicaCheck {
@@ -963,11 +992,7 @@ pub fn verify_replicas(repo_dir: &Path) -> Result<Vec<ReplicaCheck>> {
                     let len = cs.min(v.size - at) as usize;
                     file.read_exact_at(&mut buf[..len], v.offset + at)
                         .with_context(|| format!("reading the replica {}", r.target))?;
-                    let same = if d.is_hole() {
-                        buf[..len].iter().all(|b| *b == 0)
-                    } else {
-                        Digest::of_bytes(&buf[..len]) == *d
-                    };
+                    let same = ids.of(&buf[..len]) == *d;
                     check.chunks_checked += 1;
                     if !same {
                         check.differing_chunks += 1;
@@ -987,8 +1012,7 @@ pub fn verify_replicas(repo_dir: &Path) -> Result<Vec<ReplicaCheck>> {
 }
 
 pub fn status(repo_dir: &Path) -> Result<Status> {
-    let repo = Repository::open(repo_dir)?;
-    let (points, _) = repo.points()?;
+    let points = point_ids(repo_dir)?;
     let state = load_state(repo_dir)?;
     let apply_state = match &state.applying {
         None => "idle",
@@ -1003,8 +1027,8 @@ pub fn status(repo_dir: &Path) -> Result<Status> {
     });
     Ok(Status {
         repo: repo_dir.display().to_string(),
-        latest: points.last().map(|p| p.manifest.id.clone()),
-        points: points.into_iter().map(|p| p.manifest.id).collect(),
+        latest: points.last().cloned(),
+        points,
         replica: (!state.replicas.is_empty()).then(|| {
             state
                 .replicas
@@ -1026,8 +1050,8 @@ pub fn status(repo_dir: &Path) -> Result<Status> {
 
 /// Stops applying (a running server notices within seconds), finishes an interrupted
 /// apply, and reports what the replicas hold.
-pub fn promote(repo_dir: &Path) -> Result<Status> {
-    Repository::open(repo_dir)?;
+pub fn promote(repo_dir: &Path, open: &Opener) -> Result<Status> {
+    LocalDir::open_any(repo_dir)?;
     let dir = state_dir(repo_dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let marker = marker(repo_dir);
@@ -1043,7 +1067,7 @@ pub fn promote(repo_dir: &Path) -> Result<Status> {
     {
         let _l = lock(repo_dir, true)?;
         let mut state = load_state(repo_dir)?;
-        finish(repo_dir, &mut state)?;
+        finish(repo_dir, &mut state, open)?;
     }
     status(repo_dir)
 }
@@ -1053,7 +1077,7 @@ pub fn promote(repo_dir: &Path) -> Result<Status> {
 /// within seconds) restores the latest point to each whole. False when not promoted
 /// (nothing is changed).
 pub fn demote(repo_dir: &Path) -> Result<bool> {
-    Repository::open(repo_dir)?;
+    LocalDir::open_any(repo_dir)?;
     let marker = marker(repo_dir);
     let _l = lock(repo_dir, true)?;
     if !marker.exists() {
@@ -1534,7 +1558,7 @@ mod tests {
         applied(rep.apply_latest().unwrap());
         assert!(!demote(&fx.repo).unwrap(), "not promoted: nothing to undo");
 
-        let s = promote(&fx.repo).unwrap();
+        let s = promote(&fx.repo, &plain_opener()).unwrap();
         assert!(s.promoted && s.promoted_at.is_some());
         write_chunk(&d0, 1, 40);
         fx.capture(2, &[&d0, &d1]);

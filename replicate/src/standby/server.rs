@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::protocol::{self as p, Kind, PeerError};
-use super::replica::{Outcome, Replica, ReplicaSpec};
+use super::replica::{Opener, Outcome, Replica, ReplicaSpec};
 use super::tls::{self, Fingerprint, Identity, Seen};
 
 /// Chunks being checked and stored at once in a session.
@@ -53,6 +53,9 @@ pub struct ServeConfig {
     pub readers: BTreeSet<Fingerprint>,
     /// A peer silent for this long is dropped.
     pub timeout: Duration,
+    /// How replicas read a protected repository (through its key); `None`: the standby
+    /// has no key, and keeps no replica of a protected repository.
+    pub open: Option<Opener>,
 }
 
 /// One line on stderr per event (a service manager adds the time).
@@ -74,19 +77,22 @@ struct Ctx {
 pub fn serve(cfg: ServeConfig) -> Result<()> {
     let (repo, config) = LocalDir::open_or_create_any(&cfg.repo, &new_id(), &now_rfc3339())?;
     drop(repo);
-    if config.encryption.is_some() && !cfg.replicas.is_empty() {
-        return Err(FormatError::unsupported(
-            format!("repository {}", cfg.repo.display()),
-            "a replica (--replica) of an encrypted or signed repository: applying its points \
-             needs the repository's key, and a standby cannot be given one yet; run the \
-             standby without --replica",
-        )
+    if config.encryption.is_some() && !cfg.replicas.is_empty() && cfg.open.is_none() {
+        return Err(FormatError::Denied(format!(
+            "repository {} is encrypted or signed, and a replica (--replica) is applied from \
+             its restore points through its key: give the standby the key \
+             (--key-file or --password-file), or run it without --replica",
+            cfg.repo.display()
+        ))
         .into());
     }
     let applier = if cfg.replicas.is_empty() {
         None
     } else {
-        let r = Replica::new(&cfg.repo, cfg.replicas.clone())?;
+        let mut r = Replica::new(&cfg.repo, cfg.replicas.clone())?;
+        if let Some(open) = &cfg.open {
+            r = r.with_opener(open.clone());
+        }
         // Before anything else: a replica left half-applied is finished.
         if let Some(rep) = r.finish_interrupted()? {
             log(&format!(
@@ -432,17 +438,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 if begun.is_some() {
                     return Err(PeerError::Violation("Protection after Begin".into()).into());
                 }
-                if !ctx.cfg.replicas.is_empty() {
-                    return Err(FormatError::unsupported(
-                        "this standby",
-                        format!(
-                            "encrypted and signed repositories with a replica: it keeps {} \
-                             replica disk(s) up to date, which needs the repository's key, \
-                             and a standby cannot be given one yet; ship this repository to a \
-                             standby run without --replica (nothing was written)",
-                            ctx.cfg.replicas.len()
-                        ),
-                    )
+                if !ctx.cfg.replicas.is_empty() && ctx.cfg.open.is_none() {
+                    return Err(Denied(format!(
+                        "this standby keeps {} replica disk(s) up to date from the restore \
+                         points it receives, which needs an encrypted or signed repository's \
+                         key, and it was not given one: run it with --key-file or \
+                         --password-file, or ship this repository to a standby without \
+                         --replica (nothing was written)",
+                        ctx.cfg.replicas.len()
+                    ))
                     .into());
                 }
                 let msg: p::RepoProtection = f.json()?;
@@ -1320,6 +1324,7 @@ mod tests {
                 allowed: BTreeSet::new(),
                 readers: BTreeSet::new(),
                 timeout: Duration::from_secs(5),
+                open: None,
             },
             allowed: Arc::new(BTreeSet::new()),
             writer: tokio::sync::Mutex::new(()),

@@ -18,6 +18,7 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
 use bkimg_format::manifest::{Content, Disk};
+use bkimg_format::protect::ChunkIds;
 use bkimg_format::repo::{Point, Repository};
 use bkimg_format::Digest;
 use serde::{Deserialize, Serialize};
@@ -228,7 +229,15 @@ pub fn sample_places(id: &str, disk: &Disk, chunk_size: u32) -> Vec<(u64, u64)> 
     out
 }
 
-fn read_digest(file: &File, target: &Path, offset: u64, length: u64) -> Result<Digest> {
+/// The id `ids` gives the chunk read at `offset` (samples are recorded by SHA-256; they are
+/// compared with a point's index entries by the repository's own chunk ids).
+fn read_digest(
+    file: &File,
+    target: &Path,
+    offset: u64,
+    length: u64,
+    ids: &ChunkIds,
+) -> Result<Digest> {
     let mut buf = vec![0u8; length as usize];
     file.read_exact_at(&mut buf, offset).with_context(|| {
         format!(
@@ -236,7 +245,7 @@ fn read_digest(file: &File, target: &Path, offset: u64, length: u64) -> Result<D
             target.display()
         )
     })?;
-    Ok(Digest::of_chunk(&buf))
+    Ok(ids.of(&buf))
 }
 
 /// Takes the identity and the sample of `target`, which holds `disk` of `point` (flushed).
@@ -249,7 +258,7 @@ pub fn take(point: &Point, disk: &Disk, target: &Path) -> Result<Written> {
             Ok(Sample {
                 offset,
                 length,
-                digest: read_digest(&file, target, offset, length)?.to_hex(),
+                digest: read_digest(&file, target, offset, length, &ChunkIds::Sha256)?.to_hex(),
             })
         })
         .collect::<Result<_>>()?;
@@ -295,9 +304,12 @@ pub fn changed(
     // Samples that read otherwise than recorded, in disk order (as recorded).
     let mut odd = Vec::new();
     for s in &w.chunks {
-        match read_digest(&file, target, s.offset, s.length) {
+        match read_digest(&file, target, s.offset, s.length, &ChunkIds::Sha256) {
             Ok(have) if have.to_hex() == s.digest => {}
-            Ok(have) => odd.push((s, have)),
+            Ok(_) => odd.push((
+                s,
+                read_digest(&file, target, s.offset, s.length, &repo.chunk_ids())?,
+            )),
             Err(e) => return Ok(Some(format!("{e:#}"))),
         }
     }
