@@ -272,20 +272,21 @@ fn session(console: &Console, cmdline: &str) -> Result<After> {
         console.line(&format!("this machine is host {name} ({how})"));
     }
     let host = host.map(|(name, _)| name);
+    let site_key = site_partition.as_ref().and_then(|p| p.key.as_deref());
     let repo_path = repository_path(
         &config,
         site.repository.as_deref(),
         media.as_ref(),
         host.as_deref(),
+        site_key,
     )?;
     console.line(&format!("repository: {}", repo_path.display()));
     let url = repo_path.to_str().unwrap_or_default();
     let remote = url.starts_with("s3://") || url.starts_with("bkimg://");
-    let site_key = site_partition.as_ref().and_then(|p| p.key.as_deref());
     let repo = if url.starts_with("s3://") {
         open_s3(console, &config, &site, url, site_key)?
     } else if url.starts_with("bkimg://") {
-        open_standby(console, &config, url)?
+        open_standby(console, &config, url, site_key)?
     } else if repo_path.is_dir() {
         let (store, repo_config) = LocalDir::open_any(&repo_path)
             .with_context(|| format!("opening the repository {}", repo_path.display()))?;
@@ -610,11 +611,7 @@ fn unlock(
         bkimg_format::keys::Mode::Signed => "signed",
         _ => "encrypted",
     };
-    let key_bytes = match &config.key_file {
-        Some(spec) => Some(read_key_file(spec)?),
-        None => site_key.map(<[u8]>::to_vec),
-    };
-    if let Some(bytes) = key_bytes {
+    if let Some(bytes) = rescue_key(config, site_key)? {
         let key = bkimg_format::keys::parse_key_file(&bytes)
             .context("the key file is not a bkimg key file (32 bytes, or 64 hex digits)")?;
         let p = Protection::unlock(repo_config, slots, Secret::KeyFile(&key))?;
@@ -670,6 +667,14 @@ fn mount_labelled(setting: &str, spec: &str, dir: &str) -> Result<PathBuf> {
 
 /// The bytes of a key file: "LABEL=NAME:/path" or "UUID=...:/path" on another disk
 /// (mounted read-only for the read), else a path on the media, else as given.
+/// The key file the rescue was given: `key-file`, else `bkimg.key` on BKIMG-CONF.
+fn rescue_key(config: &RescueConfig, site_key: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
+    Ok(match &config.key_file {
+        Some(spec) => Some(read_key_file(spec)?),
+        None => site_key.map(<[u8]>::to_vec),
+    })
+}
+
 fn read_key_file(spec: &str) -> Result<Vec<u8>> {
     if spec.starts_with("LABEL=") || spec.starts_with("UUID=") {
         let path = mount_labelled("key-file", spec, KEY_MOUNT)?;
@@ -758,7 +763,12 @@ fn site_partition(console: &Console, media: Option<&Media>) -> Result<Option<Sit
 
 /// A standby host's repository, read over the standby protocol with this stick's reader
 /// key (`[rescue.standby]`), the standby's certificate pinned.
-fn open_standby(console: &Console, config: &RescueConfig, url: &str) -> Result<Repository> {
+fn open_standby(
+    console: &Console,
+    config: &RescueConfig,
+    url: &str,
+    site_key: Option<&[u8]>,
+) -> Result<Repository> {
     let access = &config.standby;
     let (Some(fp), Some(key), Some(cert)) = (
         access.server_fingerprint.as_deref(),
@@ -774,7 +784,18 @@ fn open_standby(console: &Console, config: &RescueConfig, url: &str) -> Result<R
     console.line(&format!("network: {how}"));
     let store = bkimg_replicate::standby::reader::StandbyStore::open_pem(url, key, cert, fp)
         .with_context(|| format!("reaching the standby {url}"))?;
-    Ok(Repository::new(Box::new(store)))
+    // A protected repository (protocol version 3) is unlocked as a local one is.
+    let Some((config_bytes, slots)) = store.repo_protection()? else {
+        return Ok(Repository::new(Box::new(store)));
+    };
+    let repo_config = bkimg_format::store::local::parse_config(
+        &config_bytes,
+        &format!("the repository on {url}"),
+        &format!("the repository config on {url}"),
+        true,
+    )?;
+    let protection = unlock(console, config, &repo_config, &slots, site_key)?;
+    Ok(Repository::new(Box::new(Protected::new(store, protection))))
 }
 
 /// The whole disk (kernel name) whose filesystem holds `path`, from /proc/mounts.
@@ -1072,6 +1093,7 @@ fn repository_path(
     site_repository: Option<&str>,
     media: Option<&Media>,
     host: Option<&str>,
+    site_key: Option<&[u8]>,
 ) -> Result<PathBuf> {
     let exports = Path::new(MEDIA_MOUNT).join(EXPORTS_DIR);
     let has_exports =
@@ -1107,7 +1129,7 @@ fn repository_path(
         .unwrap_or_default();
     found.sort();
     if let (Some(host), true) = (host, found.len() > 1) {
-        return export_of_host(&found, host);
+        return export_of_host(&found, host, rescue_key(config, site_key)?.as_deref());
     }
     match found.as_slice() {
         [one] => Ok(one.clone()),
@@ -1181,12 +1203,33 @@ fn machine_ids() -> Vec<(String, String)> {
 }
 
 /// Of several exports on the media, the one holding the newest point of `host`.
-fn export_of_host(exports: &[PathBuf], host: &str) -> Result<PathBuf> {
+/// Of several exports, the one holding the newest restore point of `host`. A protected
+/// export (spec/format.md §10.3), whose points and their host names are sealed, is read
+/// through `key` (the rescue's key file) when that opens it; one that it cannot open is
+/// skipped, and named when no export fits.
+pub fn export_of_host(exports: &[PathBuf], host: &str, key: Option<&[u8]>) -> Result<PathBuf> {
     let mut best: Option<(Point, PathBuf)> = None;
     let mut seen = std::collections::BTreeSet::new();
+    let mut locked = Vec::new();
+    let key = key.and_then(|k| bkimg_format::keys::parse_key_file(k).ok());
     for e in exports {
-        let Ok(repo) = Repository::open(e) else {
-            continue;
+        let repo = match bkimg_format::store::ExportFile::open(e) {
+            Ok(export) if export.is_protected() => {
+                let opened = key.as_ref().and_then(|key| {
+                    let config = export.repo_config().ok()?;
+                    let slots = export.key_slots().ok()?;
+                    Protection::unlock(&config, &slots, Secret::KeyFile(key)).ok()
+                });
+                match opened {
+                    Some(p) => Repository::new(Box::new(Protected::new(export, Arc::new(p)))),
+                    None => {
+                        locked.push(e.file_name().unwrap_or_default().to_string_lossy());
+                        continue;
+                    }
+                }
+            }
+            Ok(export) => Repository::new(Box::new(export)),
+            Err(_) => continue,
         };
         let Ok((points, _)) = repo.points() else {
             continue;
@@ -1211,8 +1254,17 @@ fn export_of_host(exports: &[PathBuf], host: &str) -> Result<PathBuf> {
         }
     }
     best.map(|(_, e)| e).ok_or_else(|| {
+        let sealed = match locked.len() {
+            0 => String::new(),
+            _ => format!(
+                "; {} cannot be read without their key: {} (give key-file, or bkimg.key on \
+                 BKIMG-CONF, or name the export with repository = \"/{EXPORTS_DIR}/NAME\")",
+                locked.len(),
+                locked.join(", ")
+            ),
+        };
         anyhow!(
-            "no export on the media holds a point of host {host} (they hold: {})",
+            "no export on the media holds a point of host {host} (they hold: {}){sealed}",
             seen.into_iter().collect::<Vec<_>>().join(", ")
         )
     })

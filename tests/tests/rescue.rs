@@ -1658,8 +1658,10 @@ fn restores_from_s3_over_dhcp_and_boots() {
 }
 
 /// A standby host as the repository, reached at a static address: it serves a reader key
-/// the stick carries (`--allow-reader`), the stick pins the standby's certificate. A wrong pin (from a
-/// BKIMG-CONF partition) is refused with nothing written; the right one restores.
+/// the stick carries (`--allow-reader`), the stick pins the standby's certificate. The
+/// repository shipped there is encrypted (the standby holds it without the key). A wrong
+/// pin (from a BKIMG-CONF partition) is refused with nothing written; the right one, with
+/// the repository's key file as bkimg.key on that partition, restores.
 #[test]
 fn restores_from_a_standby_host() {
     if !available() || !require_root() {
@@ -1692,7 +1694,8 @@ fn restores_from_a_standby_host() {
         &dir.join("standby.log"),
     );
     let url = format!("bkimg://{listen}");
-    let repo = f.dir.path().join("demo/repo");
+    let repo = dir.join("encrypted-repo");
+    let (pw, repo_key) = encrypted_capture(&dir, &repo, &f.source);
     let ship = [
         "replicate",
         "--repo",
@@ -1703,6 +1706,8 @@ fn restores_from_a_standby_host() {
         p(&shipper),
         "--server-fingerprint",
         &server_fp,
+        "--password-file",
+        p(&pw),
         "-q",
     ];
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1760,7 +1765,7 @@ fn restores_from_a_standby_host() {
     );
     assert!(all_zero(&target), "the target was written to");
 
-    settings_partition(&image, "# the built-in settings hold\n");
+    key_on_stick(&image, &repo_key);
     let mut vm = Vm::start_net(
         &dir,
         "standby",
@@ -1778,6 +1783,10 @@ fn restores_from_a_standby_host() {
     // A static address from the config (this site's DHCP server is not asked).
     assert!(
         console.contains("bkimg-rescue: network: eth0 10.77.0.70/24 (static)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("the repository is encrypted: unlocked with its key file"),
         "{console}"
     );
     assert!(console.contains("bkimg-rescue: restored "), "{console}");
