@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""An independent decoder for spec/vectors/crypto.json, written from spec/format.md §18
-alone (Python `cryptography` >= 44 for the primitives), so that the spec, not the Rust
+"""An independent decoder for spec/vectors/crypto.json and for the whole protected export
+spec/vectors/protected-export.json names, written from spec/format.md (§4, §5, §6, §10 and
+§18) alone (Python `cryptography` >= 44 for the primitives), so that the spec, not the Rust
 crate, is what the vectors test.
 
-    python3 spec/vectors/check_crypto.py [spec/vectors/crypto.json]
+    python3 spec/vectors/check_crypto.py [spec/vectors/crypto.json [protected-export.json]]
 """
 import hashlib
 import hmac
 import json
+import os
 import struct
 import sys
 
@@ -150,6 +152,149 @@ def unlock(slot, passphrase=None, key_file=None):
                                          ad.encode())
 
 
+def magic(text):
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+def sealed_doc(doc, magic_bytes):
+    """§6.3: a sealed document's JSON body (config, manifest, key slot)."""
+    if len(doc) < 64 or doc[:8] != magic_bytes:
+        raise Refused("corrupt")
+    if struct.unpack_from("<I", doc, 8)[0] != 1:
+        raise Refused("unsupported")
+    (length,) = struct.unpack_from("<Q", doc, 24)
+    body = doc[64:]
+    if doc[20:24] != bytes(4) or len(body) != length or hashlib.sha256(body).digest() != doc[32:64]:
+        raise Refused("corrupt")
+    return json.loads(body)
+
+
+def export_objects(data):
+    """§10.1-10.3: the objects of a protected export by (kind, key), after every check of
+    the container."""
+    if len(data) < 128 or data[:8] != bytes.fromhex("2ef4dbb08cd49605"):
+        raise Refused("corrupt")
+    head_version, head_flags = struct.unpack_from("<II", data, 8)
+    tail = data[-64:]
+    if tail[:8] != bytes.fromhex("ecd521507725e658"):
+        raise Refused("corrupt")
+    version, flags, dir_off, count = struct.unpack_from("<IIQQ", tail, 8)
+    if head_version != 1 or version != 1 or head_flags & ~1 or flags & ~1:
+        raise Refused("unsupported")
+    if head_flags != flags or flags != 1 or data[16:64] != bytes(48):
+        raise Refused("corrupt")
+    if dir_off < 64 or dir_off + 56 * count != len(data) - 64:
+        raise Refused("corrupt")
+    directory = data[dir_off:dir_off + 56 * count]
+    if hashlib.sha256(directory).digest() != tail[32:64]:
+        raise Refused("corrupt")
+    objects, previous = {}, None
+    for i in range(count):
+        e = directory[56 * i:56 * i + 56]
+        kind, key = e[0], e[8:40]
+        offset, length = struct.unpack_from("<QQ", e, 40)
+        if kind not in range(1, 9) or e[1:8] != bytes(7) or offset < 64 or offset + length > dir_off:
+            raise Refused("corrupt")
+        if previous is not None and (kind, key) <= previous:
+            raise Refused("corrupt")
+        previous = (kind, key)
+        objects[(kind, key)] = data[offset:offset + length]
+    return objects
+
+
+def read_protected_export(data, key_file):
+    """Opens a protected export with a key file and returns (point id, {disk name: bytes})."""
+    objects = export_objects(data)
+    config = sealed_doc(objects[(6, bytes(32))], magic("bkimg repository v1"))
+    repo_id, enc = config["repository_id"], config["encryption"]
+    master = None
+    for (kind, key), slot_doc in objects.items():
+        if kind != 7:
+            continue
+        slot = sealed_doc(slot_doc, SLOT_MAGIC)
+        if hashlib.sha256(slot["slot_id"].encode()).digest() != key or slot["repository_id"] != repo_id:
+            raise Refused("corrupt")
+        if slot["kdf"]["algorithm"] != "argon2id":
+            try:
+                master = unlock(slot, key_file=key_file)
+            except InvalidTag:
+                continue
+    if master is None:
+        raise Refused("denied")
+    keys = derive(master, repo_id)
+    if hmac.new(keys["mac_key"], b"bkimg key check v1", hashlib.sha256).hexdigest() != enc["key_check"]:
+        raise Refused("corrupt")
+    (point_key, id_bytes), = [(k, v) for (kind, k), v in objects.items() if kind == 8]
+    point = id_bytes.decode()
+    if hashlib.sha256(id_bytes).digest() != point_key:
+        raise Refused("corrupt")
+    manifest = sealed_doc(open_envelope(keys, 3, point, objects[(3, point_key)]),
+                          magic("bkimg manifest v1"))
+    if manifest["id"] != point:
+        raise Refused("corrupt")
+    cs = manifest["chunk_size"]
+    disks = {}
+    for disk in manifest["disks"]:
+        image = bytearray(disk["size"])
+        for vol in disk["volumes"]:
+            content = vol["content"]
+            if content["kind"] != "data":
+                continue
+            index_id = bytes.fromhex(content["index"])
+            index = open_stream(keys, 2, content["index"], objects[(2, index_id)])
+            if hashlib.sha256(index[:128]).digest() != index_id or index[:8] != bytes.fromhex("04253d11bb794836"):
+                raise Refused("corrupt")
+            (count,) = struct.unpack_from("<Q", index, 32)
+            entries = index[128:]
+            if len(entries) != 32 * count or hashlib.sha256(entries).digest() != index[40:72]:
+                raise Refused("corrupt")
+            for i in range(count):
+                cid = entries[32 * i:32 * i + 32]
+                if cid == bytes(32):
+                    continue
+                blob = open_envelope(keys, 1, cid.hex(), objects[(1, cid)])
+                if blob[:8] != bytes.fromhex("8aec837983ce77dc") or blob[24:56] != cid:
+                    raise Refused("corrupt")
+                compression, plain_len, stored_len = blob[8], *struct.unpack_from("<II", blob, 12)
+                if compression != 0:
+                    raise Refused("unsupported")  # the vector stores chunks plain (no zstd here)
+                plain = blob[64:]
+                if len(plain) != stored_len or stored_len != plain_len or chunk_id(keys, plain) != cid:
+                    raise Refused("corrupt")
+                at = vol["offset"] + i * cs
+                image[at:at + len(plain)] = plain
+        disks[disk["name"]] = bytes(image)
+    return point, disks
+
+
+def check_protected_export(path):
+    v = json.load(open(path))
+    data = open(os.path.join(os.path.dirname(path), v["file"]), "rb").read()
+    key_file = bytes.fromhex(v["key_file_hex"])
+    point, disks = read_protected_export(data, key_file)
+    assert point == v["point_id"], point
+    disk = disks[v["disk"]["name"]]
+    assert len(disk) == v["disk"]["size"] and hashlib.sha256(disk).hexdigest() == v["disk"]["sha256"]
+    # Another key opens nothing; a changed byte anywhere in an object, or the directory, or
+    # the trailer is refused (or, in a byte the format leaves free, changes nothing read).
+    try:
+        read_protected_export(data, bytes(32))
+        raise AssertionError("another key file opened the export")
+    except Refused as r:
+        assert r.cls == "denied", r.cls
+    refused = 0
+    for at in range(64, len(data), 31):
+        changed = bytearray(data)
+        changed[at] ^= 0x40
+        try:
+            assert read_protected_export(bytes(changed), key_file) != (point, disks), at
+        except (Refused, InvalidTag, KeyError, ValueError, UnicodeDecodeError):
+            refused += 1
+    assert refused == len(range(64, len(data), 31)), "a changed byte was read as valid"
+    print("{}: the export opens with its key file, restores to its disk, and {} changed "
+          "bytes are refused".format(os.path.basename(path), refused))
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "spec/vectors/crypto.json"
     v = json.load(open(path))
@@ -216,6 +361,8 @@ def main():
         else:
             assert unlock(body, key_file=bytes.fromhex(s["key_file_hex"])) == master
     print("crypto.json: all vectors pass")
+    export = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(path), "protected-export.json")
+    check_protected_export(export)
 
 
 if __name__ == "__main__":
