@@ -1987,7 +1987,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// §6): the standby's copy holds no byte of the disk in the clear; it reads back through
 /// the key, on the standby and over a read session, byte for byte; the next point ships as
 /// an incremental; a passphrase changed at the source stops opening the copy after the
-/// next ship. A chunk damaged at the source is reported there and not shipped; an
+/// next ship; continuous mode captures and ships each cycle. A chunk damaged at the
+/// source is reported there and not shipped; an
 /// unprotected repository, or another encrypted one, shipping into the copy is refused
 /// and changes nothing.
 #[test]
@@ -2166,6 +2167,45 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
     assert_eq!(r.code, 8, "the old passphrase:\n{}", r.stderr);
     ok(&["list", "--repo", p(&sb.repo), "--password-file", p(&new_pw)]);
 
+    // Continuous mode: each cycle captures and ships, unlocked once.
+    let mut a = vec![
+        "replicate",
+        "--continuous",
+        "--every",
+        "1s",
+        "--cycles",
+        "2",
+    ];
+    a.extend(["--repo", p(&src), "--to", &url, "--key", p(&k.client)]);
+    a.extend([
+        "--server-fingerprint",
+        &k.server_fp,
+        "--password-file",
+        p(&new_pw),
+    ]);
+    a.extend(["--json", "--quiet", p(&disk)]);
+    let r = ok(&a);
+    let cycles: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cycles.len(), 2, "{}\n{}", r.stdout, r.stderr);
+    let mut shipped = vec![first.clone(), second.clone()];
+    for c in &cycles {
+        assert_eq!(c["points_sent"].as_array().unwrap().len(), 1, "{c}");
+        shipped.push(c["capture"]["id"].as_str().unwrap().to_string());
+    }
+    let a = vec![
+        "list",
+        "--json",
+        "--repo",
+        p(&sb.repo),
+        "--key-file",
+        p(&kf),
+    ];
+    assert_eq!(ids_of(&ok(&a).json()), shipped);
+
     // A chunk damaged at the source: found before it leaves, nothing committed.
     fs::write(&disk, noise(8 * MIB as usize, 32)).unwrap();
     let mut a = vec!["capture", "--json", "--quiet", "--repo", p(&src)];
@@ -2191,7 +2231,7 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
         "--key-file",
         p(&kf),
     ]);
-    assert_eq!(ids_of(&list.json()), [first.clone(), second.clone()]);
+    assert_eq!(ids_of(&list.json()), shipped);
     assert!(!ids_of(&list.json()).contains(&third));
 
     // An unprotected repository, and another encrypted one, may not ship into the copy.
@@ -2247,10 +2287,11 @@ fn an_encrypted_repository_ships_to_a_standby_without_its_key() {
         "--key-file",
         p(&kf),
     ]);
-    assert_eq!(ids_of(&list.json()), [first, second.clone()]);
+    assert_eq!(ids_of(&list.json()), shipped);
     // The copy lags behind the source (the third point is not there), which is not a
     // rollback; its newest point taken away there is.
-    fs::remove_file(sb.repo.join("points").join(&second)).unwrap();
+    let newest = shipped.last().unwrap();
+    fs::remove_file(sb.repo.join("points").join(newest)).unwrap();
     let r = run(&["list", "--repo", p(&sb.repo), "--key-file", p(&kf)]);
     assert_eq!(r.code, 8, "{}", r.stderr);
     assert!(r.stderr.contains("was rolled back"), "{}", r.stderr);
