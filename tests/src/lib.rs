@@ -70,6 +70,21 @@ pub fn bkimg(args: &[&str]) -> Run {
     to_run(out)
 }
 
+/// Runs bkimg with `args` and its own client state directory (what it saw of protected
+/// repositories, spec/format.md §18.9), no key or repository from the environment.
+pub fn bkimg_state(state: &Path, args: &[&str]) -> Run {
+    let out = Command::new(bkimg_path())
+        .args(args)
+        .env("BKIMG_STATE_DIR", state)
+        .env_remove("BKIMG_PASSWORD_FILE")
+        .env_remove("BKIMG_KEY_FILE")
+        .env_remove("BKIMG_REPOSITORY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("spawning bkimg");
+    to_run(out)
+}
+
 /// Runs bkimg and asserts it succeeded.
 pub fn bkimg_ok(args: &[&str]) -> Run {
     let r = bkimg(args);

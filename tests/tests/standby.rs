@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bkimg_tests::{
-    bkimg, bkimg_ok, bkimg_path, noise, p, require_root, sh, sha256_file, write_at, Run, TempDir,
-    CHUNK, MIB,
+    bkimg, bkimg_ok, bkimg_path, bkimg_state, noise, p, require_root, sh, sha256_file, write_at,
+    Run, TempDir, CHUNK, MIB,
 };
 use serde_json::Value;
 
@@ -1940,24 +1940,6 @@ fn a_replica_device_swapped_for_another_is_restored_whole() {
 
 // ------------------------------------------------------------------------------------------
 // Protected repositories (protocol version 3).
-
-/// Runs bkimg with its own client state (what it saw of protected repositories) and no
-/// key from the environment.
-fn bkimg_state(state: &Path, args: &[&str]) -> Run {
-    let out = Command::new(bkimg_path())
-        .args(args)
-        .env("BKIMG_STATE_DIR", state)
-        .env_remove("BKIMG_PASSWORD_FILE")
-        .env_remove("BKIMG_KEY_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning bkimg");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn bkimg_state_ok(state: &Path, args: &[&str]) -> Run {
     let r = bkimg_state(state, args);

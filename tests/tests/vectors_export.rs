@@ -4,30 +4,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use bkimg_tests::{bkimg_path, p, Run, TempDir};
+use bkimg_tests::{bkimg_state, p, TempDir};
 use serde_json::Value;
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors")
-}
-
-fn run(state: &Path, args: &[&str]) -> Run {
-    let out = Command::new(bkimg_path())
-        .args(args)
-        .env("BKIMG_STATE_DIR", state)
-        .env_remove("BKIMG_PASSWORD_FILE")
-        .env_remove("BKIMG_KEY_FILE")
-        .env_remove("BKIMG_REPOSITORY")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawning bkimg");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 #[test]
@@ -48,7 +31,7 @@ fn the_protected_export_vector_opens_only_with_its_key_and_restores_its_disk() {
     .unwrap();
     let point = v["point_id"].as_str().unwrap();
 
-    let r = run(
+    let r = bkimg_state(
         &state,
         &[
             "list",
@@ -61,13 +44,13 @@ fn the_protected_export_vector_opens_only_with_its_key_and_restores_its_disk() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()[0]["id"], point);
-    let r = run(
+    let r = bkimg_state(
         &state,
         &["verify", "--repo", p(&export), "--key-file", p(&key)],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = d.join("disk.img");
-    let r = run(
+    let r = bkimg_state(
         &state,
         &[
             "restore",
@@ -92,11 +75,11 @@ fn the_protected_export_vector_opens_only_with_its_key_and_restores_its_disk() {
     );
 
     // No key: exit 2, naming the passphrase; another key file: exit 8.
-    let r = run(&state, &["list", "--repo", p(&export)]);
+    let r = bkimg_state(&state, &["list", "--repo", p(&export)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     let other = d.join("other-key");
     fs::write(&other, [7u8; 32]).unwrap();
-    let r = run(
+    let r = bkimg_state(
         &state,
         &["list", "--repo", p(&export), "--key-file", p(&other)],
     );
@@ -109,7 +92,7 @@ fn the_protected_export_vector_opens_only_with_its_key_and_restores_its_disk() {
         let mut b = bytes.clone();
         b[at] ^= 0x40;
         fs::write(&changed, &b).unwrap();
-        let r = run(
+        let r = bkimg_state(
             &state,
             &["verify", "--repo", p(&changed), "--key-file", p(&key)],
         );
