@@ -966,6 +966,16 @@ fn store_sealed_index(store: &LocalDir, id: &Digest, inc: Incoming) -> Result<()
     Ok(())
 }
 
+/// Whether restore point `id` is committed already with exactly `bytes` (a repeated
+/// commit, accepted); other bytes under that id are a conflict.
+fn already_committed(store: &LocalDir, id: &str, bytes: &[u8]) -> Result<bool> {
+    match store.read_manifest(id) {
+        Ok(existing) if existing == bytes => Ok(true),
+        Ok(_) => Err(Conflict(format!("a different restore point {id} is already stored")).into()),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The commit point of an encrypted repository, whose manifests the standby cannot read:
 /// the manifest is an envelope of a manifest with the announced SHA-256; the parent link
 /// Begin states holds against what is stored (the parent's manifest with that SHA-256, or
@@ -981,15 +991,8 @@ fn check_and_commit_sealed(store: &LocalDir, b: &p::Begin, bytes: &[u8]) -> Resu
         .into());
     }
     check_envelope(ObjectKind::Manifest, &b.id, bytes)?;
-    if let Ok(existing) = store.read_manifest(&b.id) {
-        if existing == bytes {
-            return Ok(());
-        }
-        return Err(Conflict(format!(
-            "a different restore point {} is already stored",
-            b.id
-        ))
-        .into());
+    if already_committed(store, &b.id, bytes)? {
+        return Ok(());
     }
     if let Some(parent) = &b.parent {
         match store.read_manifest(&parent.id) {
@@ -1139,15 +1142,8 @@ fn check_and_commit(
         ))
         .into());
     }
-    if let Ok(existing) = store.read_manifest(&m.id) {
-        if existing == bytes {
-            return Ok(());
-        }
-        return Err(Conflict(format!(
-            "a different restore point {} is already stored",
-            m.id
-        ))
-        .into());
+    if already_committed(store, &m.id, bytes)? {
+        return Ok(());
     }
     if let Some(parent) = &m.parent {
         let theirs = match reader.point(&parent.id) {
